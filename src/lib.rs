@@ -1,0 +1,1 @@
+//! zuora-gateway

@@ -8,4 +8,10 @@
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod health;
+pub mod metrics;
 pub mod secret;
+pub mod upstream;
+pub mod context;
+pub mod layers;
+pub mod policy;

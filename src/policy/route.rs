@@ -1,0 +1,290 @@
+//! The route table: path templates compiled once per config load.
+//!
+//! Template syntax: literal segments, `{param}` (exactly one segment) and a
+//! final `**` (zero or more remaining segments). Routes are tried in file
+//! order; the first whose path and method match wins. A path that matches
+//! some route but not with this method is a 405 listing the allowed methods.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::RouteConfig;
+use crate::error::GatewayError;
+
+#[derive(Debug, Clone)]
+enum Segment {
+    Literal(Box<str>),
+    Param,
+}
+
+#[derive(Debug, Clone)]
+struct CompiledRoute {
+    methods: Option<Vec<Method>>,
+    segments: Vec<Segment>,
+    tail: bool,
+    params: Vec<Arc<str>>,
+}
+
+/// A successful lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched {
+    /// Index of the route (same as in `Config::routes`).
+    pub route: usize,
+    /// Parameter values in template order.
+    pub params: Vec<String>,
+}
+
+/// Compiled routes.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<CompiledRoute>,
+}
+
+impl RouteTable {
+    /// Compiles validated route configs (templates were checked by `config`).
+    pub fn new(routes: &[RouteConfig]) -> Self {
+        let routes = routes
+            .iter()
+            .map(|r| {
+                let mut segments = Vec::new();
+                let mut params = Vec::new();
+                let mut tail = false;
+                for seg in r.path.trim_start_matches('/').split('/').filter(|s| !s.is_empty()) {
+                    if seg == "**" {
+                        tail = true;
+                    } else if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                        params.push(Arc::from(name));
+                        segments.push(Segment::Param);
+                    } else {
+                        segments.push(Segment::Literal(seg.into()));
+                    }
+                }
+                CompiledRoute {
+                    methods: r.methods.clone(),
+                    segments,
+                    tail,
+                    params,
+                }
+            })
+            .collect();
+        RouteTable { routes }
+    }
+
+    /// Parameter names of route `index`.
+    pub fn param_names(&self, index: usize) -> &[Arc<str>] {
+        self.routes.get(index).map(|r| r.params.as_slice()).unwrap_or(&[])
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Finds the route for `method` and `path` (the path must already have
+    /// passed [`check_path`]).
+    pub fn lookup(&self, method: &Method, path: &str) -> Result<Matched, GatewayError> {
+        let mut allowed: Vec<&Method> = Vec::new();
+        let mut path_matched = false;
+        for (i, r) in self.routes.iter().enumerate() {
+            if !path_matches(r, path) {
+                continue;
+            }
+            match &r.methods {
+                None => return Ok(self.capture(i, path)),
+                Some(ms) if ms.contains(method) => return Ok(self.capture(i, path)),
+                Some(ms) => {
+                    path_matched = true;
+                    allowed.extend(ms.iter());
+                }
+            }
+        }
+        if path_matched {
+            allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            allowed.dedup();
+            let allow = allowed.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(GatewayError::MethodNotAllowed {
+                method: method.to_string(),
+                allow,
+            });
+        }
+        Err(GatewayError::NoRoute(format!("{method} {}", truncate(path, 200))))
+    }
+
+    fn capture(&self, index: usize, path: &str) -> Matched {
+        let r = &self.routes[index];
+        let mut params = Vec::with_capacity(r.params.len());
+        for (seg, value) in r.segments.iter().zip(segments(path)) {
+            if let Segment::Param = seg {
+                params.push(value.to_owned());
+            }
+        }
+        Matched { route: index, params }
+    }
+}
+
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    let trimmed = path.strip_prefix('/').unwrap_or(path);
+    trimmed.split('/').filter(|s| !s.is_empty())
+}
+
+fn path_matches(r: &CompiledRoute, path: &str) -> bool {
+    let mut segs = segments(path);
+    for expected in &r.segments {
+        let Some(seg) = segs.next() else { return false };
+        match expected {
+            Segment::Literal(lit) => {
+                if lit.as_ref() != seg {
+                    return false;
+                }
+            }
+            Segment::Param => {}
+        }
+    }
+    r.tail || segs.next().is_none()
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Refuses paths that could reach something other than what the templates
+/// name: dot segments, empty segments, encoded slashes, backslashes, encoded
+/// dots, NUL and control characters, and anything that is not ASCII.
+pub fn check_path(path: &str) -> Result<(), GatewayError> {
+    if !path.starts_with('/') {
+        return Err(GatewayError::BadPath("the path must start with `/`"));
+    }
+    if path.len() > 1 && path.contains("//") {
+        return Err(GatewayError::BadPath("empty path segments (`//`) are not allowed"));
+    }
+    let bytes = path.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\\' => return Err(GatewayError::BadPath("backslashes are not allowed in the path")),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                let Some(value) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) else {
+                    return Err(GatewayError::BadPath("invalid percent-encoding in the path"));
+                };
+                match value {
+                    b'/' | b'\\' => {
+                        return Err(GatewayError::BadPath("encoded slashes are not allowed in the path"));
+                    }
+                    b'.' => return Err(GatewayError::BadPath("encoded dots are not allowed in the path")),
+                    0x00..=0x1f | 0x7f..=0xff => {
+                        return Err(GatewayError::BadPath("encoded control or non-ASCII bytes are not allowed in the path"));
+                    }
+                    _ => {}
+                }
+            }
+            0x00..=0x20 | 0x7f..=0xff => {
+                return Err(GatewayError::BadPath("control, space or non-ASCII characters are not allowed in the path"));
+            }
+            _ => {}
+        }
+    }
+    for seg in path.split('/') {
+        if seg == "." || seg == ".." {
+            return Err(GatewayError::BadPath("dot segments (`.` / `..`) are not allowed in the path"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::Validation;
+
+    fn route(name: &str, methods: Option<Vec<Method>>, path: &str) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            methods,
+            path: path.into(),
+            upstream: "zuora".into(),
+            allow_callers: vec!["*".into()],
+            rate_limits: vec![],
+            validation: Validation::None,
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(&[
+            route("stop", Some(vec![Method::PUT]), "/v1/uno/data-backfill/propagation/jobs/{jobId}"),
+            route("read", Some(vec![Method::GET]), "/v1/uno/data-backfill/propagation/jobs/**"),
+            route("any", None, "/v1/anything/{a}/x/{b}"),
+        ])
+    }
+
+    #[test]
+    fn param_is_exactly_one_segment() {
+        let t = table();
+        let m = t.lookup(&Method::PUT, "/v1/uno/data-backfill/propagation/jobs/abc").unwrap();
+        assert_eq!(m, Matched { route: 0, params: vec!["abc".into()] });
+        assert!(t.lookup(&Method::PUT, "/v1/uno/data-backfill/propagation/jobs/abc/def").is_err());
+        assert!(t.lookup(&Method::PUT, "/v1/uno/data-backfill/propagation/jobs").is_err());
+    }
+
+    #[test]
+    fn double_star_matches_zero_or_more_segments() {
+        let t = table();
+        assert_eq!(t.lookup(&Method::GET, "/v1/uno/data-backfill/propagation/jobs").unwrap().route, 1);
+        assert_eq!(t.lookup(&Method::GET, "/v1/uno/data-backfill/propagation/jobs/a/b").unwrap().route, 1);
+    }
+
+    #[test]
+    fn wrong_method_is_405_with_allow_and_unknown_path_is_404() {
+        let t = table();
+        match t.lookup(&Method::DELETE, "/v1/uno/data-backfill/propagation/jobs/abc") {
+            Err(GatewayError::MethodNotAllowed { allow, .. }) => assert_eq!(allow, "GET, PUT"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(t.lookup(&Method::GET, "/v1/other"), Err(GatewayError::NoRoute(_))));
+    }
+
+    #[test]
+    fn several_params_are_captured_in_order() {
+        let m = table().lookup(&Method::POST, "/v1/anything/1/x/2").unwrap();
+        assert_eq!(m.params, vec!["1", "2"]);
+    }
+
+    #[test]
+    fn path_tricks_are_refused() {
+        for p in [
+            "/v1/uno/data-backfill/propagation/jobs/../../../oauth/token",
+            "/v1/./x",
+            "/v1/%2e%2e/x",
+            "/v1/%2E/x",
+            "/v1/a%2Fb",
+            "/v1/a%2fb",
+            "/v1//x",
+            "/v1\\x",
+            "/v1/a%5cb",
+            "/v1/a%00b",
+            "/v1/a%zz",
+            "/v1/a%",
+            "/v1/\u{e9}",
+            "/v1/%c0%ae%c0%ae/x",
+            "v1/x",
+        ] {
+            assert!(check_path(p).is_err(), "{p} should be refused");
+        }
+        assert!(check_path("/v1/uno/data-backfill/propagation/jobs/ff8080818bb300af018bb325fe0c58f3").is_ok());
+        assert!(check_path("/v1/a%20b").is_ok());
+        assert!(check_path("/").is_ok());
+    }
+}

@@ -1,0 +1,6 @@
+//! The upstream side: the pooled rustls client, hop-by-hop header handling
+//! and the innermost service that forwards a request to Zuora.
+
+pub mod client;
+
+pub use client::{HttpClient, build_client};

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod compression;
 pub mod config;
 pub mod error;
 pub mod health;

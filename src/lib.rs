@@ -1,1 +1,3 @@
 //! zuora-gateway
+
+pub mod sim;

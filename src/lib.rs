@@ -5,7 +5,9 @@
 //! is a [`error::GatewayError`] mapped to a Zuora-shaped response at one edge.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
+pub mod cli;
 pub mod compression;
 pub mod config;
 pub mod context;
@@ -14,6 +16,9 @@ pub mod health;
 pub mod layers;
 pub mod metrics;
 pub mod policy;
+pub mod run;
 pub mod secret;
+pub mod server;
+pub mod stack;
 pub mod sim;
 pub mod upstream;

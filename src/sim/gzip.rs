@@ -147,7 +147,10 @@ mod tests {
     fn corrupt_and_oversized_are_refused() {
         assert_eq!(decompress(b"not gzip", 100), Err(DecodeError::Corrupt));
         let packed = compress(&[0u8; 10_000]).unwrap();
-        assert_eq!(decompress(&packed[..packed.len() - 4], 1 << 20), Err(DecodeError::Corrupt));
+        assert_eq!(
+            decompress(&packed[..packed.len() - 4], 1 << 20),
+            Err(DecodeError::Corrupt)
+        );
         assert_eq!(decompress(&packed, 9_999), Err(DecodeError::TooLarge));
         assert_eq!(decompress(&packed, 10_000).unwrap().len(), 10_000);
     }

@@ -132,10 +132,19 @@ impl FinalStatus {
 #[derive(Debug, Clone, Copy)]
 enum JobState {
     /// `Pending`, then `Processing`, then `Completed` once `run_for` has passed.
-    Running { started: Instant, run_for: Duration },
+    Running {
+        started: Instant,
+        run_for: Duration,
+    },
     /// `Stopping` for [`STOPPING_FOR`], then `Stopped`; progress frozen.
-    Stopping { since: Instant, progress: u32 },
-    Finished { status: FinalStatus, progress: u32 },
+    Stopping {
+        since: Instant,
+        progress: u32,
+    },
+    Finished {
+        status: FinalStatus,
+        progress: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -605,8 +614,12 @@ fn create(store: &JobStore, family: Family, req: &ApiRequest<'_>, ctx: &Ctx) -> 
 /// Validates `{"type": "RatePlanCharge"|"OrderLineItem", "batchSize": 1..=1000, "dryRun": bool}`
 /// (`batchSize` and `dryRun` optional; unknown fields ignored).
 fn parse_create_body(body: &[u8]) -> Result<JobType, (Category, &'static str)> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|_| (Category::MalformedJson, "Malformed JSON in the request body."))?;
+    let value: Value = serde_json::from_slice(body).map_err(|_| {
+        (
+            Category::MalformedJson,
+            "Malformed JSON in the request body.",
+        )
+    })?;
     let Some(fields) = value.as_object() else {
         return Err((
             Category::InvalidValue,
@@ -769,9 +782,15 @@ mod tests {
         );
         assert_eq!(job.id.len(), 32);
         assert_eq!(job.view(start).status, "Pending");
-        assert_eq!(job.view(start + Duration::from_secs(5)).status, "Processing");
+        assert_eq!(
+            job.view(start + Duration::from_secs(5)).status,
+            "Processing"
+        );
         assert_eq!(job.view(start + Duration::from_secs(5)).progress, 50);
-        assert_eq!(job.view(start + Duration::from_secs(11)).status, "Completed");
+        assert_eq!(
+            job.view(start + Duration::from_secs(11)).status,
+            "Completed"
+        );
         job.stop(start + Duration::from_secs(5));
         assert_eq!(job.view(start + Duration::from_secs(5)).status, "Stopping");
         assert_eq!(job.view(start + Duration::from_secs(7)).status, "Stopped");
@@ -808,7 +827,10 @@ mod tests {
         assert_eq!(category(b"{"), Some(Category::MalformedJson));
         assert_eq!(category(b"[]"), Some(Category::InvalidValue));
         assert_eq!(category(b"{}"), Some(Category::MissingField));
-        assert_eq!(category(br#"{"type":"Invoice"}"#), Some(Category::InvalidValue));
+        assert_eq!(
+            category(br#"{"type":"Invoice"}"#),
+            Some(Category::InvalidValue)
+        );
         assert_eq!(
             category(br#"{"type":"OrderLineItem","batchSize":0}"#),
             Some(Category::InvalidValue)

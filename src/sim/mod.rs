@@ -12,11 +12,23 @@
 //!   token gets HTTP 401 with reason code `90000011`.
 //! - The data backfill job families `/v1/uno/data-backfill/propagation/jobs` (auto backfill),
 //!   `/v1/uno/data-backfill/jobs` (file-based) and `/v1/uno/data-backfill/bookingdate/jobs`:
-//!   create, list, get and stop (details below).
-//! - Everything else under `/v1` is a Zuora-shaped 404; a wrong method on a known path a 405.
+//!   create (`POST …/jobs`), list (`GET …/jobs[?pageSize=&page=]`, 40 jobs seeded per family),
+//!   get (`GET …/jobs/{jobId}`, unknown → 404 category 40) and stop
+//!   (`PUT …/jobs/{jobId}` `{"status":"Stopping"}` → 200
+//!   `{"processId","reasons":[],"requestId","success":true}`, the job turns `Stopping`, one
+//!   second later `Stopped`). A stop with a `jobId` that is not 32 characters is a 400 with
+//!   category 20, a non-JSON body category 90, no `status` category 22, another value category
+//!   20. A well-formed id the simulator does not know is taken as a running job, so any
+//!   documentation example id works; stopping a stopped or finished job is a 200 that changes
+//!   nothing. Reason codes are integers: resource `5340F0` (F = 1 propagation, 2 file-based,
+//!   3 booking date) followed by the category, e.g. `53401020`.
+//! - Everything else under `/v1` is a Zuora-shaped 404; a wrong method on a known path a 405
+//!   (category 45) with `Allow`.
 //!
 //! Every response carries `Zuora-Request-Id`, echoes `Zuora-Track-Id`, and `/v1` responses carry
-//! the `ratelimit-*` and `Concurrency-Limit-*` headers. Request bodies sent with
+//! the `ratelimit-*` and `Concurrency-Limit-*` headers (Production defaults: 50,000 a minute,
+//! 40 concurrent; reported, never enforced, so benchmarks do not trip them; use
+//! [`SimControl::inject_status`] for 429s). Request bodies sent with
 //! `Content-Encoding: gzip` are decompressed; responses over 1000 bytes are gzipped when the
 //! client accepts it.
 //!
@@ -135,7 +147,12 @@ impl Simulator {
         };
         let control = Arc::new(SimControl::new(&opts));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(server::run(listener, Arc::clone(&control), tls, shutdown_rx));
+        let task = tokio::spawn(server::run(
+            listener,
+            Arc::clone(&control),
+            tls,
+            shutdown_rx,
+        ));
         tracing::info!(%addr, fixed_answer = opts.fixed_answer, "Zuora simulator listening");
         Ok(SimHandle {
             addr,

@@ -204,7 +204,12 @@ pub(crate) async fn token_endpoint(
         .with_header(PRAGMA, HeaderValue::from_static("no-cache"))
 }
 
-fn issue(control: &SimControl, headers: &HeaderMap, form: &Bytes, ctx: &Ctx) -> Result<Reply, Reply> {
+fn issue(
+    control: &SimControl,
+    headers: &HeaderMap,
+    form: &Bytes,
+    ctx: &Ctx,
+) -> Result<Reply, Reply> {
     let is_form = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -271,8 +271,14 @@ pub(crate) fn finalize(reply: Reply, ctx: &Ctx, api: Option<&SimControl>) -> Res
     if let Some(control) = api {
         let window = control.rate_window_hit();
         headers.insert(RATELIMIT_LIMIT.clone(), RATELIMIT_LIMIT_VALUE);
-        headers.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(window.remaining));
-        headers.insert(RATELIMIT_RESET.clone(), HeaderValue::from(window.reset_secs));
+        headers.insert(
+            RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(window.remaining),
+        );
+        headers.insert(
+            RATELIMIT_RESET.clone(),
+            HeaderValue::from(window.reset_secs),
+        );
         headers.insert(CONCURRENCY_LIMIT_TYPE.clone(), CONCURRENCY_TYPE_VALUE);
         headers.insert(
             CONCURRENCY_LIMIT_LIMIT.clone(),
@@ -324,7 +330,10 @@ mod tests {
 
     #[test]
     fn reason_codes_are_resource_then_category() {
-        assert_eq!(Resource::AUTH.code(Category::AuthenticationFailed), 90_000_011);
+        assert_eq!(
+            Resource::AUTH.code(Category::AuthenticationFailed),
+            90_000_011
+        );
         assert_eq!(Resource(534_010).code(Category::InvalidValue), 53_401_020);
         assert_eq!(
             Category::for_status(StatusCode::TOO_MANY_REQUESTS),
@@ -344,6 +353,9 @@ mod tests {
     fn process_id_is_16_upper_hex() {
         let id = process_id();
         assert_eq!(id.len(), 16);
-        assert!(id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()));
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+        );
     }
 }

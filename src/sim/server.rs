@@ -38,8 +38,14 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut builder = Builder::new(TokioExecutor::new());
-    // Timers enable hyper's header-read timeout (slow clients cannot hold connections forever).
-    builder.http1().keep_alive(true).timer(TokioTimer::new());
+    // No header-read timeout: hyper would also use it to cut idle keep-alive connections after
+    // 30 s, which races with client pools that reuse a connection just then (flaky tests and
+    // benchmarks). Idle connections stay open until the client or shutdown closes them.
+    builder
+        .http1()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let acceptor = tls.map(TlsAcceptor::from);

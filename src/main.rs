@@ -10,7 +10,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => cli::check(&config),
-        Command::DevToken { config, caller, ttl, claims } => cli::dev_token(&config, &caller, &ttl, &claims),
+        Command::DevToken {
+            config,
+            caller,
+            ttl,
+            claims,
+        } => cli::dev_token(&config, &caller, &ttl, &claims),
         Command::Serve { config } => {
             let config = match cli::load_or_report(&config) {
                 Ok(c) => c,

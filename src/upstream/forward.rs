@@ -60,7 +60,8 @@ pub struct UpstreamCall {
 /// Builds `base` + `path` (+ `?query`), keeping a path prefix of `base`.
 fn join(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
     let prefix = base.path().trim_end_matches('/');
-    let mut pq = String::with_capacity(prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    let mut pq =
+        String::with_capacity(prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1));
     pq.push_str(prefix);
     pq.push_str(path);
     if let Some(q) = query {
@@ -70,8 +71,10 @@ fn join(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, GatewayError
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTPS));
     parts.authority = base.authority().cloned();
-    parts.path_and_query =
-        Some(PathAndQuery::try_from(pq).map_err(|e| GatewayError::Internal(format!("bad upstream URI: {e}")))?);
+    parts.path_and_query = Some(
+        PathAndQuery::try_from(pq)
+            .map_err(|e| GatewayError::Internal(format!("bad upstream URI: {e}")))?,
+    );
     Uri::from_parts(parts).map_err(|e| GatewayError::Internal(format!("bad upstream URI: {e}")))
 }
 
@@ -109,25 +112,23 @@ impl Service<Req> for Forward {
 impl Forward {
     fn prepare(&self, req: Req) -> Result<(Upstream, Request<Body>), GatewayError> {
         let upstream = {
-            let m = req
-                .extensions()
-                .get::<RouteMatch>()
-                .ok_or_else(|| GatewayError::Internal("request reached forward without a route".into()))?;
+            let m = req.extensions().get::<RouteMatch>().ok_or_else(|| {
+                GatewayError::Internal("request reached forward without a route".into())
+            })?;
             let name = &m.config().upstream;
-            self.upstreams
-                .get(name)
-                .cloned()
-                .ok_or_else(|| GatewayError::Internal(format!("upstream `{name}` is not running")))?
+            self.upstreams.get(name).cloned().ok_or_else(|| {
+                GatewayError::Internal(format!("upstream `{name}` is not running"))
+            })?
         };
         let (mut parts, body) = req.into_parts();
         parts.uri = join(&upstream.base, parts.uri.path(), parts.uri.query())?;
         strip_hop_by_hop(&mut parts.headers);
         // The client sets Host from the URI authority.
         parts.headers.remove(header::HOST);
-        if let Some(v) = &upstream.config.zuora_version {
-            if !parts.headers.contains_key("zuora-version") {
-                parts.headers.insert("zuora-version", v.clone());
-            }
+        if let Some(v) = &upstream.config.zuora_version
+            && !parts.headers.contains_key("zuora-version")
+        {
+            parts.headers.insert("zuora-version", v.clone());
         }
         // HTTP/2 to the upstream is negotiated by the connector, not inherited from the caller.
         parts.version = http::Version::HTTP_11;
@@ -189,8 +190,14 @@ mod tests {
     #[test]
     fn join_keeps_base_prefix_and_query() {
         let base: Uri = "https://rest.zuora.com".parse().unwrap();
-        assert_eq!(join(&base, "/v1/x", Some("a=1")).unwrap().to_string(), "https://rest.zuora.com/v1/x?a=1");
+        assert_eq!(
+            join(&base, "/v1/x", Some("a=1")).unwrap().to_string(),
+            "https://rest.zuora.com/v1/x?a=1"
+        );
         let base: Uri = "http://127.0.0.1:9000/prefix/".parse().unwrap();
-        assert_eq!(join(&base, "/v1/x", None).unwrap().to_string(), "http://127.0.0.1:9000/prefix/v1/x");
+        assert_eq!(
+            join(&base, "/v1/x", None).unwrap().to_string(),
+            "http://127.0.0.1:9000/prefix/v1/x"
+        );
     }
 }

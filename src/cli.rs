@@ -40,6 +40,10 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: std::net::SocketAddr,
+        /// Bench mode: every authenticated `/v1` request gets a fixed small 200
+        /// (used by `cargo bench --bench load`).
+        #[arg(long, hide = true)]
+        fixed_answer: bool,
     },
     /// Mint a caller JWT with the config's HS* key (local development only).
     DevToken {

@@ -23,6 +23,9 @@ fn main() -> ExitCode {
             };
             zuora_gateway::run::serve(config)
         }
-        Command::Simulate { listen } => zuora_gateway::run::simulate(listen),
+        Command::Simulate {
+            listen,
+            fixed_answer,
+        } => zuora_gateway::run::simulate(listen, fixed_answer),
     }
 }

@@ -63,8 +63,9 @@ pub fn serve(config: Config) -> ExitCode {
     })
 }
 
-/// `simulate`: run the embedded simulator alone.
-pub fn simulate(listen: SocketAddr) -> ExitCode {
+/// `simulate`: run the embedded simulator alone (`fixed_answer`: bench mode,
+/// see [`crate::sim::SimOptions::fixed_answer`]).
+pub fn simulate(listen: SocketAddr, fixed_answer: bool) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -73,8 +74,12 @@ pub fn simulate(listen: SocketAddr) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let opts = crate::sim::SimOptions {
+            fixed_answer,
+            ..crate::sim::SimOptions::default()
+        };
         let sim =
-            match crate::sim::Simulator::start(listen, crate::sim::SimOptions::default()).await {
+            match crate::sim::Simulator::start(listen, opts).await {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("error: cannot listen on {listen}: {e}");

@@ -1,0 +1,282 @@
+//! Micro benchmarks of the gateway's per-request hot path, each next to a
+//! naive baseline measured in the same run (Pingora's habit): the numbers
+//! that matter are the ratios within one run, not absolute nanoseconds.
+//!
+//! Run: `cargo bench --bench hotpath` (add a filter, e.g. `-- route_match`).
+//! Under `cargo test --all-targets` criterion runs every bench once (test mode).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+use zuora_gateway::body::full;
+use zuora_gateway::config::{Config, ProcessEnv};
+use zuora_gateway::error::GatewayError;
+use zuora_gateway::layers::rescue::into_response;
+use zuora_gateway::policy::{Policy, check_path};
+use zuora_gateway::upstream::headers::strip_hop_by_hop;
+
+/// Number of routes in the benchmark table.
+const ROUTES: usize = 50;
+const JOB: &str = "ff8080818bb300af018bb325fe0c58f3";
+
+/// The i-th route template: Zuora-like, mixing literals, `{param}` and `**`.
+fn template(i: usize) -> (String, &'static str) {
+    match i % 5 {
+        0 => (format!("/v1/family{i}/jobs/{{jobId}}"), "PUT"),
+        1 => (format!("/v1/family{i}/jobs/**"), "GET"),
+        2 => (format!("/v1/family{i}/jobs"), "POST"),
+        3 => (format!("/v1/object/account{i}/{{id}}/items/{{item}}"), "GET"),
+        _ => (format!("/v1/settings/family{i}"), "GET"),
+    }
+}
+
+/// A validated config with [`ROUTES`] routes; the last one is the real
+/// stop-job route, so a stop request walks the whole table.
+fn config_yaml() -> String {
+    let mut y = String::from(
+        "server:\n  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n\
+         upstreams:\n  zuora:\n    base_url: http://127.0.0.1:9\n    oauth:\n      client_id: id\n      client_secret: secret\n\
+         callers:\n  trusted_identity: bench\nroutes:\n",
+    );
+    for i in 0..ROUTES - 1 {
+        let (path, method) = template(i);
+        y.push_str(&format!(
+            "  - name: r{i}\n    method: {method}\n    path: {path}\n    upstream: zuora\n    allow_callers: [\"*\"]\n"
+        ));
+    }
+    y.push_str(
+        "  - name: stop\n    method: PUT\n    path: /v1/uno/data-backfill/propagation/jobs/{jobId}\n    upstream: zuora\n    allow_callers: [\"*\"]\n",
+    );
+    y
+}
+
+fn policy() -> Policy {
+    let config = Config::from_yaml(
+        &config_yaml(),
+        Path::new("bench.yaml"),
+        Path::new("."),
+        &ProcessEnv,
+    )
+    .expect("bench config is valid");
+    Policy::compile(Arc::new(config))
+}
+
+/// Naive baseline 1: split the template strings on every lookup.
+struct NaiveTable(Vec<(Method, String)>);
+
+impl NaiveTable {
+    fn lookup(&self, method: &Method, path: &str) -> Option<usize> {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        'routes: for (i, (m, tpl)) in self.0.iter().enumerate() {
+            if m != method {
+                continue;
+            }
+            let parts: Vec<&str> = tpl.split('/').filter(|s| !s.is_empty()).collect();
+            let tail = parts.last() == Some(&"**");
+            let fixed = if tail { parts.len() - 1 } else { parts.len() };
+            if segs.len() < fixed || (!tail && segs.len() != fixed) {
+                continue;
+            }
+            for (p, s) in parts.iter().take(fixed).zip(&segs) {
+                if !(p.starts_with('{') || p == s) {
+                    continue 'routes;
+                }
+            }
+            return Some(i);
+        }
+        None
+    }
+}
+
+fn naive_table() -> NaiveTable {
+    let mut v: Vec<(Method, String)> = (0..ROUTES - 1)
+        .map(|i| {
+            let (p, m) = template(i);
+            (m.parse().unwrap(), p)
+        })
+        .collect();
+    v.push((
+        Method::PUT,
+        "/v1/uno/data-backfill/propagation/jobs/{jobId}".into(),
+    ));
+    NaiveTable(v)
+}
+
+fn route_match(c: &mut Criterion) {
+    let policy = policy();
+    let naive = naive_table();
+    // Baseline 2: exact-match HashMap (only works for literal paths; the floor).
+    let exact: HashMap<(Method, String), usize> = (0..ROUTES)
+        .map(|i| {
+            (
+                (Method::PUT, format!("/v1/uno/data-backfill/propagation/jobs/{i}")),
+                i,
+            )
+        })
+        .chain(std::iter::once((
+            (
+                Method::PUT,
+                format!("/v1/uno/data-backfill/propagation/jobs/{JOB}"),
+            ),
+            ROUTES - 1,
+        )))
+        .collect();
+    let last = format!("/v1/uno/data-backfill/propagation/jobs/{JOB}");
+    let first = format!("/v1/family0/jobs/{JOB}");
+    let miss = "/v1/not/routed/anywhere";
+
+    assert_eq!(
+        policy.routes.lookup(&Method::PUT, &last).unwrap().route,
+        ROUTES - 1
+    );
+    assert_eq!(naive.lookup(&Method::PUT, &last), Some(ROUTES - 1));
+
+    let mut g = c.benchmark_group("route_match_50");
+    g.bench_function("route_table/first", |b| {
+        b.iter(|| policy.routes.lookup(black_box(&Method::PUT), black_box(&first)))
+    });
+    g.bench_function("route_table/last", |b| {
+        b.iter(|| policy.routes.lookup(black_box(&Method::PUT), black_box(&last)))
+    });
+    g.bench_function("route_table/miss_404", |b| {
+        b.iter(|| policy.routes.lookup(black_box(&Method::GET), black_box(miss)))
+    });
+    g.bench_function("baseline_naive_split/last", |b| {
+        b.iter(|| naive.lookup(black_box(&Method::PUT), black_box(&last)))
+    });
+    g.bench_function("baseline_hashmap_exact/last", |b| {
+        b.iter(|| {
+            // The key has to be owned to look up a (Method, String) tuple.
+            exact.get(&(black_box(Method::PUT), black_box(last.as_str()).to_owned()))
+        })
+    });
+    g.finish();
+}
+
+/// Naive baseline: percent-decode into a new String, then look for dot
+/// segments and backslashes (what a quick hand-written check would do).
+fn naive_check_path(path: &str) -> bool {
+    let mut decoded = String::with_capacity(path.len());
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(v) = path
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            decoded.push(v as char);
+            i += 3;
+            continue;
+        }
+        decoded.push(bytes[i] as char);
+        i += 1;
+    }
+    !decoded.contains('\\') && !decoded.split('/').any(|s| s == "." || s == "..")
+}
+
+fn path_check(c: &mut Criterion) {
+    let ok = format!("/v1/uno/data-backfill/propagation/jobs/{JOB}");
+    let bad = "/v1/uno/data-backfill/propagation/jobs/../../../oauth/token";
+    assert!(check_path(&ok).is_ok() && check_path(bad).is_err());
+    assert!(naive_check_path(&ok) && !naive_check_path(bad));
+    let mut g = c.benchmark_group("check_path");
+    g.bench_function("check_path/ok", |b| b.iter(|| check_path(black_box(&ok))));
+    g.bench_function("check_path/dot_dot", |b| {
+        b.iter(|| check_path(black_box(bad)))
+    });
+    g.bench_function("baseline_decode_then_scan/ok", |b| {
+        b.iter(|| naive_check_path(black_box(&ok)))
+    });
+    g.finish();
+}
+
+/// A typical caller request's headers (what wrk/curl and a service SDK send).
+fn request_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("22"));
+    h.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static("billing-service/1.4"),
+    );
+    h.insert(
+        "zuora-track-id",
+        HeaderValue::from_static("a1b2c3d4-e5f6-4711-8899-aabbccddeeff"),
+    );
+    h.insert("traceparent", HeaderValue::from_static(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ));
+    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+    h
+}
+
+fn hop_by_hop(c: &mut Criterion) {
+    let template = request_headers();
+    let mut g = c.benchmark_group("hop_by_hop");
+    // The strip itself (the clone happens in the untimed setup).
+    g.bench_function("strip_hop_by_hop", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| strip_hop_by_hop(black_box(h)),
+            BatchSize::SmallInput,
+        )
+    });
+    // Baseline: what one HeaderMap clone costs (a proxy that copies headers).
+    g.bench_function("baseline_clone_headermap", |b| {
+        b.iter(|| black_box(&template).clone())
+    });
+    g.finish();
+}
+
+fn error_response(c: &mut Criterion) {
+    let mut g = c.benchmark_group("error_response");
+    g.bench_function("into_response/no_route_404", |b| {
+        b.iter(|| {
+            into_response(GatewayError::NoRoute(
+                black_box("GET /v1/not/routed").to_owned(),
+            ))
+        })
+    });
+    g.bench_function("into_response/rate_limited_429", |b| {
+        b.iter(|| {
+            into_response(GatewayError::RateLimited {
+                limit: black_box("stop-per-caller").to_owned(),
+                retry_after: std::time::Duration::from_millis(1500),
+                quota: Some(30),
+            })
+        })
+    });
+    // Baseline: a static JSON body with the same status and content type.
+    g.bench_function("baseline_static_response", |b| {
+        b.iter(|| {
+            let mut r = Response::new(full(Bytes::from_static(
+                br#"{"success":false,"reasons":[{"code":"99000140","message":"no route"}]}"#,
+            )));
+            *r.status_mut() = black_box(StatusCode::NOT_FOUND);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json; charset=utf-8"),
+            );
+            r
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, route_match, path_check, hop_by_hop, error_response);
+criterion_main!(benches);

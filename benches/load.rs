@@ -1,0 +1,1281 @@
+//! End-to-end load comparison: the same request mix sent **direct** to a fast
+//! upstream (the embedded simulator in fixed-answer mode), through **nginx**
+//! (keep-alive `proxy_pass` with the same header injection) and through
+//! **zuora-gateway** (full policy: JWT, route, tenancy, token injection, rate
+//! limit, tracing to a local dummy OTLP receiver).
+//!
+//! One command: `cargo bench --bench load` (options after `--`, see `--help`).
+//! It spawns the `zuora-gateway` binary that `cargo bench` builds with the
+//! bench profile (`target/release/zuora-gateway`) twice: as the simulator
+//! (`simulate --fixed-answer`) and as the gateway (`serve`), plus nginx and
+//! wrk from Debian (installed with apt-get when missing and running as root).
+//! Traffic goes only to 127.0.0.1; every phase is bounded in time and count.
+//!
+//! Under `cargo test --all-targets` (no `--bench` argument) it prints one line
+//! and exits. See docs/performance.md for what it measures and the results.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+type R<T> = Result<T, String>;
+
+const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_zuora-gateway");
+const HS_SECRET: &str = "bench-only-hs256-key-0123456789abcdef0123456789";
+const ISSUER: &str = "https://bench.local";
+const AUDIENCE: &str = "zuora-gateway";
+const CALLER: &str = "billing-bench";
+const ORG_IDS: &str = "org-bench";
+const ENTITY_IDS: &str = "3c4fd2c0-1b2a-4c3d-8e9f-0a1b2c3d4e5f";
+const ZUORA_VERSION: &str = "2026-02-20";
+/// The bearer nginx injects (the simulator in fixed-answer mode accepts any).
+const NGINX_BEARER: &str = "Bearer nginx-static-zuora-token";
+const JOBS: &str = "/v1/uno/data-backfill/propagation/jobs";
+const STOP_BODY: &str = r#"{"status":"Stopping"}"#;
+/// Requests per generated mix (per wrk thread / per fixed-rate connection).
+const MIX_LEN: usize = 256;
+
+// ---------------------------------------------------------------- options
+
+#[derive(Debug, Clone)]
+struct Opts {
+    rounds: u32,
+    secs: u64,
+    warmup_secs: u64,
+    conns: u32,
+    threads: u32,
+    fixed_secs: u64,
+    fixed_conns: usize,
+    fixed_rate: Option<u64>,
+    soak: bool,
+    soak_requests: u64,
+    soak_conns: u32,
+    soak_phase_secs: u64,
+    soak_phases: u32,
+    targets: Vec<Target>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            rounds: 2,
+            secs: 10,
+            warmup_secs: 2,
+            conns: 50,
+            threads: 2,
+            fixed_secs: 10,
+            fixed_conns: 16,
+            fixed_rate: None,
+            soak: true,
+            soak_requests: 1_000_000,
+            soak_conns: 1000,
+            soak_phase_secs: 30,
+            soak_phases: 4,
+            targets: vec![Target::Direct, Target::Nginx, Target::Gateway],
+        }
+    }
+}
+
+const HELP: &str = "\
+cargo bench --bench load [-- OPTIONS]
+  --quick              1 round of 5 s, fixed rate 5 s, soak of 200k requests
+  --rounds N           closed-loop rounds per target, interleaved (default 2; best is reported)
+  --secs N             closed-loop seconds per round (default 10, max 30)
+  --conns N            closed-loop wrk connections (default 50)
+  --fixed-rate N       fixed-rate requests/s (default: 25% of direct saturation)
+  --fixed-secs N       fixed-rate seconds (default 10, max 30)
+  --no-soak            skip the 1M-requests-over-1000-connections memory soak
+  --soak-only          only idle RSS and the soak (gateway only)
+  --soak-requests N    soak request target (default 1000000; phases of <= 30 s, at most 4)
+  --targets a,b        subset of direct,nginx,gateway";
+
+fn parse_opts(args: &[String]) -> R<Opts> {
+    let mut o = Opts::default();
+    let mut it = args.iter().skip(1);
+    let num = |v: Option<&String>, name: &str| -> R<u64> {
+        v.and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("{name}: expected a number"))
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bench" => {}
+            "--quick" => {
+                o.rounds = 1;
+                o.secs = 5;
+                o.fixed_secs = 5;
+                o.soak_requests = 200_000;
+                o.soak_phase_secs = 20;
+            }
+            "--rounds" => o.rounds = num(it.next(), a)?.clamp(1, 5) as u32,
+            "--secs" => o.secs = num(it.next(), a)?.clamp(1, 30),
+            "--conns" => o.conns = num(it.next(), a)?.clamp(1, 2000) as u32,
+            "--fixed-rate" => o.fixed_rate = Some(num(it.next(), a)?.max(1)),
+            "--fixed-secs" => o.fixed_secs = num(it.next(), a)?.clamp(1, 30),
+            "--no-soak" => o.soak = false,
+            "--soak-only" => {
+                o.soak = true;
+                o.targets = vec![];
+            }
+            "--soak-requests" => o.soak_requests = num(it.next(), a)?.max(1),
+            "--targets" => {
+                let list = it.next().ok_or("--targets: expected a list")?;
+                o.targets = list
+                    .split(',')
+                    .map(|t| match t.trim() {
+                        "direct" => Ok(Target::Direct),
+                        "nginx" => Ok(Target::Nginx),
+                        "gateway" => Ok(Target::Gateway),
+                        other => Err(format!("--targets: unknown `{other}`")),
+                    })
+                    .collect::<R<_>>()?;
+            }
+            "--help" | "-h" => return Err(HELP.to_owned()),
+            // cargo bench passes filters through; ignore anything else.
+            _ => {}
+        }
+    }
+    Ok(o)
+}
+
+// ---------------------------------------------------------------- processes
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Direct,
+    Nginx,
+    Gateway,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Nginx => "nginx",
+            Target::Gateway => "gateway",
+        }
+    }
+}
+
+/// A child process stopped with SIGTERM (then SIGKILL) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> R<Proc> {
+        let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Proc { name, child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // Polite first (nginx must not orphan its workers), by process id only.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{} did not stop within 5 s; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> R<u16> {
+    let l = StdListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn wait_port(addr: SocketAddr, within: Duration) -> R<()> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if StdStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("nothing listens on {addr} after {within:?}"))
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs Debian packages when missing (only as root, only via apt-get).
+fn ensure_tool(cmd: &str, packages: &[&str]) -> bool {
+    if have(cmd) {
+        return true;
+    }
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false);
+    if !root || !have("apt-get") {
+        eprintln!("`{cmd}` is missing; install {packages:?} (apt-get) to include it");
+        return false;
+    }
+    for pkg in packages {
+        eprintln!("installing {pkg} (apt-get install -y {pkg}) …");
+        let ok = Command::new("apt-get")
+            .args(["install", "-y", "-q", pkg])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok && have(cmd) {
+            return true;
+        }
+    }
+    eprintln!("could not install `{cmd}`");
+    false
+}
+
+// ---------------------------------------------------------------- /proc
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuTicks(u64);
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of one process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `pid` and its direct children (nginx master + workers).
+fn family(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+                && ppid(p) == Some(pid)
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A `kB` field of /proc/PID/status, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn family_ticks(pids: &[u32]) -> CpuTicks {
+    CpuTicks(pids.iter().map(|&p| cpu_ticks(p)).sum())
+}
+
+fn family_kib(pids: &[u32], field: &str) -> u64 {
+    pids.iter().map(|&p| status_kib(p, field)).sum()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+// ---------------------------------------------------------------- the setup
+
+/// What runs during the bench; fields drop in order (processes before the temp dir).
+struct Env {
+    sim: Proc,
+    sim_addr: SocketAddr,
+    nginx: Option<(Proc, SocketAddr)>,
+    gateway: Option<(Proc, SocketAddr, SocketAddr)>,
+    jwt: String,
+    otlp: Option<Otlp>,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn addr(&self, t: Target) -> Option<SocketAddr> {
+        match t {
+            Target::Direct => Some(self.sim_addr),
+            Target::Nginx => self.nginx.as_ref().map(|n| n.1),
+            Target::Gateway => self.gateway.as_ref().map(|g| g.1),
+        }
+    }
+
+    /// The proxy's processes (none for direct).
+    fn proxy_pids(&self, t: Target) -> Vec<u32> {
+        match t {
+            Target::Direct => vec![],
+            Target::Nginx => self.nginx.as_ref().map(|n| family(n.0.pid())).unwrap_or_default(),
+            Target::Gateway => self.gateway.as_ref().map(|g| vec![g.0.pid()]).unwrap_or_default(),
+        }
+    }
+}
+
+fn mint_jwt() -> R<String> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
+    let claims = serde_json::json!({
+        "sub": CALLER, "iss": ISSUER, "aud": AUDIENCE,
+        "iat": now, "exp": now + 3600,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("bench".into());
+    let key = jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes())
+        .map_err(|e| e.to_string())?;
+    jsonwebtoken::encode(&header, &claims, &key).map_err(|e| e.to_string())
+}
+
+fn gateway_yaml(listen: u16, admin: u16, sim: SocketAddr, otlp: Option<SocketAddr>) -> String {
+    let otlp = otlp
+        .map(|a| format!("  otlp_endpoint: http://{a}\n  sampling_ratio: 1.0\n"))
+        .unwrap_or_default();
+    format!(
+        "\
+# Generated by benches/load.rs: the full policy, against the fixed-answer simulator.
+server:
+  listen: 127.0.0.1:{listen}
+  admin_listen: 127.0.0.1:{admin}
+  max_connections: 4096
+  max_in_flight: 4096
+  shutdown_grace: 2s
+upstreams:
+  zuora:
+    base_url: http://{sim}
+    zuora_version: \"{ZUORA_VERSION}\"
+    timeouts: {{ connect: 2s, request: 10s }}
+    pool: {{ max_idle_per_host: 1024 }}
+    oauth:
+      client_id: bench-client-id
+      client_secret: bench-client-secret
+callers:
+  jwt:
+    issuer: {ISSUER}
+    audience: {AUDIENCE}
+    identity_claim: sub
+    keys:
+      - {{ kid: bench, alg: HS256, secret: \"{HS_SECRET}\" }}
+routes:
+  - name: stop-auto-backfill-job
+    method: PUT
+    path: {JOBS}/{{jobId}}
+    upstream: zuora
+    allow_callers: [\"billing-*\"]
+    rate_limits: [bench-never-trips]
+  - name: read-auto-backfill-jobs
+    method: GET
+    path: {JOBS}/**
+    upstream: zuora
+    allow_callers: [\"*\"]
+    rate_limits: [bench-never-trips]
+tenancy:
+  - callers: [\"*\"]
+    org_ids: [\"{ORG_IDS}\"]
+    entity_ids: [\"{ENTITY_IDS}\"]
+rate_limits:
+  bench-never-trips: {{ key: caller, rate: 10000000/second, burst: 10000000 }}
+telemetry:
+  service_name: zuora-gateway-bench
+  log_format: json
+{otlp}"
+    )
+}
+
+fn nginx_conf(dir: &Path, listen: u16, sim: SocketAddr, workers: usize) -> String {
+    let d = dir.display();
+    format!(
+        "\
+# Generated by benches/load.rs: the proxy a platform team would otherwise deploy.
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_requests 1000000;
+  upstream zuora {{
+    server {sim};
+    keepalive 256;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen 127.0.0.1:{listen} backlog=4096;
+    location /v1/ {{
+      proxy_pass http://zuora;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host {sim};
+      proxy_set_header Authorization \"{NGINX_BEARER}\";
+      proxy_set_header Zuora-Org-Ids \"{ORG_IDS}\";
+      proxy_set_header Zuora-Entity-Ids \"{ENTITY_IDS}\";
+      proxy_set_header Zuora-Track-Id $request_id;
+      proxy_set_header Zuora-Version \"{ZUORA_VERSION}\";
+    }}
+    location / {{ return 404; }}
+  }}
+}}
+"
+    )
+}
+
+/// The request mix, as (method, path, body) — varied job IDs per stream so
+/// identical stop requests are never in flight together (no coalescing).
+fn mix(stream: usize) -> Vec<(Method, String, Option<&'static str>)> {
+    (0..MIX_LEN)
+        .map(|i| {
+            let job = format!("ff8080818bb300af{:04x}{:012x}", stream % 0x1_0000, i);
+            match i % 8 {
+                7 => (Method::PUT, format!("{JOBS}/{job}"), Some(STOP_BODY)),
+                2 | 5 => (Method::GET, format!("{JOBS}?pageSize=20&page=1"), None),
+                _ => (Method::GET, format!("{JOBS}/{job}"), None),
+            }
+        })
+        .collect()
+}
+
+/// wrk's Lua script: the same mix, pre-formatted per thread.
+fn wrk_lua(jwt: &str) -> String {
+    format!(
+        r#"-- Generated by benches/load.rs
+local counter = 0
+function setup(thread)
+  thread:set("tid", counter)
+  counter = counter + 1
+end
+local reqs = {{}}
+local i = 0
+function init(args)
+  local t = tonumber(tid) or 0
+  local auth = "Bearer {jwt}"
+  local get = {{ ["Authorization"] = auth, ["Accept"] = "application/json" }}
+  local put = {{ ["Authorization"] = auth, ["Accept"] = "application/json",
+                ["Content-Type"] = "application/json" }}
+  for n = 0, {last} do
+    local job = string.format("ff8080818bb300af%04x%012x", t, n)
+    local m = n % 8
+    if m == 7 then
+      reqs[#reqs + 1] = wrk.format("PUT", "{JOBS}/" .. job, put, '{STOP_BODY}')
+    elseif m == 2 or m == 5 then
+      reqs[#reqs + 1] = wrk.format("GET", "{JOBS}?pageSize=20&page=1", get)
+    else
+      reqs[#reqs + 1] = wrk.format("GET", "{JOBS}/" .. job, get)
+    end
+  end
+end
+function request()
+  i = i + 1
+  if i > #reqs then i = 1 end
+  return reqs[i]
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "ZGW_RESULT requests=%d duration_us=%d status=%d connect=%d read=%d write=%d timeout=%d p50=%d p99=%d p999=%d max=%d\n",
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.max))
+end
+"#,
+        last = MIX_LEN - 1
+    )
+}
+
+// ---------------------------------------------------------------- dummy OTLP receiver
+
+/// A local OTLP/HTTP sink: answers 200 with an empty (valid) protobuf body.
+struct Otlp {
+    addr: SocketAddr,
+    exports: Arc<AtomicU64>,
+}
+
+async fn start_otlp() -> R<Otlp> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let exports = Arc::new(AtomicU64::new(0));
+    let counter = exports.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let counter = counter.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        let mut resp = http::Response::new(Full::new(Bytes::new()));
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/x-protobuf"),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(Otlp { addr, exports })
+}
+
+// ---------------------------------------------------------------- one-off requests
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> R<Sender> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+fn request(
+    addr: SocketAddr,
+    jwt: &str,
+    (method, path, body): &(Method, String, Option<&'static str>),
+) -> R<Request<Full<Bytes>>> {
+    let mut b = Request::builder()
+        .method(method.clone())
+        .uri(path.as_str())
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::AUTHORIZATION, format!("Bearer {jwt}"))
+        .header(http::header::ACCEPT, "application/json");
+    if body.is_some() {
+        b = b.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    b.body(Full::new(body.map_or_else(Bytes::new, |s| Bytes::from_static(s.as_bytes()))))
+        .map_err(|e| e.to_string())
+}
+
+async fn send(sender: &mut Sender, req: Request<Full<Bytes>>) -> R<(StatusCode, Bytes)> {
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// Sends every request kind once; all must be 200 or the comparison is void.
+async fn check_target(t: Target, addr: SocketAddr, jwt: &str) -> R<()> {
+    let mut s = connect(addr).await?;
+    for spec in mix(0xffff).iter().take(8) {
+        let req = request(addr, jwt, spec)?;
+        let (status, body) = tokio::time::timeout(Duration::from_secs(5), send(&mut s, req))
+            .await
+            .map_err(|_| format!("{}: no answer within 5 s", t.name()))??;
+        if status != StatusCode::OK {
+            return Err(format!(
+                "{}: {} {} answered {status}: {}",
+                t.name(),
+                spec.0,
+                spec.1,
+                String::from_utf8_lossy(&body)
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn wait_ready(admin: SocketAddr, within: Duration) -> R<()> {
+    let deadline = Instant::now() + within;
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        if let Ok(mut s) = connect(admin).await {
+            let req = Request::get("/readyz")
+                .header(http::header::HOST, admin.to_string())
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| e.to_string())?;
+            match send(&mut s, req).await {
+                Ok((StatusCode::OK, _)) => return Ok(()),
+                Ok((st, body)) => last = format!("{st} {}", String::from_utf8_lossy(&body)),
+                Err(e) => last = e,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("gateway not ready after {within:?}: {last}"))
+}
+
+// ---------------------------------------------------------------- closed loop (wrk)
+
+#[derive(Debug, Clone, Default)]
+struct WrkResult {
+    requests: u64,
+    secs: f64,
+    errors: u64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    proxy_cpu_s: f64,
+    upstream_cpu_s: f64,
+}
+
+impl WrkResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.secs.max(1e-9)
+    }
+}
+
+fn run_wrk(
+    addr: SocketAddr,
+    script: &Path,
+    threads: u32,
+    conns: u32,
+    secs: u64,
+) -> R<(WrkResult, String)> {
+    let out = Command::new("wrk")
+        .args([
+            &format!("-t{threads}"),
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--timeout",
+            "5s",
+            "-s",
+        ])
+        .arg(script)
+        .arg(format!("http://{addr}"))
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("ZGW_RESULT"))
+        .ok_or_else(|| {
+            format!(
+                "wrk printed no result: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let kv: BTreeMap<&str, u64> = line
+        .split_whitespace()
+        .filter_map(|p| p.split_once('='))
+        .filter_map(|(k, v)| v.parse().ok().map(|v| (k, v)))
+        .collect();
+    let g = |k: &str| kv.get(k).copied().unwrap_or(0);
+    Ok((
+        WrkResult {
+            requests: g("requests"),
+            secs: g("duration_us") as f64 / 1e6,
+            errors: g("status") + g("connect") + g("read") + g("write") + g("timeout"),
+            p50_us: g("p50"),
+            p99_us: g("p99"),
+            p999_us: g("p999"),
+            ..WrkResult::default()
+        },
+        text,
+    ))
+}
+
+fn closed_loop(env: &Env, t: Target, script: &Path, o: &Opts, secs: u64, conns: u32) -> R<WrkResult> {
+    let addr = env.addr(t).ok_or("target not running")?;
+    let tck = clk_tck();
+    let proxy = env.proxy_pids(t);
+    let up = [env.sim.pid()];
+    let (p0, u0) = (family_ticks(&proxy), family_ticks(&up));
+    let (mut r, _) = run_wrk(addr, script, o.threads, conns, secs)?;
+    let (p1, u1) = (family_ticks(&proxy), family_ticks(&up));
+    r.proxy_cpu_s = (p1.0.saturating_sub(p0.0)) as f64 / tck;
+    r.upstream_cpu_s = (u1.0.saturating_sub(u0.0)) as f64 / tck;
+    Ok(r)
+}
+
+// ---------------------------------------------------------------- fixed rate (own client)
+
+#[derive(Debug, Clone, Default)]
+struct FixedResult {
+    sent: u64,
+    ok: u64,
+    errors: u64,
+    secs: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1000.0
+}
+
+/// Open loop: a pacer thread releases request k at `start + k/rate`; idle
+/// connections take them in order. Latency runs from the *intended* send
+/// time to the last body byte, so queueing behind a slow response counts
+/// (no coordinated omission).
+async fn fixed_rate(addr: SocketAddr, jwt: &str, rate: u64, secs: u64, conns: usize) -> R<FixedResult> {
+    let total = rate * secs;
+    let mut senders = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        senders.push(connect(addr).await?);
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let mut workers = Vec::with_capacity(conns);
+    for (w, mut sender) in senders.into_iter().enumerate() {
+        let rx = rx.clone();
+        let specs: Vec<Request<Full<Bytes>>> = mix(w)
+            .iter()
+            .map(|s| request(addr, jwt, s))
+            .collect::<R<_>>()?;
+        workers.push(tokio::spawn(async move {
+            let mut lat: Vec<u64> = Vec::with_capacity((total as usize / conns) * 2 + 16);
+            let mut errors = 0u64;
+            let mut n = 0usize;
+            loop {
+                let next = { rx.lock().await.recv().await };
+                let Some((_k, intended)) = next else { break };
+                let spec = &specs[n % specs.len()];
+                n += 1;
+                let mut req = Request::new(spec.body().clone());
+                *req.method_mut() = spec.method().clone();
+                *req.uri_mut() = spec.uri().clone();
+                *req.headers_mut() = spec.headers().clone();
+                let res = tokio::time::timeout(Duration::from_secs(5), send(&mut sender, req)).await;
+                match res {
+                    Ok(Ok((StatusCode::OK, _))) => lat.push(intended.elapsed().as_nanos() as u64),
+                    Ok(Ok(_)) => errors += 1,
+                    _ => {
+                        errors += 1;
+                        match connect(addr).await {
+                            Ok(s) => sender = s,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_pacer = stop.clone();
+    let started = Instant::now();
+    let pacer = std::thread::spawn(move || {
+        let start = Instant::now() + Duration::from_millis(5);
+        let at = |k: u64| start + Duration::from_nanos(k.saturating_mul(1_000_000_000) / rate);
+        let hard_stop = start + Duration::from_secs(secs + 5);
+        let mut k = 0u64;
+        while k < total && !stop_pacer.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now > hard_stop {
+                break;
+            }
+            let due = at(k);
+            if due > now {
+                std::thread::sleep(due - now);
+                continue;
+            }
+            while k < total && at(k) <= now {
+                if tx.send((k, at(k))).is_err() {
+                    return k;
+                }
+                k += 1;
+            }
+        }
+        k
+    });
+    let mut lat = Vec::with_capacity(total as usize);
+    let mut errors = 0;
+    let overall = Duration::from_secs(secs + 20);
+    for w in workers {
+        match tokio::time::timeout(overall.saturating_sub(started.elapsed()), w).await {
+            Ok(Ok((l, e))) => {
+                lat.extend(l);
+                errors += e;
+            }
+            _ => {
+                stop.store(true, Ordering::Relaxed);
+                errors += 1;
+            }
+        }
+    }
+    let sent = pacer.join().map_err(|_| "pacer thread panicked")?;
+    let secs_taken = started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    Ok(FixedResult {
+        sent,
+        ok: lat.len() as u64,
+        errors,
+        secs: secs_taken,
+        p50_us: percentile(&lat, 50.0),
+        p99_us: percentile(&lat, 99.0),
+        p999_us: percentile(&lat, 99.9),
+        max_us: lat.last().map_or(0.0, |&v| v as f64 / 1000.0),
+    })
+}
+
+// ---------------------------------------------------------------- main
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!(
+            "load: not invoked with --bench (cargo test mode); the end-to-end load bench runs only under `cargo bench --bench load`"
+        );
+        return;
+    }
+    let opts = match parse_opts(&args) {
+        Ok(o) => o,
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("load: cannot start a runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(opts)) {
+        eprintln!("load: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(o: Opts) -> R<()> {
+    let started = Instant::now();
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let has_wrk = ensure_tool("wrk", &["wrk"]);
+    if !has_wrk && !o.targets.is_empty() {
+        return Err("wrk is required for the closed-loop runs".into());
+    }
+    let want_nginx = o.targets.contains(&Target::Nginx);
+    let has_nginx = want_nginx && ensure_tool("nginx", &["nginx-light", "nginx"]);
+    let dir = tempfile::Builder::new()
+        .prefix("zgw-load-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let d = dir.path().to_path_buf();
+
+    // The upstream: the simulator in fixed-answer mode, as its own process.
+    let sim_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let sim = Proc::spawn(
+        "simulator",
+        Command::new(GATEWAY_BIN).args(["simulate", "--fixed-answer", "--listen", &sim_addr.to_string()]),
+        &d.join("sim.log"),
+    )?;
+    wait_port(sim_addr, Duration::from_secs(10))?;
+
+    let jwt = mint_jwt()?;
+    let mut env = Env {
+        sim,
+        sim_addr,
+        nginx: None,
+        gateway: None,
+        jwt,
+        otlp: None,
+        _dir: dir,
+    };
+
+    if has_nginx {
+        let port = free_port()?;
+        for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"] {
+            std::fs::create_dir_all(d.join(sub)).map_err(|e| e.to_string())?;
+        }
+        let conf = d.join("nginx.conf");
+        std::fs::write(&conf, nginx_conf(&d, port, sim_addr, workers)).map_err(|e| e.to_string())?;
+        let p = Proc::spawn(
+            "nginx",
+            Command::new("nginx")
+                .arg("-p")
+                .arg(&d)
+                .arg("-c")
+                .arg(&conf)
+                .args(["-g", "daemon off;"]),
+            &d.join("nginx.log"),
+        )?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        wait_port(addr, Duration::from_secs(10))?;
+        env.nginx = Some((p, addr));
+    }
+
+    // The gateway: its own process, config generated here.
+    let otlp = start_otlp().await?;
+    let (gw_port, admin_port) = (free_port()?, free_port()?);
+    let yaml = gateway_yaml(gw_port, admin_port, sim_addr, Some(otlp.addr));
+    let gw_conf = d.join("gateway.yaml");
+    std::fs::write(&gw_conf, &yaml).map_err(|e| e.to_string())?;
+    env.otlp = Some(otlp);
+    let gw = Proc::spawn(
+        "zuora-gateway",
+        Command::new(GATEWAY_BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&gw_conf)
+            .env("RUST_LOG", "warn"),
+        &d.join("gateway.log"),
+    )?;
+    let gw_addr: SocketAddr = ([127, 0, 0, 1], gw_port).into();
+    let admin_addr: SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    if let Err(e) = wait_ready(admin_addr, Duration::from_secs(15)).await {
+        let log = std::fs::read_to_string(d.join("gateway.log")).unwrap_or_default();
+        return Err(format!("{e}\n--- gateway log ---\n{log}"));
+    }
+    env.gateway = Some((gw, gw_addr, admin_addr));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gw_pid = env.proxy_pids(Target::Gateway);
+    let idle_rss = family_kib(&gw_pid, "VmRSS:");
+
+    let script = d.join("mix.lua");
+    std::fs::write(&script, wrk_lua(&env.jwt)).map_err(|e| e.to_string())?;
+
+    for &t in &o.targets {
+        if let Some(addr) = env.addr(t) {
+            check_target(t, addr, &env.jwt).await?;
+        }
+    }
+    let targets: Vec<Target> = o.targets.iter().copied().filter(|&t| env.addr(t).is_some()).collect();
+
+    let mut report = String::new();
+    let _ = writeln!(report, "\n## zuora-gateway load bench\n");
+    let _ = writeln!(
+        report,
+        "nproc {workers}; gateway and simulator: {workers} tokio workers; nginx: worker_processes {workers}; load generator: wrk -t{} on the same cores",
+        o.threads
+    );
+    let _ = writeln!(report, "loadavg at start: {}", loadavg());
+
+    // 1. Closed loop, interleaved rounds, best round per target.
+    let mut best: BTreeMap<Target, WrkResult> = BTreeMap::new();
+    let mut all: BTreeMap<Target, Vec<f64>> = BTreeMap::new();
+    for round in 0..o.rounds {
+        for &t in &targets {
+            let tb = tokio::task::block_in_place(|| -> R<WrkResult> {
+                let _ = run_wrk(env.addr(t).ok_or("down")?, &script, o.threads, o.conns, o.warmup_secs)?;
+                closed_loop(&env, t, &script, &o, o.secs, o.conns)
+            })?;
+            eprintln!(
+                "round {} {:<8} {:>9.0} req/s  p99 {:>6} µs  errors {}",
+                round + 1,
+                t.name(),
+                tb.rps(),
+                tb.p99_us,
+                tb.errors
+            );
+            all.entry(t).or_default().push(tb.rps());
+            if best.get(&t).is_none_or(|b| tb.rps() > b.rps()) {
+                best.insert(t, tb);
+            }
+        }
+    }
+
+    if !best.is_empty() {
+        let _ = writeln!(
+            report,
+            "\n### Closed loop: wrk -t{} -c{} -d{}s, {} interleaved round(s), best shown\n",
+            o.threads, o.conns, o.secs, o.rounds
+        );
+        let _ = writeln!(
+            report,
+            "| target | req/s | rounds req/s | p50 | p99 | p99.9 | proxy peak RSS | proxy CPU/req | upstream CPU/req | errors |"
+        );
+        let _ = writeln!(report, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+        for (t, r) in &best {
+            let pids = env.proxy_pids(*t);
+            let hwm = family_kib(&pids, "VmHWM:");
+            let rounds = all
+                .get(t)
+                .map(|v| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" / "))
+                .unwrap_or_default();
+            let _ = writeln!(
+                report,
+                "| {} | {:.0} | {} | {} µs | {} µs | {} µs | {} | {} | {:.1} µs | {} |",
+                t.name(),
+                r.rps(),
+                rounds,
+                r.p50_us,
+                r.p99_us,
+                r.p999_us,
+                if pids.is_empty() { "–".to_owned() } else { format!("{:.1} MiB", mib(hwm)) },
+                if pids.is_empty() {
+                    "–".to_owned()
+                } else {
+                    format!("{:.1} µs", r.proxy_cpu_s * 1e6 / r.requests.max(1) as f64)
+                },
+                r.upstream_cpu_s * 1e6 / r.requests.max(1) as f64,
+                r.errors
+            );
+        }
+        if best.get(&Target::Nginx).is_some_and(|r| r.proxy_cpu_s > 0.0) {
+            let _ = writeln!(
+                report,
+                "\n(nginx RSS is the sum over master + {workers} workers; shared pages are counted once per process.)"
+            );
+        }
+        let ratio = |a: Target, b: Target| -> Option<f64> {
+            Some(best.get(&a)?.rps() / best.get(&b)?.rps().max(1e-9))
+        };
+        if let Some(r) = ratio(Target::Gateway, Target::Nginx) {
+            let _ = writeln!(
+                report,
+                "\n**throughput gateway/nginx = {r:.2}×** (target ≥ 1.0×: {})",
+                verdict(r >= 1.0)
+            );
+        }
+        if let Some(r) = ratio(Target::Gateway, Target::Direct) {
+            let _ = writeln!(report, "throughput gateway/direct = {r:.2}×");
+        }
+        if let Some(r) = ratio(Target::Nginx, Target::Direct) {
+            let _ = writeln!(report, "throughput nginx/direct = {r:.2}×");
+        }
+        if let (Some(g), Some(n)) = (best.get(&Target::Gateway), best.get(&Target::Nginx))
+            && n.proxy_cpu_s > 0.0
+        {
+            let gc = g.proxy_cpu_s / g.requests.max(1) as f64;
+            let nc = n.proxy_cpu_s / n.requests.max(1) as f64;
+            let _ = writeln!(report, "CPU per request gateway/nginx = {:.2}×", gc / nc);
+        }
+        let errs: u64 = best.values().map(|r| r.errors).sum();
+        if errs > 0 {
+            let _ = writeln!(report, "\n**WARNING: {errs} non-2xx or socket errors: ratios are not comparable.**");
+        }
+    }
+
+    // 2. Fixed rate at ~25% of direct saturation.
+    let rate = o.fixed_rate.or_else(|| {
+        best.get(&Target::Direct)
+            .map(|r| ((r.rps() * 0.25) as u64).max(100))
+    });
+    if let Some(rate) = rate {
+        let _ = writeln!(
+            report,
+            "\n### Fixed rate: {rate} req/s for {} s over {} keep-alive connections (open loop, latency from the intended send time)\n",
+            o.fixed_secs, o.fixed_conns
+        );
+        let _ = writeln!(report, "| target | achieved req/s | p50 | p99 | p99.9 | max | errors |");
+        let _ = writeln!(report, "|---|---:|---:|---:|---:|---:|---:|");
+        let mut fixed: BTreeMap<Target, FixedResult> = BTreeMap::new();
+        for &t in &targets {
+            let addr = env.addr(t).ok_or("down")?;
+            let r = fixed_rate(addr, &env.jwt, rate, o.fixed_secs, o.fixed_conns).await?;
+            eprintln!(
+                "fixed {:<8} {} sent, p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs errors {}",
+                t.name(),
+                r.sent,
+                r.p50_us,
+                r.p99_us,
+                r.p999_us,
+                r.errors
+            );
+            let _ = writeln!(
+                report,
+                "| {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {} |",
+                t.name(),
+                r.ok as f64 / r.secs.max(1e-9),
+                r.p50_us,
+                r.p99_us,
+                r.p999_us,
+                r.max_us,
+                r.errors
+            );
+            fixed.insert(t, r);
+        }
+        if let (Some(g), Some(d)) = (fixed.get(&Target::Gateway), fixed.get(&Target::Direct)) {
+            let delta = g.p99_us - d.p99_us;
+            let _ = writeln!(
+                report,
+                "\n**p99 gateway − direct = {delta:.0} µs** (target ≤ 250 µs: {}); p50 gateway − direct = {:.0} µs",
+                verdict(delta <= 250.0),
+                g.p50_us - d.p50_us
+            );
+        }
+        if let (Some(g), Some(n)) = (fixed.get(&Target::Gateway), fixed.get(&Target::Nginx)) {
+            let _ = writeln!(
+                report,
+                "p99 gateway − nginx = {:.0} µs; p50 gateway − nginx = {:.0} µs",
+                g.p99_us - n.p99_us,
+                g.p50_us - n.p50_us
+            );
+        }
+    }
+
+    // 3. Memory: idle, then ~1M requests over 1,000 keep-alive connections.
+    let _ = writeln!(report, "\n### Gateway memory\n");
+    let _ = writeln!(
+        report,
+        "idle RSS after start (before any request): **{:.1} MiB** (target ≤ 10 MiB: {})",
+        mib(idle_rss),
+        verdict(mib(idle_rss) <= 10.0)
+    );
+    if o.soak && has_wrk {
+        let soak = tokio::task::block_in_place(|| soak(&env, &script, &o))?;
+        let _ = writeln!(
+            report,
+            "after {} requests over {} keep-alive connections ({} phase(s), {:.0} req/s, {} errors): \
+             RSS while loaded (max of 0.5 s samples) **{:.1} MiB** (target ≤ 30 MiB: {}), \
+             RSS after the connections closed {:.1} MiB, VmHWM {:.1} MiB",
+            soak.requests,
+            o.soak_conns,
+            soak.phases,
+            soak.rps,
+            soak.errors,
+            mib(soak.max_rss),
+            verdict(mib(soak.max_rss) <= 30.0),
+            mib(soak.after_rss),
+            mib(soak.hwm),
+        );
+    }
+    if let Some(otlp) = &env.otlp {
+        let _ = writeln!(
+            report,
+            "\ntracing: OTLP/HTTP exports received by the bench's dummy collector: {}",
+            otlp.exports.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(report, "loadavg at end: {}; wall time {:.0} s", loadavg(), started.elapsed().as_secs_f64());
+    println!("{report}");
+    let _ = std::fs::write(Path::new(env!("CARGO_TARGET_TMPDIR")).join("load-report.md"), &report);
+    drop(env);
+    Ok(())
+}
+
+struct Soak {
+    requests: u64,
+    errors: u64,
+    phases: u32,
+    rps: f64,
+    max_rss: u64,
+    after_rss: u64,
+    hwm: u64,
+}
+
+fn soak(env: &Env, script: &Path, o: &Opts) -> R<Soak> {
+    let addr = env.addr(Target::Gateway).ok_or("gateway not running")?;
+    let pids = env.proxy_pids(Target::Gateway);
+    let sampling = Arc::new(AtomicBool::new(true));
+    let max_rss = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (sampling, max_rss, pids) = (sampling.clone(), max_rss.clone(), pids.clone());
+        std::thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                max_rss.fetch_max(family_kib(&pids, "VmRSS:"), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let mut total = WrkResult::default();
+    let mut phases = 0;
+    while total.requests < o.soak_requests && phases < o.soak_phases {
+        let (r, _) = run_wrk(addr, script, o.threads, o.soak_conns, o.soak_phase_secs)?;
+        total.requests += r.requests;
+        total.errors += r.errors;
+        total.secs += r.secs;
+        phases += 1;
+        eprintln!(
+            "soak phase {phases}: {} requests ({:.0} req/s), total {}",
+            r.requests,
+            r.rps(),
+            total.requests
+        );
+    }
+    sampling.store(false, Ordering::Relaxed);
+    let _ = sampler.join();
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Soak {
+        requests: total.requests,
+        errors: total.errors,
+        phases,
+        rps: total.rps(),
+        max_rss: max_rss.load(Ordering::Relaxed),
+        after_rss: family_kib(&pids, "VmRSS:"),
+        hwm: family_kib(&pids, "VmHWM:"),
+    })
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod oauth;
 pub mod secret;
 pub mod upstream;
 pub mod context;

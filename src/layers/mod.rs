@@ -14,6 +14,7 @@
 
 pub mod rescue;
 pub mod route;
+pub mod token;
 
 use std::future::Ready;
 

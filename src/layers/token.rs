@@ -289,4 +289,177 @@ impl HttpBody for Replay {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {}
+mod tests {
+    use std::sync::Mutex;
+
+    use http::Response;
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::body::{empty, full};
+    use crate::oauth::test_support::{FakeTokenEndpoint, Harness, harness};
+    use crate::policy::Policy;
+
+    /// What the fake upstream saw: the Authorization header and body of each call.
+    type Calls = Arc<Mutex<Vec<(String, Bytes)>>>;
+
+    /// An upstream that answers 401 to any token in `revoked`, else 200.
+    fn upstream(
+        calls: Calls,
+        revoked: Arc<Mutex<Vec<String>>>,
+    ) -> impl Service<Req, Response = Resp, Error = GatewayError, Future = LayerFuture> + Clone + Send + 'static {
+        service_fn(move |req: Req| {
+            let calls = calls.clone();
+            let revoked = revoked.clone();
+            let fut: LayerFuture = Box::pin(async move {
+                let auth = req.headers()[header::AUTHORIZATION].to_str().unwrap().to_owned();
+                let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                calls.lock().unwrap().push((auth.clone(), body));
+                let status = if revoked.lock().unwrap().iter().any(|t| auth.ends_with(t.as_str())) { 401 } else { 200 };
+                Ok(Response::builder().status(status).body(empty()).unwrap())
+            });
+            fut
+        })
+    }
+
+    async fn setup() -> (FakeTokenEndpoint, Harness, TokenLayer) {
+        let ep = FakeTokenEndpoint::start(3600).await;
+        let h = harness(&ep.base_url(), ep.token_url(), "");
+        h.cache.start();
+        let caches = HashMap::from([("zuora".to_owned(), h.cache.clone())]);
+        (ep, h, TokenLayer::new(Arc::new(caches)))
+    }
+
+    fn request(h: &Harness, body: Body) -> Req {
+        let policy = Arc::new(Policy::compile(h.config.clone()));
+        let mut req = Request::put("/v1/x")
+            .header(header::AUTHORIZATION, "Bearer caller-jwt")
+            .body(body)
+            .unwrap();
+        req.extensions_mut().insert(RouteMatch {
+            policy,
+            route: 0,
+            params: Vec::new(),
+        });
+        req
+    }
+
+    #[tokio::test]
+    async fn the_zuora_token_replaces_the_caller_s_authorization() {
+        let (ep, h, layer) = setup().await;
+        let calls = Calls::default();
+        let svc = ServiceBuilder::new().layer(layer).service(upstream(calls.clone(), Arc::default()));
+        let resp = svc.oneshot(request(&h, full("{}"))).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls[0].0, format!("Bearer {}", ep.issued()[0]));
+    }
+
+    #[tokio::test]
+    async fn a_401_invalidates_the_token_and_the_request_is_replayed_once_with_its_body() {
+        let (ep, h, layer) = setup().await;
+        let first = h.cache.token().await.unwrap();
+        let calls = Calls::default();
+        let revoked = Arc::new(Mutex::new(vec![ep.issued()[0].clone()]));
+        let svc = ServiceBuilder::new().layer(layer).service(upstream(calls.clone(), revoked));
+        let resp = svc.oneshot(request(&h, full(r#"{"status":"Stopping"}"#))).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].0, format!("Bearer {}", ep.issued()[0]));
+        assert_eq!(calls[1].0, format!("Bearer {}", ep.issued()[1]));
+        assert_eq!(calls[1].1, Bytes::from_static(br#"{"status":"Stopping"}"#));
+        assert!(!h.cache.current().unwrap().same_as(&first));
+        assert!(h.metrics_text().contains(r#"zuora_token_401_recoveries_total{upstream="zuora",outcome="replayed"} 1"#));
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_401s_for_one_token_costs_one_token_request() {
+        let (ep, h, layer) = setup().await;
+        h.cache.token().await.unwrap();
+        let calls = Calls::default();
+        let revoked = Arc::new(Mutex::new(vec![ep.issued()[0].clone()]));
+        let svc = ServiceBuilder::new().layer(layer).service(upstream(calls.clone(), revoked));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| tokio::spawn(svc.clone().oneshot(request(&h, full("{}")))))
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().status(), 200);
+        }
+        assert_eq!(ep.requests(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_second_401_is_passed_through_not_retried_again() {
+        let (ep, h, layer) = setup().await;
+        h.cache.token().await.unwrap();
+        let calls = Calls::default();
+        // Everything is refused: "zuora-tok-" is in every token.
+        let revoked = Arc::new(Mutex::new(vec![String::new()]));
+        let svc = ServiceBuilder::new().layer(layer).service(upstream(calls.clone(), revoked));
+        let resp = svc.oneshot(request(&h, full("{}"))).await.unwrap();
+        assert_eq!(resp.status(), 401);
+        assert_eq!(calls.lock().unwrap().len(), 2);
+        assert_eq!(ep.requests(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_64_kib_is_streamed_once_and_its_401_passed_through() {
+        let (ep, h, layer) = setup().await;
+        h.cache.token().await.unwrap();
+        let calls = Calls::default();
+        let revoked = Arc::new(Mutex::new(vec![ep.issued()[0].clone()]));
+        let svc = ServiceBuilder::new().layer(layer).service(upstream(calls.clone(), revoked));
+        // Unknown length (a stream of 1 KiB chunks), 100 KiB in all.
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> =
+            (0..100).map(|_| Ok(Frame::data(Bytes::from(vec![b'x'; 1024])))).collect();
+        let body = boxed(http_body_util::StreamBody::new(futures_util::stream::iter(chunks)));
+        let resp = svc.oneshot(request(&h, body)).await.unwrap();
+        assert_eq!(resp.status(), 401);
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].1.len(), 100 * 1024, "the whole body still reached the upstream");
+        assert!(h.metrics_text().contains(r#"outcome="not_replayable"} 1"#));
+        // The rejected token is dropped all the same.
+        assert_eq!(h.cache.token().await.unwrap().generation(), 2);
+        assert_eq!(ep.requests(), 2);
+    }
+
+    #[tokio::test]
+    async fn bodies_are_kept_byte_for_byte_with_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-check", http::HeaderValue::from_static("1"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::data(Bytes::from_static(b"cd"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let (first, kept) = keep_for_replay(boxed(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))).await;
+        let kept = kept.unwrap();
+        assert_eq!(first.size_hint().exact(), Some(4));
+        let collected = first.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-check"], "1");
+        assert_eq!(collected.to_bytes(), "abcd");
+        let again = kept.into_body().collect().await.unwrap();
+        assert_eq!(again.trailers().unwrap()["x-check"], "1");
+        assert_eq!(again.to_bytes(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn a_body_error_while_reading_reaches_the_upstream_after_the_bytes_read() {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"ab"))), Err("reset by caller".into())];
+        let (first, kept) = keep_for_replay(boxed(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))).await;
+        assert!(kept.is_none());
+        let err = first.collect().await.unwrap_err();
+        assert_eq!(err.to_string(), "reset by caller");
+    }
+
+    #[tokio::test]
+    async fn without_a_route_match_the_request_is_an_internal_error() {
+        let (_ep, _h, layer) = setup().await;
+        let svc = ServiceBuilder::new().layer(layer).service(upstream(Calls::default(), Arc::default()));
+        let err = svc.oneshot(Request::new(empty())).await.unwrap_err();
+        assert!(matches!(err, GatewayError::Internal(_)));
+    }
+}

@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use super::{OAuthMetrics, TokenCache};
-use crate::config::{Config, UpstreamConfig};
+use crate::config::Config;
 
 /// The client secret every test config uses.
 pub(crate) const CLIENT_SECRET: &str = "test-client-s3cr3t";
@@ -179,7 +179,6 @@ pub(crate) struct Harness {
     pub(crate) cache: TokenCache,
     pub(crate) ready: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) registry: Registry,
-    pub(crate) upstream: Arc<UpstreamConfig>,
     pub(crate) config: Arc<Config>,
 }
 
@@ -196,7 +195,6 @@ pub(crate) fn harness(base_url: &str, token_url: http::Uri, oauth_extra: &str) -
         cache,
         ready,
         registry,
-        upstream,
         config,
     }
 }

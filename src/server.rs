@@ -145,7 +145,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .token_url()
             .map_err(|e| StartError::Upstream(format!("upstream `{name}`: {e}")))?;
         let ready = health.token_flag(name).unwrap_or_default();
-        let cache = TokenCache::new(&up.config, token_url, up.client.clone(), ready, oauth_metrics.clone());
+        let cache = TokenCache::new(
+            &up.config,
+            token_url,
+            up.client.clone(),
+            ready,
+            oauth_metrics.clone(),
+        );
         background.push(cache.start());
         tokens.insert(name.clone(), cache);
     }

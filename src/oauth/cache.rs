@@ -45,7 +45,10 @@ enum Status {
     /// The last token request succeeded.
     Fresh,
     /// The last token request failed; the next one starts at `retry_at`.
-    Failed { message: Arc<str>, retry_at: Instant },
+    Failed {
+        message: Arc<str>,
+        retry_at: Instant,
+    },
 }
 
 /// The Zuora token of one upstream. Cheap to clone (one `Arc`); every clone
@@ -122,7 +125,10 @@ impl TokenCache {
                 client_secret: cfg.oauth.client_secret.clone(),
                 refresh_before: cfg.oauth.refresh_before_expiry,
                 fetch_timeout,
-                wait_bound: cfg.connect_timeout.max(MIN_WAIT).min(fetch_timeout.max(MIN_WAIT)),
+                wait_bound: cfg
+                    .connect_timeout
+                    .max(MIN_WAIT)
+                    .min(fetch_timeout.max(MIN_WAIT)),
                 client,
                 current,
                 status,
@@ -144,7 +150,10 @@ impl TokenCache {
         if self.inner.started.swap(true, Ordering::AcqRel) {
             return tokio::spawn(async {});
         }
-        tokio::spawn(refresh_loop(Arc::downgrade(&self.inner), self.inner.wake.clone()))
+        tokio::spawn(refresh_loop(
+            Arc::downgrade(&self.inner),
+            self.inner.wake.clone(),
+        ))
     }
 
     /// A token valid for a while yet. Without one (first start, after a
@@ -229,7 +238,9 @@ impl TokenCache {
             match tokio::time::timeout_at(deadline, status.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
-                    return Err(GatewayError::TokenUnavailable("the token refresh has stopped".to_owned()));
+                    return Err(GatewayError::TokenUnavailable(
+                        "the token refresh has stopped".to_owned(),
+                    ));
                 }
                 Err(_) => {
                     return Err(GatewayError::TokenUnavailable(format!(
@@ -306,7 +317,10 @@ async fn refresh_loop(cache: Weak<Inner>, wake: Arc<Notify>) {
             Ok(issued) => {
                 inner.ready.store(true, Ordering::Release);
                 inner.status.send_replace(Status::Fresh);
-                let expires_in = issued.schedule.expires_at.saturating_duration_since(Instant::now());
+                let expires_in = issued
+                    .schedule
+                    .expires_at
+                    .saturating_duration_since(Instant::now());
                 if failures > 0 || issued.generation == 1 {
                     tracing::info!(
                         upstream = %inner.upstream,
@@ -359,7 +373,9 @@ async fn refresh_loop(cache: Weak<Inner>, wake: Arc<Notify>) {
 /// at least Zuora's `Retry-After` (up to 5 min) when it sent one.
 pub(crate) fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
-    let ceiling = MIN_FETCH_INTERVAL.saturating_mul(1 << doublings).min(MAX_BACKOFF);
+    let ceiling = MIN_FETCH_INTERVAL
+        .saturating_mul(1 << doublings)
+        .min(MAX_BACKOFF);
     let floor = (ceiling / 2).max(MIN_FETCH_INTERVAL);
     let jittered = floor + (ceiling.saturating_sub(floor)).mul_f64(fastrand::f64());
     match retry_after {
@@ -382,7 +398,10 @@ mod tests {
         for failures in 1..40 {
             for _ in 0..50 {
                 let d = backoff(failures, None);
-                assert!(d >= MIN_FETCH_INTERVAL && d <= MAX_BACKOFF, "{failures}: {d:?}");
+                assert!(
+                    d >= MIN_FETCH_INTERVAL && d <= MAX_BACKOFF,
+                    "{failures}: {d:?}"
+                );
             }
         }
         assert_eq!(backoff(1, None), Duration::from_secs(1));
@@ -394,7 +413,10 @@ mod tests {
     #[test]
     fn backoff_honours_retry_after_up_to_five_minutes() {
         assert!(backoff(1, Some(Duration::from_secs(30))) >= Duration::from_secs(30));
-        assert_eq!(backoff(1, Some(Duration::from_secs(100_000))), MAX_RETRY_AFTER);
+        assert_eq!(
+            backoff(1, Some(Duration::from_secs(100_000))),
+            MAX_RETRY_AFTER
+        );
         assert!(backoff(5, Some(Duration::ZERO)) >= Duration::from_secs(5));
     }
 }

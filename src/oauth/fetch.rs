@@ -67,7 +67,9 @@ impl FetchError {
         match self {
             FetchError::Connect(_) => "connect_error",
             FetchError::Timeout(_) => "timeout",
-            FetchError::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+            FetchError::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                "rate_limited"
+            }
             FetchError::Status { status, .. } if status.is_client_error() => "rejected",
             FetchError::Status { .. } => "server_error",
             FetchError::Invalid(_) => "invalid_response",
@@ -106,7 +108,10 @@ async fn exchange(client: &HttpClient, creds: &Credentials<'_>) -> Result<Grant,
         .header(header::ACCEPT, "application/json")
         .body(full(form))
         .map_err(|e| FetchError::Connect(format!("cannot build the token request: {e}")))?;
-    let response = client.request(request).await.map_err(|e| FetchError::Connect(error_chain(&e)))?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| FetchError::Connect(error_chain(&e)))?;
     let (parts, body) = response.into_parts();
     let body = Limited::new(body, MAX_RESPONSE_BYTES)
         .collect()
@@ -116,7 +121,10 @@ async fn exchange(client: &HttpClient, creds: &Credentials<'_>) -> Result<Grant,
             if e.is::<http_body_util::LengthLimitError>() {
                 FetchError::Invalid("the response body is too large")
             } else {
-                FetchError::Connect(format!("the response was cut off: {}", error_chain(e.as_ref())))
+                FetchError::Connect(format!(
+                    "the response was cut off: {}",
+                    error_chain(e.as_ref())
+                ))
             }
         })?;
     if parts.status != StatusCode::OK {
@@ -134,13 +142,18 @@ async fn exchange(client: &HttpClient, creds: &Credentials<'_>) -> Result<Grant,
 pub(crate) fn parse_grant(body: &Bytes) -> Result<Grant, FetchError> {
     // Parsed as a `Value`, never into typed fields: serde's type errors quote
     // the offending value, which could be the token.
-    let value: Value = serde_json::from_slice(body).map_err(|_| FetchError::Invalid("the body is not JSON"))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|_| FetchError::Invalid("the body is not JSON"))?;
     let Some(object) = value.as_object() else {
         return Err(FetchError::Invalid("the body is not a JSON object"));
     };
     let token = match object.get("access_token") {
         Some(Value::String(s)) if !s.is_empty() => s.as_str(),
-        Some(_) => return Err(FetchError::Invalid("`access_token` is empty or not a string")),
+        Some(_) => {
+            return Err(FetchError::Invalid(
+                "`access_token` is empty or not a string",
+            ));
+        }
         None => return Err(FetchError::Invalid("`access_token` is missing")),
     };
     match object.get("token_type") {
@@ -150,9 +163,13 @@ pub(crate) fn parse_grant(body: &Bytes) -> Result<Grant, FetchError> {
     }
     let lifetime = match object.get("expires_in") {
         None | Some(Value::Null) => DEFAULT_LIFETIME,
-        Some(Value::Number(n)) => n.as_u64().map(Duration::from_secs).ok_or(FetchError::Invalid(
-            "`expires_in` is not a whole number of seconds",
-        ))?,
+        Some(Value::Number(n)) => {
+            n.as_u64()
+                .map(Duration::from_secs)
+                .ok_or(FetchError::Invalid(
+                    "`expires_in` is not a whole number of seconds",
+                ))?
+        }
         Some(Value::String(s)) => s
             .trim()
             .parse::<u64>()
@@ -163,8 +180,9 @@ pub(crate) fn parse_grant(body: &Bytes) -> Result<Grant, FetchError> {
     if lifetime.is_zero() {
         return Err(FetchError::Invalid("`expires_in` is zero"));
     }
-    let mut header = HeaderValue::try_from(format!("Bearer {token}"))
-        .map_err(|_| FetchError::Invalid("`access_token` has characters not allowed in a header"))?;
+    let mut header = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
+        FetchError::Invalid("`access_token` has characters not allowed in a header")
+    })?;
     header.set_sensitive(true);
     Ok(Grant {
         access_token: Secret::new(token),
@@ -187,7 +205,11 @@ fn error_detail(body: &Bytes, creds: &Credentials<'_>) -> String {
             _ => None,
         }
     };
-    let (code, message) = if let Some(reason) = o.get("reasons").and_then(Value::as_array).and_then(|r| r.first()) {
+    let (code, message) = if let Some(reason) = o
+        .get("reasons")
+        .and_then(Value::as_array)
+        .and_then(|r| r.first())
+    {
         (text(reason.get("code")), text(reason.get("message")))
     } else if o.contains_key("error") {
         (text(o.get("error")), text(o.get("error_description")))
@@ -212,7 +234,11 @@ fn sanitize(detail: &str, creds: &Credentials<'_>) -> String {
             s = s.replace(secret.expose(), "[redacted]");
         }
     }
-    let mut out: String = s.chars().filter(|c| !c.is_control()).take(MAX_DETAIL_CHARS).collect();
+    let mut out: String = s
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_DETAIL_CHARS)
+        .collect();
     if s.chars().filter(|c| !c.is_control()).count() > MAX_DETAIL_CHARS {
         out.push('…');
     }
@@ -268,8 +294,10 @@ mod tests {
 
     #[test]
     fn expires_in_as_a_string_is_accepted() {
-        let g = parse_grant(&Bytes::from_static(br#"{"access_token":"t","token_type":"bearer","expires_in":"60"}"#))
-            .unwrap();
+        let g = parse_grant(&Bytes::from_static(
+            br#"{"access_token":"t","token_type":"bearer","expires_in":"60"}"#,
+        ))
+        .unwrap();
         assert_eq!(g.lifetime, Duration::from_secs(60));
     }
 
@@ -299,15 +327,26 @@ mod tests {
             client_id: &id,
             client_secret: &secret,
         };
-        let zuora = Bytes::from_static(br#"{"success":false,"reasons":[{"code":90000011,"message":"Authentication error"}]}"#);
-        assert_eq!(error_detail(&zuora, &c), " (reason 90000011: Authentication error)");
+        let zuora = Bytes::from_static(
+            br#"{"success":false,"reasons":[{"code":90000011,"message":"Authentication error"}]}"#,
+        );
+        assert_eq!(
+            error_detail(&zuora, &c),
+            " (reason 90000011: Authentication error)"
+        );
         let oauth = Bytes::from_static(
             br#"{"error":"invalid_client","error_description":"unknown client client-id-123 / s3cr3t-value"}"#,
         );
         let d = error_detail(&oauth, &c);
-        assert!(d.starts_with(" (reason invalid_client: unknown client [redacted]"), "{d}");
+        assert!(
+            d.starts_with(" (reason invalid_client: unknown client [redacted]"),
+            "{d}"
+        );
         assert!(!d.contains("s3cr3t") && !d.contains("client-id-123"));
-        assert_eq!(error_detail(&Bytes::from_static(b"<html>down</html>"), &c), "");
+        assert_eq!(
+            error_detail(&Bytes::from_static(b"<html>down</html>"), &c),
+            ""
+        );
         let long = Bytes::from(format!(r#"{{"message":"{}"}}"#, "x".repeat(1000)));
         assert!(error_detail(&long, &c).chars().count() < MAX_DETAIL_CHARS + 10);
     }
@@ -322,6 +361,9 @@ mod tests {
         assert_eq!(status(429).outcome(), "rate_limited");
         assert_eq!(status(401).outcome(), "rejected");
         assert_eq!(status(503).outcome(), "server_error");
-        assert_eq!(status(401).to_string(), "Zuora's token endpoint answered HTTP 401");
+        assert_eq!(
+            status(401).to_string(),
+            "Zuora's token endpoint answered HTTP 401"
+        );
     }
 }

@@ -124,10 +124,12 @@ impl Collector for ExpiryCollector {
         let now = Instant::now();
         for (upstream, slot) in caches.iter() {
             let Some(slot) = slot.upgrade() else { continue };
-            let secs = slot
-                .load()
-                .as_ref()
-                .map_or(0.0, |t| t.schedule.expires_at.saturating_duration_since(now).as_secs_f64());
+            let secs = slot.load().as_ref().map_or(0.0, |t| {
+                t.schedule
+                    .expires_at
+                    .saturating_duration_since(now)
+                    .as_secs_f64()
+            });
             let labels = UpstreamLabels {
                 upstream: upstream.clone(),
             };

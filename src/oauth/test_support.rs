@@ -79,7 +79,9 @@ impl FakeTokenEndpoint {
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let st = st.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| answer(st.clone(), req));
@@ -105,7 +107,9 @@ impl FakeTokenEndpoint {
     }
 
     pub(crate) fn set_latency(&self, latency: Duration) {
-        self.state.latency_ms.store(latency.as_millis() as u64, Ordering::SeqCst);
+        self.state
+            .latency_ms
+            .store(latency.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub(crate) fn requests(&self) -> usize {
@@ -122,10 +126,17 @@ impl FakeTokenEndpoint {
     }
 }
 
-async fn answer(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let n = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     state.seen.lock().unwrap().push(Seen {
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).into_owned(),
@@ -153,7 +164,8 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
             if let Some(s) = retry_after {
                 b = b.header("retry-after", s.to_string());
             }
-            b.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
+            b.body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap()
         }
     };
     Ok(resp)

@@ -8,7 +8,8 @@ use tokio::time::Instant;
 use super::test_support::{CLIENT_ID, CLIENT_SECRET, FakeTokenEndpoint, Mode, harness};
 use crate::error::GatewayError;
 
-const ZUORA_401: &str = r#"{"success":false,"reasons":[{"code":90000011,"message":"Authentication error"}]}"#;
+const ZUORA_401: &str =
+    r#"{"success":false,"reasons":[{"code":90000011,"message":"Authentication error"}]}"#;
 
 async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -26,9 +27,14 @@ async fn the_token_request_is_a_client_credentials_form_without_authorization() 
     let token = h.cache.token().await.unwrap();
     let seen = ep.seen();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].headers["content-type"], "application/x-www-form-urlencoded");
+    assert_eq!(
+        seen[0].headers["content-type"],
+        "application/x-www-form-urlencoded"
+    );
     assert!(seen[0].headers.get("authorization").is_none());
-    let form: Vec<(String, String)> = form_urlencoded::parse(seen[0].body.as_bytes()).into_owned().collect();
+    let form: Vec<(String, String)> = form_urlencoded::parse(seen[0].body.as_bytes())
+        .into_owned()
+        .collect();
     assert_eq!(
         form,
         vec![
@@ -37,7 +43,10 @@ async fn the_token_request_is_a_client_credentials_form_without_authorization() 
             ("grant_type".to_owned(), "client_credentials".to_owned()),
         ]
     );
-    assert_eq!(token.header_value(), format!("Bearer {}", ep.issued()[0]).as_str());
+    assert_eq!(
+        token.header_value(),
+        format!("Bearer {}", ep.issued()[0]).as_str()
+    );
     assert!(token.header_value().is_sensitive());
     assert_eq!(token.generation(), 1);
     assert!(h.ready.load(Ordering::Acquire));
@@ -77,7 +86,11 @@ async fn tokens_are_refreshed_ahead_so_callers_never_wait_or_get_a_stale_one() {
     while Instant::now() < end {
         let asked = Instant::now();
         let token = h.cache.token().await.unwrap();
-        assert!(asked.elapsed() < Duration::from_millis(50), "a caller waited {:?}", asked.elapsed());
+        assert!(
+            asked.elapsed() < Duration::from_millis(50),
+            "a caller waited {:?}",
+            asked.elapsed()
+        );
         // Never handed out inside the last 10 % of its life.
         assert!(token.expires_at() > Instant::now() + Duration::from_millis(150));
         if generations.last() != Some(&token.generation()) {
@@ -86,7 +99,11 @@ async fn tokens_are_refreshed_ahead_so_callers_never_wait_or_get_a_stale_one() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(generations.len() >= 4, "refreshes seen: {generations:?}");
-    assert!(ep.requests() <= 6, "too many token requests: {}", ep.requests());
+    assert!(
+        ep.requests() <= 6,
+        "too many token requests: {}",
+        ep.requests()
+    );
 }
 
 #[tokio::test]
@@ -123,11 +140,20 @@ async fn an_endpoint_failing_at_startup_gives_quick_503s_and_recovers_without_re
     assert!(!h.ready.load(Ordering::Acquire));
 
     ep.set_mode(Mode::Grant);
-    wait_until("a token after recovery", Duration::from_secs(5), || h.cache.is_ready()).await;
+    wait_until("a token after recovery", Duration::from_secs(5), || {
+        h.cache.is_ready()
+    })
+    .await;
     h.cache.token().await.unwrap();
     let text = h.metrics_text();
-    assert!(text.contains(r#"zuora_token_fetches_total{upstream="zuora",outcome="server_error"}"#), "{text}");
-    assert!(text.contains(r#"zuora_token_fetches_total{upstream="zuora",outcome="success"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"zuora_token_fetches_total{upstream="zuora",outcome="server_error"}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"zuora_token_fetches_total{upstream="zuora",outcome="success"} 1"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -158,7 +184,11 @@ async fn an_unreachable_endpoint_is_retried_with_backoff_not_hammered() {
 #[tokio::test]
 async fn retry_after_on_a_429_is_honoured() {
     let ep = FakeTokenEndpoint::start(3600).await;
-    ep.set_mode(Mode::Fail(429, r#"{"message":"Too many requests"}"#, Some(2)));
+    ep.set_mode(Mode::Fail(
+        429,
+        r#"{"message":"Too many requests"}"#,
+        Some(2),
+    ));
     let h = harness(&ep.base_url(), ep.token_url(), "");
     h.cache.start();
     let err = h.cache.token().await.unwrap_err();
@@ -166,7 +196,10 @@ async fn retry_after_on_a_429_is_honoured() {
     ep.set_mode(Mode::Grant);
     tokio::time::sleep(Duration::from_millis(1700)).await;
     assert_eq!(ep.requests(), 1, "retried before Retry-After elapsed");
-    wait_until("the retry after 2 s", Duration::from_secs(3), || h.cache.is_ready()).await;
+    wait_until("the retry after 2 s", Duration::from_secs(3), || {
+        h.cache.is_ready()
+    })
+    .await;
     assert_eq!(ep.requests(), 2);
 }
 
@@ -182,7 +215,12 @@ async fn a_valid_token_keeps_serving_while_refreshes_fail_then_readiness_drops()
     assert!(ep.requests() >= 2, "no refresh attempted");
     assert!(h.cache.token().await.unwrap().same_as(&first));
     assert!(h.cache.is_ready());
-    wait_until("readiness to drop at expiry", Duration::from_secs(2), || !h.cache.is_ready()).await;
+    wait_until(
+        "readiness to drop at expiry",
+        Duration::from_secs(2),
+        || !h.cache.is_ready(),
+    )
+    .await;
     let err = h.cache.token().await.unwrap_err();
     assert!(err.to_string().contains("HTTP 500"), "{err}");
 }
@@ -195,7 +233,10 @@ async fn rejected_credentials_report_zuora_s_reason_but_never_the_secret() {
     h.cache.start();
     let err = h.cache.token().await.unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("HTTP 401 (reason 90000011: Authentication error)"), "{text}");
+    assert!(
+        text.contains("HTTP 401 (reason 90000011: Authentication error)"),
+        "{text}"
+    );
     assert!(!text.contains(CLIENT_SECRET));
     let body = err.to_response();
     assert_eq!(body.status(), 503);
@@ -231,7 +272,10 @@ async fn the_refresh_task_ends_when_the_cache_is_dropped() {
     let task = h.cache.start();
     h.cache.token().await.unwrap();
     drop(h);
-    tokio::time::timeout(Duration::from_secs(2), task).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]

@@ -110,7 +110,11 @@ impl fmt::Debug for BearerToken {
             .field("generation", &self.0.generation)
             .field(
                 "expires_in",
-                &self.0.schedule.expires_at.saturating_duration_since(Instant::now()),
+                &self
+                    .0
+                    .schedule
+                    .expires_at
+                    .saturating_duration_since(Instant::now()),
             )
             .field("value", &self.0.value)
             .finish()
@@ -143,7 +147,10 @@ mod tests {
         let t0 = Instant::now();
         for (life, lead) in [(3600, 0), (4, 0), (1, 0), (60, 1), (10, 100)] {
             let s = Schedule::new(t0, Duration::from_secs(life), Duration::from_secs(lead));
-            assert!(s.refresh_at < s.usable_until, "lifetime {life}, lead {lead}");
+            assert!(
+                s.refresh_at < s.usable_until,
+                "lifetime {life}, lead {lead}"
+            );
             assert!(s.usable_until < s.expires_at);
         }
     }
@@ -151,7 +158,11 @@ mod tests {
     #[test]
     fn absurd_lifetimes_are_capped_without_overflow() {
         let t0 = Instant::now();
-        let s = Schedule::new(t0, Duration::from_secs(u64::MAX / 4), Duration::from_secs(300));
+        let s = Schedule::new(
+            t0,
+            Duration::from_secs(u64::MAX / 4),
+            Duration::from_secs(300),
+        );
         assert_eq!(s.expires_at - t0, MAX_LIFETIME);
     }
 }

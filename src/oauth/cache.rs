@@ -8,7 +8,7 @@
 //! endpoint is rate limited per IP): at most one request per second, jittered
 //! exponential backoff up to 10 s after failures, `Retry-After` honoured.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -28,6 +28,10 @@ use crate::upstream::HttpClient;
 
 /// Token requests never start closer together than this (also the backoff floor).
 const MIN_FETCH_INTERVAL: Duration = Duration::from_secs(1);
+/// A token Zuora rejects (401) younger than this counts towards a rejection
+/// streak, which slows token requests down like failures do (so credentials
+/// that get tokens Zuora then refuses cannot hammer the token endpoint).
+const YOUNG_TOKEN: Duration = Duration::from_secs(30);
 /// Longest backoff between failed token requests (unless `Retry-After` says more).
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest `Retry-After` honoured.
@@ -76,6 +80,8 @@ struct Inner {
     ready: Arc<AtomicBool>,
     metrics: OAuthMetrics,
     generations: AtomicU64,
+    /// Consecutive 401s for young tokens (see [`YOUNG_TOKEN`]).
+    rejections: AtomicU32,
     started: AtomicBool,
 }
 
@@ -136,6 +142,7 @@ impl TokenCache {
                 ready,
                 metrics,
                 generations: AtomicU64::new(0),
+                rejections: AtomicU32::new(0),
                 started: AtomicBool::new(false),
             }),
         }
@@ -178,11 +185,28 @@ impl TokenCache {
         let previous = self.inner.current.compare_and_swap(&expected, None);
         let was_current = matches!(&*previous, Some(p) if Arc::ptr_eq(p, &token.0));
         if was_current {
-            tracing::info!(
-                upstream = %self.inner.upstream,
-                generation = token.generation(),
-                "Zuora rejected the access token (401); requesting a new one"
-            );
+            let age = token.0.schedule.issued_at.elapsed();
+            let streak = if age < YOUNG_TOKEN {
+                self.inner.rejections.fetch_add(1, Ordering::AcqRel) + 1
+            } else {
+                self.inner.rejections.store(1, Ordering::Release);
+                1
+            };
+            if streak > 1 {
+                tracing::warn!(
+                    upstream = %self.inner.upstream,
+                    generation = token.generation(),
+                    age_secs = age.as_secs(),
+                    rejections_in_a_row = streak,
+                    "Zuora rejected a fresh access token (401); slowing down token requests"
+                );
+            } else {
+                tracing::info!(
+                    upstream = %self.inner.upstream,
+                    generation = token.generation(),
+                    "Zuora rejected the access token (401); requesting a new one"
+                );
+            }
             self.inner.wake.notify_one();
         }
         was_current
@@ -286,15 +310,19 @@ impl Inner {
 /// request needs one), fetches, paces failures.
 async fn refresh_loop(cache: Weak<Inner>, wake: Arc<Notify>) {
     let mut failures: u32 = 0;
-    let mut not_before: Option<Instant> = None;
+    let mut last_sent: Option<Instant> = None;
+    let mut retry_at: Option<Instant> = None;
     loop {
         let Some(inner) = cache.upgrade() else { return };
         let now = Instant::now();
         let held = inner.current.load_full();
         let usable = held.as_ref().filter(|t| t.usable_at(now));
         let mut due = usable.map_or(now, |t| t.schedule.refresh_at);
-        if let Some(earliest) = not_before {
-            due = due.max(earliest);
+        if let Some(last) = last_sent {
+            due = due.max(last + pace(inner.rejections.load(Ordering::Acquire)));
+        }
+        if let Some(retry) = retry_at {
+            due = due.max(retry);
         }
         if due > now {
             inner.ready.store(usable.is_some(), Ordering::Release);
@@ -308,13 +336,19 @@ async fn refresh_loop(cache: Weak<Inner>, wake: Arc<Notify>) {
             }
             continue;
         }
+        // A refresh of a token that was never rejected ends a rejection streak.
+        let routine = usable.is_some();
         drop(held);
 
         let sent_at = Instant::now();
-        not_before = Some(sent_at + MIN_FETCH_INTERVAL);
+        last_sent = Some(sent_at);
         inner.status.send_replace(Status::Fetching);
         match inner.fetch_and_install(sent_at).await {
             Ok(issued) => {
+                retry_at = None;
+                if routine {
+                    inner.rejections.store(0, Ordering::Release);
+                }
                 inner.ready.store(true, Ordering::Release);
                 inner.status.send_replace(Status::Fresh);
                 let expires_in = issued
@@ -342,8 +376,8 @@ async fn refresh_loop(cache: Weak<Inner>, wake: Arc<Notify>) {
             Err(err) => {
                 failures = failures.saturating_add(1);
                 let delay = backoff(failures, err.retry_after());
-                let retry_at = Instant::now() + delay;
-                not_before = Some(retry_at);
+                let next = Instant::now() + delay;
+                retry_at = Some(next);
                 let still_usable = inner
                     .current
                     .load()
@@ -361,7 +395,7 @@ async fn refresh_loop(cache: Weak<Inner>, wake: Arc<Notify>) {
                 );
                 inner.status.send_replace(Status::Failed {
                     message: Arc::from(err.to_string()),
-                    retry_at,
+                    retry_at: next,
                 });
             }
         }
@@ -382,6 +416,15 @@ pub(crate) fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration 
         Some(asked) => jittered.max(asked.min(MAX_RETRY_AFTER)),
         None => jittered,
     }
+}
+
+/// The least time between two token requests after `rejections` young
+/// tokens in a row were refused: 1 s, then doubling up to 10 s.
+fn pace(rejections: u32) -> Duration {
+    let doublings = rejections.saturating_sub(1).min(16);
+    MIN_FETCH_INTERVAL
+        .saturating_mul(1 << doublings)
+        .min(MAX_BACKOFF)
 }
 
 /// Seconds, rounded up, at least 1 (for messages).
@@ -408,6 +451,15 @@ mod tests {
         let third = backoff(3, None);
         assert!(third >= Duration::from_secs(2) && third <= Duration::from_secs(4));
         assert!(backoff(30, None) >= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn repeated_rejections_of_fresh_tokens_slow_requests_down_to_one_per_ten_seconds() {
+        assert_eq!(pace(0), MIN_FETCH_INTERVAL);
+        assert_eq!(pace(1), MIN_FETCH_INTERVAL);
+        assert_eq!(pace(2), Duration::from_secs(2));
+        assert_eq!(pace(4), Duration::from_secs(8));
+        assert_eq!(pace(50), MAX_BACKOFF);
     }
 
     #[test]

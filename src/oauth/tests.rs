@@ -288,3 +288,28 @@ async fn a_cache_that_was_never_started_times_out_with_503() {
     assert!(asked.elapsed() >= Duration::from_secs(2) && asked.elapsed() < Duration::from_secs(3));
     assert_eq!(ep.requests(), 0);
 }
+
+#[tokio::test]
+async fn fresh_tokens_rejected_again_and_again_slow_token_requests_down() {
+    let ep = FakeTokenEndpoint::start(3600).await;
+    let h = harness(&ep.base_url(), ep.token_url(), "");
+    h.cache.start();
+    let mut token = h.cache.token().await.unwrap();
+    let mut arrivals = Vec::new();
+    for generation in 2..=3 {
+        let rejected = Instant::now();
+        assert!(h.cache.invalidate(&token));
+        wait_until("the next token", Duration::from_secs(5), || {
+            h.cache
+                .current()
+                .is_some_and(|t| t.generation() == generation)
+        })
+        .await;
+        arrivals.push(rejected.elapsed());
+        token = h.cache.current().unwrap();
+    }
+    // 1 s after the first rejection (the normal floor), 2 s after the second.
+    assert!(arrivals[0] < Duration::from_millis(1500), "{arrivals:?}");
+    assert!(arrivals[1] >= Duration::from_millis(1900), "{arrivals:?}");
+    assert_eq!(ep.requests(), 3);
+}

@@ -19,6 +19,8 @@ const MAX_MARGIN: Duration = Duration::from_secs(5);
 /// When a token expires, stops being handed out, and is refreshed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Schedule {
+    /// When the token request was sent.
+    pub(crate) issued_at: Instant,
     /// Zuora's expiry, counted from when the token request was sent.
     pub(crate) expires_at: Instant,
     /// Not handed to requests from here on (5 s or 10 % of the lifetime
@@ -39,6 +41,7 @@ impl Schedule {
         let refresh_before = refresh_before.min(lifetime / 2).max(margin * 2);
         let expires_at = sent_at + lifetime;
         Schedule {
+            issued_at: sent_at,
             expires_at,
             usable_until: expires_at - margin,
             refresh_at: expires_at - refresh_before,

@@ -45,6 +45,12 @@ pub enum Command {
         #[arg(long, hide = true)]
         fixed_answer: bool,
     },
+    /// Probe an admin endpoint (for container HEALTHCHECKs: no curl needed).
+    Healthcheck {
+        /// URL to GET; exit 0 on 200.
+        #[arg(long, default_value = "http://127.0.0.1:9901/healthz")]
+        url: http::Uri,
+    },
     /// Mint a caller JWT with the config's HS* key (local development only).
     DevToken {
         /// Configuration file holding an HS256/384/512 key.

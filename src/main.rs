@@ -27,5 +27,6 @@ fn main() -> ExitCode {
             listen,
             fixed_answer,
         } => zuora_gateway::run::simulate(listen, fixed_answer),
+        Command::Healthcheck { url } => zuora_gateway::run::healthcheck(url),
     }
 }

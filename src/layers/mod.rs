@@ -17,6 +17,7 @@ pub mod in_flight;
 pub mod observe;
 pub mod rescue;
 pub mod route;
+pub mod token;
 
 use std::future::Ready;
 

@@ -5,6 +5,7 @@
 //! is a [`error::GatewayError`] mapped to a Zuora-shaped response at one edge.
 #![forbid(unsafe_code)]
 
+pub mod authn;
 pub mod body;
 pub mod compression;
 pub mod config;
@@ -16,3 +17,4 @@ pub mod upstream;
 pub mod context;
 pub mod layers;
 pub mod policy;
+pub mod reload;

@@ -12,8 +12,12 @@
 //! - A synchronous refusal returns `Either::Left(ready(Err(..)))`; only layers
 //!   with real async work box their future.
 
+pub mod authn;
+pub mod authorize;
 pub mod rescue;
 pub mod route;
+pub mod tenancy;
+pub mod validate;
 
 use std::future::Ready;
 

@@ -96,12 +96,6 @@ impl JwksSource {
         })
     }
 
-    /// Overrides the unknown-`kid` fetch interval (tests).
-    #[cfg(test)]
-    pub(crate) fn set_miss_interval(&mut self, d: Duration) {
-        self.miss_interval = d;
-    }
-
     /// The current key set.
     pub(crate) fn keys(&self) -> Arc<Vec<Arc<VerifyKey>>> {
         self.keys.load_full()

@@ -96,6 +96,7 @@ pub struct Reloader {
     hooks: Vec<ReloadHook>,
     /// SHA-256 of the file as last read, so file events that do not change it are ignored.
     last_digest: Mutex<Option<[u8; 32]>>,
+    watch: bool,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -118,6 +119,7 @@ impl Reloader {
             metrics: ReloadMetrics::default(),
             hooks: Vec::new(),
             last_digest,
+            watch: true,
         }
     }
 
@@ -130,6 +132,12 @@ impl Reloader {
     /// Calls `hook` after each successful reload, with the new policy.
     pub fn on_reload(mut self, hook: impl Fn(&Arc<Policy>) + Send + Sync + 'static) -> Self {
         self.hooks.push(Box::new(hook));
+        self
+    }
+
+    /// Whether changes to the file trigger a reload (default: yes; SIGHUP always does).
+    pub fn watch_file(mut self, watch: bool) -> Self {
+        self.watch = watch;
         self
     }
 
@@ -184,7 +192,9 @@ impl Reloader {
         .await
         .map_err(|e| ReloadError::Compile(format!("the reload task failed: {e}")))??;
         let old = self.policy.load_full();
-        let new = Arc::new(Policy::try_compile(Arc::new(config), Some(&old)).map_err(ReloadError::Compile)?);
+        let new = Arc::new(
+            Policy::try_compile(Arc::new(config), Some(&old)).map_err(ReloadError::Compile)?,
+        );
         if !Arc::ptr_eq(&new.authn, &old.authn) {
             // New caller keys: load the JWKS before the first request needs it.
             new.authn.start().await;
@@ -197,7 +207,10 @@ impl Reloader {
             );
         }
         self.policy.store(new.clone());
-        *self.last_digest.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = digest;
+        *self
+            .last_digest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = digest;
         for hook in &self.hooks {
             hook(&new);
         }
@@ -207,25 +220,35 @@ impl Reloader {
     /// Whether the file differs from what was last read (or cannot be read).
     fn file_changed(&self) -> bool {
         let now = file_digest(&self.path);
-        let last = self.last_digest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = self
+            .last_digest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         now.is_none() || now != *last
     }
 
     /// Runs until `shutdown` completes: reloads on SIGHUP and on changes
-    /// to the config file.
+    /// to the config file. Must be called inside the runtime; the SIGHUP
+    /// handler is installed before this returns.
     pub fn spawn(self, shutdown: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
         let this = Arc::new(self);
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload on SIGHUP is off");
+                None
+            }
+        };
+        let (tx, mut changes) = mpsc::channel::<()>(1);
+        let watcher = if this.watch {
+            watch_file(&this.path, tx)
+        } else {
+            None
+        };
         tokio::spawn(async move {
-            let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGHUP; reload on SIGHUP is off");
-                    None
-                }
-            };
-            let (tx, mut changes) = mpsc::channel::<()>(1);
             // Kept alive for as long as this task runs.
-            let _watcher = watch_file(&this.path, tx);
+            let _watcher = watcher;
             tokio::pin!(shutdown);
             loop {
                 tokio::select! {
@@ -340,7 +363,9 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     }
     let redis_same = match (&old.redis, &new.redis) {
         (None, None) => true,
-        (Some(a), Some(b)) => a.url == b.url && a.timeout == b.timeout && a.key_prefix == b.key_prefix,
+        (Some(a), Some(b)) => {
+            a.url == b.url && a.timeout == b.timeout && a.key_prefix == b.key_prefix
+        }
         _ => false,
     };
     if !redis_same {

@@ -37,7 +37,10 @@ mod tests {
 
     #[test]
     fn decodes_unpadded_base64url() {
-        assert_eq!(decode_url_safe("eyJhbGciOiJub25lIn0").as_deref(), Some(&b"{\"alg\":\"none\"}"[..]));
+        assert_eq!(
+            decode_url_safe("eyJhbGciOiJub25lIn0").as_deref(),
+            Some(&b"{\"alg\":\"none\"}"[..])
+        );
         assert_eq!(decode_url_safe("YQ").as_deref(), Some(&b"a"[..]));
         assert_eq!(decode_url_safe("YWI").as_deref(), Some(&b"ab"[..]));
         assert_eq!(decode_url_safe("YWJj").as_deref(), Some(&b"abc"[..]));

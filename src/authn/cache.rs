@@ -52,7 +52,9 @@ impl TokenCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TokenHash, Entry>> {
         // A panic while holding this lock cannot leave the map inconsistent.
-        self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The caller of a cached, unexpired token.
@@ -80,7 +82,9 @@ impl TokenCache {
         if map.len() >= self.capacity && !map.contains_key(&hash) {
             map.retain(|_, e| now < e.exp);
             while map.len() >= self.capacity {
-                let Some(victim) = map.keys().next().copied() else { break };
+                let Some(victim) = map.keys().next().copied() else {
+                    break;
+                };
                 map.remove(&victim);
             }
         }
@@ -119,10 +123,18 @@ mod tests {
     fn the_cache_never_grows_beyond_its_capacity() {
         let c = TokenCache::new(3);
         for i in 0..10u64 {
-            c.insert(token_hash(&i.to_string()), Caller::named("svc"), 1000 + i, 0);
+            c.insert(
+                token_hash(&i.to_string()),
+                Caller::named("svc"),
+                1000 + i,
+                0,
+            );
             assert!(c.len() <= 3);
         }
-        assert!(c.get(&token_hash("9"), 1).is_some(), "the newest entry is kept");
+        assert!(
+            c.get(&token_hash("9"), 1).is_some(),
+            "the newest entry is kept"
+        );
         // Expired entries are evicted before live ones.
         let c = TokenCache::new(2);
         c.insert(token_hash("old"), Caller::named("a"), 10, 0);

@@ -114,7 +114,11 @@ impl JwksSource {
     /// Fetches now (waiting for a fetch in progress instead of starting a
     /// second one). Returns the number of usable keys, or why it failed.
     pub(crate) async fn refresh(&self) -> Result<usize, String> {
-        let seen = self.generation();
+        self.refresh_since(self.generation()).await
+    }
+
+    /// Like [`JwksSource::refresh`], unless a fetch completed after generation `seen`.
+    pub(crate) async fn refresh_since(&self, seen: u64) -> Result<usize, String> {
         let _guard = self.fetch_lock.lock().await;
         if self.generation() != seen {
             // Someone else fetched while we waited: that answer is as fresh as ours would be.
@@ -132,7 +136,10 @@ impl JwksSource {
             return;
         }
         {
-            let mut last = self.last_miss_fetch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut last = self
+                .last_miss_fetch
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if last.is_some_and(|t| t.elapsed() < self.miss_interval) {
                 return;
             }
@@ -175,7 +182,9 @@ impl JwksSource {
             Err(_) => Err(format!("no answer within {FETCH_TIMEOUT:?}")),
         };
         let result = match outcome {
-            Ok(keys) if keys.is_empty() => Err("the document holds no usable signing key".to_owned()),
+            Ok(keys) if keys.is_empty() => {
+                Err("the document holds no usable signing key".to_owned())
+            }
             Ok(keys) => {
                 let old = self.keys.load_full();
                 let withdrawn = old.iter().any(|o| {
@@ -212,7 +221,11 @@ impl JwksSource {
             .header(header::ACCEPT, "application/json")
             .body(crate::body::empty())
             .map_err(|e| format!("cannot build the request: {e}"))?;
-        let resp = self.client.request(req).await.map_err(|e| format!("request failed: {e}"))?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
         if resp.status() != StatusCode::OK {
             return Err(format!("HTTP status {}", resp.status()));
         }
@@ -221,7 +234,10 @@ impl JwksSource {
             .await
             .map_err(|e| format!("reading the document failed: {e}"))?
             .to_bytes();
-        Ok(parse_jwks(&body, &self.rules)?.into_iter().map(Arc::new).collect())
+        Ok(parse_jwks(&body, &self.rules)?
+            .into_iter()
+            .map(Arc::new)
+            .collect())
     }
 }
 
@@ -235,7 +251,11 @@ pub(crate) fn parse_jwks(body: &[u8], rules: &ClaimRules) -> Result<Vec<VerifyKe
     let doc: Doc = serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
     let mut out = Vec::with_capacity(doc.keys.len());
     for (i, value) in doc.keys.into_iter().enumerate() {
-        let kid = value.get("kid").and_then(|k| k.as_str()).unwrap_or("").to_owned();
+        let kid = value
+            .get("kid")
+            .and_then(|k| k.as_str())
+            .unwrap_or("")
+            .to_owned();
         let built = serde_json::from_value::<Jwk>(value)
             .map_err(|e| format!("not a JWK: {e}"))
             .and_then(|jwk| VerifyKey::from_jwk(&jwk, rules));
@@ -256,7 +276,9 @@ impl KindEq for jsonwebtoken::DecodingKey {
         use jsonwebtoken::DecodingKeyKind as K;
         match (self.kind(), other.kind()) {
             (K::SecretOrDer(a), K::SecretOrDer(b)) => a == b,
-            (K::RsaModulusExponent { n: n1, e: e1 }, K::RsaModulusExponent { n: n2, e: e2 }) => n1 == n2 && e1 == e2,
+            (K::RsaModulusExponent { n: n1, e: e1 }, K::RsaModulusExponent { n: n2, e: e2 }) => {
+                n1 == n2 && e1 == e2
+            }
             _ => false,
         }
     }

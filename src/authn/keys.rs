@@ -4,7 +4,9 @@
 
 use std::fmt;
 
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse};
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse,
+};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 
 use crate::config::{JwtConfig, JwtKeyConfig, JwtKeyMaterial};
@@ -90,36 +92,54 @@ impl VerifyKey {
     }
 
     /// Builds a configured key (material was checked by config validation).
-    pub(crate) fn from_config(index: usize, k: &JwtKeyConfig, rules: &ClaimRules) -> Result<Self, String> {
+    pub(crate) fn from_config(
+        index: usize,
+        k: &JwtKeyConfig,
+        rules: &ClaimRules,
+    ) -> Result<Self, String> {
         let path = format!("callers.jwt.keys[{index}]");
-        let unusable = |e: jsonwebtoken::errors::Error| format!("{path}: unusable {:?} key: {e}", k.alg);
+        let unusable =
+            |e: jsonwebtoken::errors::Error| format!("{path}: unusable {:?} key: {e}", k.alg);
         let key = match &k.material {
             JwtKeyMaterial::PublicKeyPem(pem) => match k.alg.family() {
                 AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(pem).map_err(unusable)?,
                 AlgorithmFamily::Ec => DecodingKey::from_ec_pem(pem).map_err(unusable)?,
                 AlgorithmFamily::Ed => DecodingKey::from_ed_pem(pem).map_err(unusable)?,
                 AlgorithmFamily::Hmac => {
-                    return Err(format!("{path}: {:?} needs a secret, not a public key", k.alg));
+                    return Err(format!(
+                        "{path}: {:?} needs a secret, not a public key",
+                        k.alg
+                    ));
                 }
             },
             JwtKeyMaterial::Secret(secret) => {
                 if k.alg.family() != AlgorithmFamily::Hmac {
-                    return Err(format!("{path}: {:?} needs a public key, not a secret", k.alg));
+                    return Err(format!(
+                        "{path}: {:?} needs a public key, not a secret",
+                        k.alg
+                    ));
                 }
                 DecodingKey::from_secret(secret.expose().as_bytes()).map_err(unusable)?
             }
             JwtKeyMaterial::Jwk(text) => {
-                let jwk: Jwk = serde_json::from_str(text).map_err(|e| format!("{path}: not a JWK: {e}"))?;
-                if let Some(declared) = jwk.common.key_algorithm {
-                    if declared != KeyAlgorithm::from(k.alg) {
-                        return Err(format!("{path}: the JWK declares {declared} but the key is configured for {:?}", k.alg));
-                    }
+                let jwk: Jwk =
+                    serde_json::from_str(text).map_err(|e| format!("{path}: not a JWK: {e}"))?;
+                if let Some(declared) = jwk.common.key_algorithm
+                    && declared != KeyAlgorithm::from(k.alg)
+                {
+                    return Err(format!(
+                        "{path}: the JWK declares {declared} but the key is configured for {:?}",
+                        k.alg
+                    ));
                 }
                 DecodingKey::from_jwk(&jwk).map_err(unusable)?
             }
         };
         if key.family() != k.alg.family() {
-            return Err(format!("{path}: the key material does not fit algorithm {:?}", k.alg));
+            return Err(format!(
+                "{path}: the key material does not fit algorithm {:?}",
+                k.alg
+            ));
         }
         Ok(VerifyKey {
             kid: k.kid.as_deref().map(Into::into),
@@ -137,28 +157,32 @@ impl VerifyKey {
         if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
             return Err("it is an encryption key (`use: enc`)".to_owned());
         }
-        if let Some(ops) = &jwk.common.key_operations {
-            if !ops.iter().any(|o| matches!(o, KeyOperations::Verify)) {
-                return Err("its `key_ops` do not include `verify`".to_owned());
-            }
+        if let Some(ops) = &jwk.common.key_operations
+            && !ops.iter().any(|o| matches!(o, KeyOperations::Verify))
+        {
+            return Err("its `key_ops` do not include `verify`".to_owned());
         }
         let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
             (AlgorithmParameters::OctetKey(_), _) => {
                 return Err("symmetric (`oct`) keys are not accepted from a JWKS".to_owned());
             }
-            (_, Some(declared)) => {
-                Algorithm::try_from(declared).map_err(|_| format!("its algorithm {declared} cannot verify JWTs"))?
-            }
+            (_, Some(declared)) => Algorithm::try_from(declared)
+                .map_err(|_| format!("its algorithm {declared} cannot verify JWTs"))?,
             (AlgorithmParameters::RSA(_), None) => Algorithm::RS256,
             (AlgorithmParameters::EllipticCurve(p), None) => match p.curve {
                 EllipticCurve::P256 => Algorithm::ES256,
                 EllipticCurve::P384 => Algorithm::ES384,
                 _ => return Err("its curve is not supported".to_owned()),
             },
-            (AlgorithmParameters::OctetKeyPair(p), None) if p.curve == EllipticCurve::Ed25519 => Algorithm::EdDSA,
+            (AlgorithmParameters::OctetKeyPair(p), None) if p.curve == EllipticCurve::Ed25519 => {
+                Algorithm::EdDSA
+            }
             _ => return Err("its key type or algorithm is not supported".to_owned()),
         };
-        if matches!(jwk.common.key_algorithm, Some(KeyAlgorithm::UNKNOWN_ALGORITHM)) {
+        if matches!(
+            jwk.common.key_algorithm,
+            Some(KeyAlgorithm::UNKNOWN_ALGORITHM)
+        ) {
             return Err("its algorithm is not supported".to_owned());
         }
         let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key material: {e}"))?;

@@ -27,8 +27,8 @@ use jsonwebtoken::{Algorithm, Header};
 use serde_json::{Map, Value};
 
 use self::cache::{TokenCache, TokenHash, token_hash};
-pub use self::jwks::MISS_FETCH_INTERVAL;
 use self::jwks::JwksSource;
+pub use self::jwks::MISS_FETCH_INTERVAL;
 use self::keys::{ClaimRules, VerifyKey};
 use crate::config::{CallerAuthConfig, JwtConfig, JwtKeyConfig, JwtKeyMaterial};
 use crate::context::Caller;
@@ -81,8 +81,12 @@ impl Authenticator {
     /// first request.
     pub fn new(cfg: &CallerAuthConfig) -> Result<Self, String> {
         match cfg {
-            CallerAuthConfig::TrustedIdentity(name) => Ok(Authenticator::Trusted(Caller::named(name.as_str()))),
-            CallerAuthConfig::Jwt(jwt) => Ok(Authenticator::Jwt(Arc::new(JwtAuthenticator::new(jwt)?))),
+            CallerAuthConfig::TrustedIdentity(name) => {
+                Ok(Authenticator::Trusted(Caller::named(name.as_str())))
+            }
+            CallerAuthConfig::Jwt(jwt) => {
+                Ok(Authenticator::Jwt(Arc::new(JwtAuthenticator::new(jwt)?)))
+            }
         }
     }
 
@@ -90,11 +94,11 @@ impl Authenticator {
     /// once at startup, inside the runtime; a failed fetch is logged and
     /// retried by the refresher (requests fail with "unknown key" until then).
     pub async fn start(&self) {
-        if let Authenticator::Jwt(j) = self {
-            if let Some(src) = &j.jwks {
-                let _ = src.refresh().await;
-                src.ensure_refresher(false);
-            }
+        if let Authenticator::Jwt(j) = self
+            && let Some(src) = &j.jwks
+        {
+            let _ = src.refresh().await;
+            src.ensure_refresher(false);
         }
     }
 
@@ -102,9 +106,10 @@ impl Authenticator {
     /// reload can keep it, with its token cache and JWKS).
     pub fn is_built_from(&self, cfg: &CallerAuthConfig) -> bool {
         match (self, cfg) {
-            (Authenticator::Trusted(c), CallerAuthConfig::TrustedIdentity(name)) => &*c.identity == name.as_str(),
+            (Authenticator::Trusted(c), CallerAuthConfig::TrustedIdentity(name)) => {
+                &*c.identity == name.as_str()
+            }
             (Authenticator::Jwt(j), CallerAuthConfig::Jwt(cfg)) => same_jwt_config(&j.config, cfg),
-            (Authenticator::Unavailable(_), _) => false,
             _ => false,
         }
     }
@@ -112,10 +117,17 @@ impl Authenticator {
     /// A description for `explain` and logs.
     pub fn describe(&self) -> String {
         match self {
-            Authenticator::Trusted(c) => format!("trusted identity `{}` (no credentials checked)", c.identity),
-            Authenticator::Unavailable(why) => format!("unavailable ({why}): every request is refused"),
+            Authenticator::Trusted(c) => {
+                format!("trusted identity `{}` (no credentials checked)", c.identity)
+            }
+            Authenticator::Unavailable(why) => {
+                format!("unavailable ({why}): every request is refused")
+            }
             Authenticator::Jwt(j) => {
-                let mut s = format!("bearer JWT, identity from claim `{}`", j.config.identity_claim);
+                let mut s = format!(
+                    "bearer JWT, identity from claim `{}`",
+                    j.config.identity_claim
+                );
                 if !j.static_keys.is_empty() {
                     s.push_str(&format!(", {} static key(s)", j.static_keys.len()));
                 }
@@ -134,9 +146,11 @@ impl Authenticator {
             Attempt::Done(r) => r,
             Attempt::NeedsKeys(p) => match self {
                 Authenticator::Jwt(j) => j.clone().finish(p).await,
-                Authenticator::Trusted(_) | Authenticator::Unavailable(_) => Err(GatewayError::Internal(
-                    "authentication asked for keys it does not use".to_owned(),
-                )),
+                Authenticator::Trusted(_) | Authenticator::Unavailable(_) => {
+                    Err(GatewayError::Internal(
+                        "authentication asked for keys it does not use".to_owned(),
+                    ))
+                }
             },
         }
     }
@@ -160,14 +174,16 @@ impl Authenticator {
 fn bearer_token(headers: &HeaderMap) -> Result<&str, GatewayError> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
-        return Err(unauthenticated("no bearer token: send `Authorization: Bearer <JWT>`"));
+        return Err(unauthenticated(
+            "no bearer token: send `Authorization: Bearer <JWT>`",
+        ));
     };
     if values.next().is_some() {
         return Err(unauthenticated("more than one Authorization header"));
     }
-    let text = value
-        .to_str()
-        .map_err(|_| unauthenticated("the Authorization header contains characters that are not visible ASCII"))?;
+    let text = value.to_str().map_err(|_| {
+        unauthenticated("the Authorization header contains characters that are not visible ASCII")
+    })?;
     let (scheme, rest) = text.trim().split_once(' ').unwrap_or((text.trim(), ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(unauthenticated("the Authorization scheme must be `Bearer`"));
@@ -177,7 +193,9 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, GatewayError> {
         return Err(unauthenticated("the bearer token is empty"));
     }
     if token.len() > MAX_TOKEN_BYTES {
-        return Err(unauthenticated(&format!("the bearer token is longer than {MAX_TOKEN_BYTES} bytes")));
+        return Err(unauthenticated(&format!(
+            "the bearer token is longer than {MAX_TOKEN_BYTES} bytes"
+        )));
     }
     Ok(token)
 }
@@ -187,7 +205,10 @@ fn unauthenticated(msg: &str) -> GatewayError {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// JWT verification for one `callers.jwt` configuration.
@@ -259,12 +280,16 @@ impl JwtAuthenticator {
         };
         let generation = self.jwks.as_ref().map_or(0, |j| j.generation());
         match self.select(&header) {
-            Ok(Selection::Keys(keys)) => Attempt::Done(self.verify(token, &header, &keys, hash, now)),
-            Ok(Selection::UnknownKid(kid)) if self.jwks.is_some() => Attempt::NeedsKeys(PendingToken {
-                token: token.to_owned(),
-                kid,
-                generation,
-            }),
+            Ok(Selection::Keys(keys)) => {
+                Attempt::Done(self.verify(token, &header, &keys, hash, now))
+            }
+            Ok(Selection::UnknownKid(kid)) if self.jwks.is_some() => {
+                Attempt::NeedsKeys(PendingToken {
+                    token: token.to_owned(),
+                    kid,
+                    generation,
+                })
+            }
             Ok(Selection::UnknownKid(kid)) => Attempt::Done(Err(unknown_kid(&kid))),
             Err(e) => Attempt::Done(Err(e)),
         }
@@ -274,13 +299,23 @@ impl JwtAuthenticator {
     /// rate-limited) JWKS fetch, then a second and final lookup.
     pub async fn finish(self: Arc<Self>, pending: PendingToken) -> Result<Caller, GatewayError> {
         if let Some(src) = &self.jwks {
-            src.refresh_after_miss(pending.generation).await;
-        }
-        let header = jsonwebtoken::decode_header(&pending.token).map_err(|_| header_error(&pending.token))?;
-        match self.select(&header)? {
-            Selection::Keys(keys) => {
-                self.verify(&pending.token, &header, &keys, token_hash(&pending.token), now_secs())
+            if pending.generation == 0 {
+                // Nothing was ever fetched (no `start()`): this is the startup fetch, not a miss.
+                let _ = src.refresh_since(0).await;
+            } else {
+                src.refresh_after_miss(pending.generation).await;
             }
+        }
+        let header = jsonwebtoken::decode_header(&pending.token)
+            .map_err(|_| header_error(&pending.token))?;
+        match self.select(&header)? {
+            Selection::Keys(keys) => self.verify(
+                &pending.token,
+                &header,
+                &keys,
+                token_hash(&pending.token),
+                now_secs(),
+            ),
             Selection::UnknownKid(_) => Err(unknown_kid(&pending.kid)),
         }
     }
@@ -294,16 +329,19 @@ impl JwtAuthenticator {
                 .chain(jwks_keys.iter().flat_map(|k| k.iter()))
         };
         let mut candidates: Vec<Arc<VerifyKey>> = match &header.kid {
-            Some(kid) => all().filter(|k| k.kid.as_deref() == Some(kid.as_str())).cloned().collect(),
+            Some(kid) => all()
+                .filter(|k| k.kid.as_deref() == Some(kid.as_str()))
+                .cloned()
+                .collect(),
             None => all().filter(|k| k.kid.is_none()).cloned().collect(),
         };
         if candidates.is_empty() {
             // A lone key without a kid answers to any token (config: "any kid if it is the only key").
             let mut keys = all();
-            if let (Some(only), None) = (keys.next(), keys.next()) {
-                if only.kid.is_none() {
-                    candidates.push(only.clone());
-                }
+            if let (Some(only), None) = (keys.next(), keys.next())
+                && only.kid.is_none()
+            {
+                candidates.push(only.clone());
             }
         }
         if candidates.is_empty() {
@@ -314,7 +352,11 @@ impl JwtAuthenticator {
                 )),
             };
         }
-        let matching: Vec<Arc<VerifyKey>> = candidates.iter().filter(|k| k.alg == header.alg).cloned().collect();
+        let matching: Vec<Arc<VerifyKey>> = candidates
+            .iter()
+            .filter(|k| k.alg == header.alg)
+            .cloned()
+            .collect();
         if matching.is_empty() {
             let key = &candidates[0];
             return Err(GatewayError::Unauthenticated(format!(
@@ -350,7 +392,10 @@ impl JwtAuthenticator {
                     let kind = e.into_kind();
                     // A claim error means the signature was good: it is the more useful message.
                     let is_signature = matches!(kind, ErrorKind::InvalidSignature);
-                    if first_error.as_ref().is_none_or(|f| matches!(f, ErrorKind::InvalidSignature) && !is_signature) {
+                    if first_error
+                        .as_ref()
+                        .is_none_or(|f| matches!(f, ErrorKind::InvalidSignature) && !is_signature)
+                    {
                         first_error = Some(kind);
                     }
                 }
@@ -388,8 +433,11 @@ impl JwtAuthenticator {
 
 /// `exp` as whole unix seconds (integers, or non-negative finite floats).
 fn numeric_date(v: &Value) -> Option<u64> {
-    v.as_u64()
-        .or_else(|| v.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    })
 }
 
 fn unknown_kid(kid: &str) -> GatewayError {
@@ -402,10 +450,15 @@ fn unknown_kid(kid: &str) -> GatewayError {
 /// What is wrong with a token whose header cannot be decoded.
 fn header_error(token: &str) -> GatewayError {
     let mut parts = token.split('.');
-    let (Some(head), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return unauthenticated("the bearer token is not a JWT (expected three dot-separated parts)");
+    let (Some(head), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return unauthenticated(
+            "the bearer token is not a JWT (expected three dot-separated parts)",
+        );
     };
-    let parsed = b64::decode_url_safe(head).and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+    let parsed =
+        b64::decode_url_safe(head).and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
     let Some(Value::Object(h)) = parsed else {
         return unauthenticated("the bearer token's header is not base64url-encoded JSON");
     };
@@ -413,10 +466,12 @@ fn header_error(token: &str) -> GatewayError {
         Some(Value::String(alg)) if alg.eq_ignore_ascii_case("none") => {
             unauthenticated("unsigned tokens (`alg: none`) are not accepted")
         }
-        Some(Value::String(alg)) if alg.parse::<Algorithm>().is_err() => GatewayError::Unauthenticated(format!(
-            "the token's algorithm `{}` is not supported",
-            printable(alg, 32)
-        )),
+        Some(Value::String(alg)) if alg.parse::<Algorithm>().is_err() => {
+            GatewayError::Unauthenticated(format!(
+                "the token's algorithm `{}` is not supported",
+                printable(alg, 32)
+            ))
+        }
         Some(Value::String(_)) => unauthenticated("the bearer token's header is malformed"),
         _ => unauthenticated("the token's header has no algorithm (`alg`)"),
     }
@@ -425,22 +480,38 @@ fn header_error(token: &str) -> GatewayError {
 fn token_error(kind: Option<ErrorKind>, alg: Algorithm, cfg: &JwtConfig) -> GatewayError {
     let msg = match kind {
         Some(ErrorKind::ExpiredSignature) => "the token has expired".to_owned(),
-        Some(ErrorKind::ImmatureSignature) => "the token is not valid yet (`nbf` is in the future)".to_owned(),
+        Some(ErrorKind::ImmatureSignature) => {
+            "the token is not valid yet (`nbf` is in the future)".to_owned()
+        }
         Some(ErrorKind::InvalidIssuer) => match &cfg.issuer {
             Some(iss) => format!("the token's issuer (`iss`) is not `{iss}`"),
             None => "the token's issuer (`iss`) is not accepted".to_owned(),
         },
         Some(ErrorKind::InvalidAudience) => {
-            format!("the token's audience (`aud`) does not include {}", quoted_list(&cfg.audience))
+            format!(
+                "the token's audience (`aud`) does not include {}",
+                quoted_list(&cfg.audience)
+            )
         }
-        Some(ErrorKind::MissingRequiredClaim(c)) => format!("the token has no `{}` claim", printable(&c, 16)),
+        Some(ErrorKind::MissingRequiredClaim(c)) => {
+            format!("the token has no `{}` claim", printable(&c, 16))
+        }
         Some(ErrorKind::InvalidClaimFormat(c)) => {
-            format!("the token's `{}` claim has the wrong type", printable(&c, 16))
+            format!(
+                "the token's `{}` claim has the wrong type",
+                printable(&c, 16)
+            )
         }
-        Some(ErrorKind::InvalidAlgorithm) => format!("the token's algorithm {alg:?} does not match its key"),
-        Some(ErrorKind::InvalidSignature) | Some(ErrorKind::InvalidRsaKey(_)) | Some(ErrorKind::InvalidEcdsaKey)
+        Some(ErrorKind::InvalidAlgorithm) => {
+            format!("the token's algorithm {alg:?} does not match its key")
+        }
+        Some(ErrorKind::InvalidSignature)
+        | Some(ErrorKind::InvalidRsaKey(_))
+        | Some(ErrorKind::InvalidEcdsaKey)
         | Some(ErrorKind::InvalidEddsaKey) => "the token's signature is not valid".to_owned(),
-        Some(ErrorKind::InvalidToken) | Some(ErrorKind::Base64(_)) | Some(ErrorKind::Json(_))
+        Some(ErrorKind::InvalidToken)
+        | Some(ErrorKind::Base64(_))
+        | Some(ErrorKind::Json(_))
         | Some(ErrorKind::Utf8(_)) => "the bearer token is not a well-formed JWT".to_owned(),
         _ => "the bearer token was refused".to_owned(),
     };
@@ -448,14 +519,24 @@ fn token_error(kind: Option<ErrorKind>, alg: Algorithm, cfg: &JwtConfig) -> Gate
 }
 
 fn quoted_list(items: &[String]) -> String {
-    items.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(" or ")
+    items
+        .iter()
+        .map(|a| format!("`{a}`"))
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 /// Printable ASCII only, bounded (for quoting token-supplied strings).
 fn printable(s: &str, max: usize) -> String {
     s.chars()
         .take(max)
-        .map(|c| if c.is_ascii_graphic() && c != '`' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '`' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect()
 }
 

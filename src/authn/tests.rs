@@ -63,7 +63,9 @@ fn base_config() -> JwtConfig {
             JwtKeyConfig {
                 kid: Some("rs1".into()),
                 alg: Algorithm::RS256,
-                material: JwtKeyMaterial::PublicKeyPem(Arc::new(rsa_key(0).public_pem.clone().into_bytes())),
+                material: JwtKeyMaterial::PublicKeyPem(Arc::new(
+                    rsa_key(0).public_pem.clone().into_bytes(),
+                )),
             },
         ],
         jwks_url: None,
@@ -86,7 +88,12 @@ fn claims(sub: &str) -> serde_json::Value {
 fn hs_token(kid: Option<&str>, body: &serde_json::Value) -> String {
     let mut h = Header::new(Algorithm::HS256);
     h.kid = kid.map(str::to_owned);
-    encode(&h, body, &EncodingKey::from_secret(HS_SECRET.as_bytes()).unwrap()).unwrap()
+    encode(
+        &h,
+        body,
+        &EncodingKey::from_secret(HS_SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
 }
 
 fn rs_token(slot: usize, kid: Option<&str>, body: &serde_json::Value) -> String {
@@ -97,7 +104,10 @@ fn rs_token(slot: usize, kid: Option<&str>, body: &serde_json::Value) -> String 
 
 fn bearer(token: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+    h.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
     h
 }
 
@@ -163,15 +173,28 @@ fn each_bad_token_is_refused_with_a_message_that_says_why_and_never_the_token() 
     let tampered_payload = {
         let forged = hs_token(None, &claims("admin"));
         let parts: Vec<&str> = good.split('.').collect();
-        format!("{}.{}.{}", parts[0], forged.split('.').nth(1).unwrap(), parts[2])
+        format!(
+            "{}.{}.{}",
+            parts[0],
+            forged.split('.').nth(1).unwrap(),
+            parts[2]
+        )
     };
     // HS256 "signed" with the RSA public key as the HMAC secret: the classic confusion attack.
     let confused = {
         let mut h = Header::new(Algorithm::HS256);
         h.kid = Some("rs1".into());
-        encode(&h, &claims("svc"), &EncodingKey::from_secret(rsa_key(0).public_pem.as_bytes()).unwrap()).unwrap()
+        encode(
+            &h,
+            &claims("svc"),
+            &EncodingKey::from_secret(rsa_key(0).public_pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
     };
-    let unsigned = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", good.split('.').nth(1).unwrap());
+    let unsigned = format!(
+        "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+        good.split('.').nth(1).unwrap()
+    );
     let cases: Vec<(String, &str)> = vec![
         (hs_token(Some("hs1"), &expired), "expired"),
         (hs_token(Some("hs1"), &no_exp), "no `exp` claim"),
@@ -179,11 +202,20 @@ fn each_bad_token_is_refused_with_a_message_that_says_why_and_never_the_token() 
         (hs_token(Some("hs1"), &wrong_aud), "audience"),
         (hs_token(Some("hs1"), &wrong_iss), "issuer"),
         (hs_token(Some("hs1"), &numeric_sub), "must be a string"),
-        (hs_token(Some("nope"), &claims("svc")), "`nope` is not a known key"),
+        (
+            hs_token(Some("nope"), &claims("svc")),
+            "`nope` is not a known key",
+        ),
         (hs_token(None, &claims("svc")), "no key ID"),
-        (rs_token(1, Some("rs1"), &claims("svc")), "signature is not valid"),
+        (
+            rs_token(1, Some("rs1"), &claims("svc")),
+            "signature is not valid",
+        ),
         (tampered_payload, "signature is not valid"),
-        (confused, "signed with HS256 but key `rs1` only verifies RS256"),
+        (
+            confused,
+            "signed with HS256 but key `rs1` only verifies RS256",
+        ),
         (unsigned, "alg: none"),
         ("garbage".to_owned(), "not a JWT"),
         ("a.b.c".to_owned(), "not base64url-encoded JSON"),
@@ -201,9 +233,15 @@ fn authorization_header_problems_are_401s() {
     let a = Authenticator::Jwt(jwt(&base_config()));
     let token = hs_token(Some("hs1"), &claims("svc"));
     let mut two = bearer(&token);
-    two.append(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).unwrap());
+    two.append(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
     let mut basic = HeaderMap::new();
-    basic.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+    basic.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_static("Basic dXNlcjpwYXNz"),
+    );
     let mut empty = HeaderMap::new();
     empty.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer   "));
     for (headers, says) in [
@@ -219,7 +257,10 @@ fn authorization_header_problems_are_401s() {
         assert!(msg.contains(says), "{msg}");
     }
     let mut lower = HeaderMap::new();
-    lower.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("bearer {token}")).unwrap());
+    lower.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("bearer {token}")).unwrap(),
+    );
     assert!(matches!(a.attempt(&lower), Attempt::Done(Ok(_))));
 }
 
@@ -253,7 +294,8 @@ fn reload_keeps_the_authenticator_only_when_callers_are_unchanged() {
     let a = Authenticator::new(&CallerAuthConfig::Jwt(Box::new(cfg.clone()))).unwrap();
     assert!(a.is_built_from(&CallerAuthConfig::Jwt(Box::new(cfg.clone()))));
     let mut changed = cfg.clone();
-    changed.keys[0].material = JwtKeyMaterial::Secret(Secret::new("another-secret-0123456789abcdef0123"));
+    changed.keys[0].material =
+        JwtKeyMaterial::Secret(Secret::new("another-secret-0123456789abcdef0123"));
     assert!(!a.is_built_from(&CallerAuthConfig::Jwt(Box::new(changed))));
     let mut changed = cfg;
     changed.audience = vec!["other".into()];
@@ -279,7 +321,9 @@ impl JwksServer {
         let (d, s, f) = (doc.clone(), status.clone(), fetches.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let (d, s, f) = (d.clone(), s.clone(), f.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req| {
@@ -334,11 +378,15 @@ async fn jwks_keys_are_fetched_at_start_and_rotation_is_picked_up_on_an_unknown_
     let a = Authenticator::new(&CallerAuthConfig::Jwt(Box::new(jwks_config(&server)))).unwrap();
     a.start().await;
     assert_eq!(server.fetches(), 1);
-    authenticate(&a, &rs_token(0, Some("k1"), &claims("svc"))).await.unwrap();
+    authenticate(&a, &rs_token(0, Some("k1"), &claims("svc")))
+        .await
+        .unwrap();
     assert_eq!(server.fetches(), 1, "a known kid needs no fetch");
 
     server.set_keys(vec![jwk(0, "k1"), jwk(1, "k2")]);
-    let c = authenticate(&a, &rs_token(1, Some("k2"), &claims("rotated"))).await.unwrap();
+    let c = authenticate(&a, &rs_token(1, Some("k2"), &claims("rotated")))
+        .await
+        .unwrap();
     assert_eq!(&*c.identity, "rotated");
     assert_eq!(server.fetches(), 2);
 
@@ -347,7 +395,11 @@ async fn jwks_keys_are_fetched_at_start_and_rotation_is_picked_up_on_an_unknown_
         let msg = refused(authenticate(&a, &rs_token(2, Some("k3"), &claims("svc"))).await);
         assert!(msg.contains("`k3` is not a known key"), "{msg}");
     }
-    assert_eq!(server.fetches(), 2, "the rotation fetch was the miss fetch of this interval");
+    assert_eq!(
+        server.fetches(),
+        2,
+        "the rotation fetch was the miss fetch of this interval"
+    );
 }
 
 #[tokio::test]
@@ -367,7 +419,11 @@ async fn concurrent_unknown_kid_misses_are_coalesced_into_one_fetch() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(server.fetches(), 2, "one start fetch + one coalesced miss fetch");
+    assert_eq!(
+        server.fetches(),
+        2,
+        "one start fetch + one coalesced miss fetch"
+    );
 }
 
 #[tokio::test]
@@ -382,7 +438,9 @@ async fn the_last_good_key_set_is_kept_while_the_jwks_endpoint_is_down() {
     server.status.store(200, Ordering::SeqCst);
     server.set_keys(vec![]);
     j.jwks.as_ref().unwrap().refresh().await.unwrap_err();
-    authenticate(&a, &rs_token(0, Some("k1"), &claims("svc"))).await.unwrap();
+    authenticate(&a, &rs_token(0, Some("k1"), &claims("svc")))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -57,7 +57,11 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        let Some(authn) = req.extensions().get::<RouteMatch>().map(|m| m.policy.authn.clone()) else {
+        let Some(authn) = req
+            .extensions()
+            .get::<RouteMatch>()
+            .map(|m| m.policy.authn.clone())
+        else {
             return Either::Left(reject(GatewayError::Internal(
                 "authn layer reached without a route match".to_owned(),
             )));

@@ -41,7 +41,10 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let decision = match (req.extensions().get::<RouteMatch>(), req.extensions().get::<Caller>()) {
+        let decision = match (
+            req.extensions().get::<RouteMatch>(),
+            req.extensions().get::<Caller>(),
+        ) {
             (Some(m), Some(caller)) => m.policy.authorize(m.route, caller),
             _ => Err(GatewayError::Internal(
                 "authorize layer reached without a route match and a caller".to_owned(),

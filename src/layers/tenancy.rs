@@ -46,7 +46,10 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         // Split so the headers can be rewritten while the extensions are read.
         let (mut parts, body) = req.into_parts();
-        let outcome = match (parts.extensions.get::<RouteMatch>(), parts.extensions.get::<Caller>()) {
+        let outcome = match (
+            parts.extensions.get::<RouteMatch>(),
+            parts.extensions.get::<Caller>(),
+        ) {
             (Some(m), Some(caller)) => m.policy.tenancy.apply(&mut parts.headers, caller, m.route),
             _ => Err(GatewayError::Internal(
                 "tenancy layer reached without a route match and a caller".to_owned(),

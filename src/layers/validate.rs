@@ -60,11 +60,15 @@ fn coding(headers: &HeaderMap) -> Result<Coding, GatewayError> {
             if c.eq_ignore_ascii_case("identity") {
                 continue;
             }
-            if (c.eq_ignore_ascii_case("gzip") || c.eq_ignore_ascii_case("x-gzip")) && found == Coding::Identity {
+            if (c.eq_ignore_ascii_case("gzip") || c.eq_ignore_ascii_case("x-gzip"))
+                && found == Coding::Identity
+            {
                 found = Coding::Gzip;
                 continue;
             }
-            return Err(GatewayError::UnsupportedEncoding(c.chars().take(32).collect()));
+            return Err(GatewayError::UnsupportedEncoding(
+                c.chars().take(32).collect(),
+            ));
         }
     }
     Ok(found)
@@ -119,7 +123,9 @@ where
         let names = m.policy.routes.param_names(m.route);
         let checked = match (names.last(), m.params.last()) {
             (Some(name), Some(value)) => check_job_id(name, value),
-            _ => Err(GatewayError::Internal("stop_job validation on a route without a path parameter".to_owned())),
+            _ => Err(GatewayError::Internal(
+                "stop_job validation on a route without a path parameter".to_owned(),
+            )),
         };
         if let Err(e) = checked {
             return Either::Left(reject(e));
@@ -143,7 +149,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         // A combinator rather than an async block: the inner future type stays nameable for `Send`.
         Either::Right(Box::pin(
-            checked_stop_request(req, coding, limit, read_timeout).and_then(move |req| inner.call(req)),
+            checked_stop_request(req, coding, limit, read_timeout)
+                .and_then(move |req| inner.call(req)),
         ))
     }
 }
@@ -181,7 +188,10 @@ mod tests {
         assert_eq!(coding(&h).unwrap(), Coding::Identity);
         for bad in ["br", "gzip, gzip", "deflate"] {
             h.insert(header::CONTENT_ENCODING, bad.parse().unwrap());
-            assert!(matches!(coding(&h), Err(GatewayError::UnsupportedEncoding(_))), "{bad}");
+            assert!(
+                matches!(coding(&h), Err(GatewayError::UnsupportedEncoding(_))),
+                "{bad}"
+            );
         }
     }
 }

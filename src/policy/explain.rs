@@ -146,7 +146,9 @@ pub fn explain(policy: &Policy, caller: &Caller, method: &Method, path: &str) ->
         None => "*".to_owned(),
         Some(ms) => ms.iter().map(Method::as_str).collect::<Vec<_>>().join(","),
     };
-    let allowed_by = policy.allowed_by(matched.route, &caller.identity).map(|g| g.as_str().to_owned());
+    let allowed_by = policy
+        .allowed_by(matched.route, &caller.identity)
+        .map(|g| g.as_str().to_owned());
     let validation = match route.validation {
         Validation::None => None,
         Validation::StopJob => {
@@ -218,7 +220,9 @@ fn tenancy_decision(policy: &Policy, caller: &Caller, route: usize) -> TenancyDe
             for (name, pattern) in rule.claim_conditions() {
                 conditions.push_str(&format!(", claim {name}={pattern}"));
             }
-            let text = |v: Option<&http::HeaderValue>| v.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let text = |v: Option<&http::HeaderValue>| {
+                v.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            };
             TenancyDecision {
                 rule: Some(rule.index),
                 conditions,
@@ -230,7 +234,12 @@ fn tenancy_decision(policy: &Policy, caller: &Caller, route: usize) -> TenancyDe
     }
 }
 
-fn describe_limit(policy: &Policy, name: &str, caller: &Caller, params: &[(String, String)]) -> String {
+fn describe_limit(
+    policy: &Policy,
+    name: &str,
+    caller: &Caller,
+    params: &[(String, String)],
+) -> String {
     let Some(l) = policy.config.rate_limits.get(name) else {
         return format!("{name}: (not defined)");
     };
@@ -241,7 +250,10 @@ fn describe_limit(policy: &Policy, name: &str, caller: &Caller, params: &[(Strin
             LimitKey::Caller => format!("caller={}", caller.identity),
             LimitKey::Global => "global".to_owned(),
             LimitKey::Param(p) => {
-                let v = params.iter().find(|(n, _)| n == p).map_or("?", |(_, v)| v.as_str());
+                let v = params
+                    .iter()
+                    .find(|(n, _)| n == p)
+                    .map_or("?", |(_, v)| v.as_str());
                 format!("{p}={v}")
             }
         })
@@ -251,7 +263,12 @@ fn describe_limit(policy: &Policy, name: &str, caller: &Caller, params: &[(Strin
         LimitStore::Local => "local",
         LimitStore::Redis => "redis",
     };
-    format!("{name}: {} per {}, burst {}, key [{key}], store {store}", l.count, per(l.per), l.burst)
+    format!(
+        "{name}: {} per {}, burst {}, key [{key}], store {store}",
+        l.count,
+        per(l.per),
+        l.burst
+    )
 }
 
 fn per(d: Duration) -> String {
@@ -270,7 +287,12 @@ impl fmt::Display for Explanation {
         if self.claims.is_empty() {
             writeln!(f, "caller:       {}", self.caller)?;
         } else {
-            writeln!(f, "caller:       {} (claims: {})", self.caller, self.claims.join(", "))?;
+            writeln!(
+                f,
+                "caller:       {} (claims: {})",
+                self.caller,
+                self.claims.join(", ")
+            )?;
         }
         writeln!(f, "authn:        {}", self.authentication)?;
         let d = match &self.route {
@@ -280,35 +302,68 @@ impl fmt::Display for Explanation {
             }
             RouteOutcome::Routed(d) => d,
         };
-        write!(f, "route:        {} (routes[{}]: {})", d.name, d.index, d.template)?;
+        write!(
+            f,
+            "route:        {} (routes[{}]: {})",
+            d.name, d.index, d.template
+        )?;
         for (n, v) in &d.params {
             write!(f, " {n}={v}")?;
         }
         writeln!(f)?;
         match &d.allowed_by {
-            Some(pattern) => writeln!(f, "decision:     ALLOWED by allow_callers pattern \"{pattern}\"")?,
+            Some(pattern) => writeln!(
+                f,
+                "decision:     ALLOWED by allow_callers pattern \"{pattern}\""
+            )?,
             None => {
                 writeln!(
                     f,
                     "decision:     DENIED (403): no allow_callers pattern of route `{}` matches `{}` (patterns: {})",
                     d.name, self.caller, d.allow_callers
                 )?;
-                return writeln!(f, "              (tenancy, validation and rate limits are not reached)");
+                return writeln!(
+                    f,
+                    "              (tenancy, validation and rate limits are not reached)"
+                );
             }
         }
         match &d.tenancy {
-            Some(TenancyDecision { rule: Some(i), conditions, entity_ids, org_ids, caller_may_narrow }) => {
+            Some(TenancyDecision {
+                rule: Some(i),
+                conditions,
+                entity_ids,
+                org_ids,
+                caller_may_narrow,
+            }) => {
                 writeln!(f, "tenancy:      rule tenancy[{i}] ({conditions})")?;
-                writeln!(f, "              Zuora-Entity-Ids: {}", entity_ids.as_deref().unwrap_or("(not sent)"))?;
-                writeln!(f, "              Zuora-Org-Ids: {}", org_ids.as_deref().unwrap_or("(not sent)"))?;
+                writeln!(
+                    f,
+                    "              Zuora-Entity-Ids: {}",
+                    entity_ids.as_deref().unwrap_or("(not sent)")
+                )?;
+                writeln!(
+                    f,
+                    "              Zuora-Org-Ids: {}",
+                    org_ids.as_deref().unwrap_or("(not sent)")
+                )?;
                 if *caller_may_narrow {
-                    writeln!(f, "              the caller may send a subset of these IDs (caller_may_narrow)")?;
+                    writeln!(
+                        f,
+                        "              the caller may send a subset of these IDs (caller_may_narrow)"
+                    )?;
                 } else {
-                    writeln!(f, "              the caller's own Zuora-Entity-Ids / Zuora-Org-Ids are removed")?;
+                    writeln!(
+                        f,
+                        "              the caller's own Zuora-Entity-Ids / Zuora-Org-Ids are removed"
+                    )?;
                 }
             }
             _ => {
-                writeln!(f, "tenancy:      no rule matches: no Zuora-Entity-Ids / Zuora-Org-Ids are sent")?;
+                writeln!(
+                    f,
+                    "tenancy:      no rule matches: no Zuora-Entity-Ids / Zuora-Org-Ids are sent"
+                )?;
                 writeln!(f, "              (the caller's own are removed)")?;
             }
         }
@@ -363,7 +418,8 @@ rate_limits:
 "#;
 
     fn policy() -> Policy {
-        let cfg = Config::from_yaml(YAML, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
+        let cfg =
+            Config::from_yaml(YAML, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
         Policy::compile(Arc::new(cfg))
     }
 
@@ -406,14 +462,25 @@ rate_limits:
         assert!(e.contains("DENIED (405)") && e.contains("GET, PUT"), "{e}");
         let e = explain(&p, &Caller::named("billing-1"), &Method::GET, "/v1/other").to_string();
         assert!(e.contains("DENIED (404)"), "{e}");
-        let e = explain(&p, &Caller::named("billing-1"), &Method::GET, "/v1/../oauth/token").to_string();
+        let e = explain(
+            &p,
+            &Caller::named("billing-1"),
+            &Method::GET,
+            "/v1/../oauth/token",
+        )
+        .to_string();
         assert!(e.contains("DENIED (400)"), "{e}");
     }
 
     #[test]
     fn a_malformed_job_id_is_reported() {
-        let e = explain(&policy(), &Caller::named("revenue-ops"), &Method::PUT, "/v1/uno/data-backfill/propagation/jobs/short")
-            .to_string();
+        let e = explain(
+            &policy(),
+            &Caller::named("revenue-ops"),
+            &Method::PUT,
+            "/v1/uno/data-backfill/propagation/jobs/short",
+        )
+        .to_string();
         assert!(e.contains("refused with 400") && e.contains("got 5"), "{e}");
         assert!(e.contains("no rule matches"), "{e}");
     }

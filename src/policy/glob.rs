@@ -36,10 +36,18 @@ impl Glob {
             let mut pieces: Vec<&str> = pattern.split('*').collect();
             // `split` on a pattern containing `*` yields at least two pieces.
             let suffix = pieces.pop().unwrap_or_default();
-            let prefix = if pieces.is_empty() { "" } else { pieces.remove(0) };
+            let prefix = if pieces.is_empty() {
+                ""
+            } else {
+                pieces.remove(0)
+            };
             Kind::Parts {
                 prefix: prefix.into(),
-                middles: pieces.into_iter().filter(|p| !p.is_empty()).map(Into::into).collect(),
+                middles: pieces
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .map(Into::into)
+                    .collect(),
                 suffix: suffix.into(),
             }
         };
@@ -174,14 +182,21 @@ mod tests {
             ("é*", "été", true),
         ];
         for (pattern, value, expected) in cases {
-            assert_eq!(Glob::new(pattern).matches(value), *expected, "{pattern} vs {value}");
+            assert_eq!(
+                Glob::new(pattern).matches(value),
+                *expected,
+                "{pattern} vs {value}"
+            );
         }
     }
 
     #[test]
     fn set_reports_the_first_matching_pattern() {
         let s = GlobSet::new(&["revenue-ops", "billing-*", "*"]);
-        assert_eq!(s.first_match("billing-us").map(Glob::as_str), Some("billing-*"));
+        assert_eq!(
+            s.first_match("billing-us").map(Glob::as_str),
+            Some("billing-*")
+        );
         assert!(GlobSet::new::<&str>(&[]).first_match("x").is_none());
         assert_eq!(s.to_string(), "[\"revenue-ops\", \"billing-*\", \"*\"]");
     }

@@ -63,7 +63,11 @@ impl Policy {
 
     fn assemble(config: Arc<Config>, authn: Arc<Authenticator>) -> Policy {
         let routes = RouteTable::new(&config.routes);
-        let access = config.routes.iter().map(|r| GlobSet::new(&r.allow_callers)).collect();
+        let access = config
+            .routes
+            .iter()
+            .map(|r| GlobSet::new(&r.allow_callers))
+            .collect();
         let tenancy = TenancyRules::new(&config.tenancy, &config.routes);
         Policy {
             config,
@@ -76,7 +80,9 @@ impl Policy {
 
     /// The `allow_callers` pattern of route `route` that admits `identity`.
     pub fn allowed_by(&self, route: usize, identity: &str) -> Option<&Glob> {
-        self.access.get(route).and_then(|set| set.first_match(identity))
+        self.access
+            .get(route)
+            .and_then(|set| set.first_match(identity))
     }
 
     /// Refuses `caller` on route `route` unless one of its `allow_callers`
@@ -85,7 +91,11 @@ impl Policy {
         if self.allowed_by(route, &caller.identity).is_some() {
             return Ok(());
         }
-        let name = self.config.routes.get(route).map_or("?", |r| r.name.as_str());
+        let name = self
+            .config
+            .routes
+            .get(route)
+            .map_or("?", |r| r.name.as_str());
         Err(GatewayError::Forbidden(format!(
             "caller `{}` is not allowed to use route `{name}`",
             caller.identity

@@ -108,7 +108,13 @@ fn sanitize(s: &str, max: usize) -> String {
     let mut out: String = s
         .chars()
         .take(max)
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .filter(|c| *c != '"' && *c != '\\')
         .collect();
     if s.chars().count() > max {
@@ -119,7 +125,10 @@ fn sanitize(s: &str, max: usize) -> String {
 
 enum Shape {
     NotObject(&'static str),
-    Object { status: Option<Value>, status_count: u32 },
+    Object {
+        status: Option<Value>,
+        status_count: u32,
+    },
 }
 
 struct ShapeVisitor;
@@ -165,7 +174,10 @@ impl<'de> Visitor<'de> for ShapeVisitor {
                 map.next_value::<IgnoredAny>()?;
             }
         }
-        Ok(Shape::Object { status, status_count })
+        Ok(Shape::Object {
+            status,
+            status_count,
+        })
     }
 }
 
@@ -221,7 +233,11 @@ mod tests {
             (br#"{"status":null}"#, "20", "got null"),
             (br#"{"status":1}"#, "20", "got a number"),
             (br#"{"status":["Stopping"]}"#, "20", "got an array"),
-            (br#"{"status":"Stopping","status":"Running"}"#, "20", "more than once"),
+            (
+                br#"{"status":"Stopping","status":"Running"}"#,
+                "20",
+                "more than once",
+            ),
             (br#"["Stopping"]"#, "20", "got an array"),
             (br#""Stopping""#, "20", "got a string"),
             (b"null", "20", "got null"),

@@ -109,13 +109,16 @@ pub struct TenancyRule {
 impl TenancyRule {
     /// Whether this rule applies to `caller` on route `route`.
     pub fn applies(&self, caller: &Caller, route: usize) -> bool {
-        if let Some(routes) = &self.routes {
-            if !routes.contains(&route) {
-                return false;
-            }
+        if let Some(routes) = &self.routes
+            && !routes.contains(&route)
+        {
+            return false;
         }
         self.callers.matches(&caller.identity)
-            && self.claims.iter().all(|c| c.matches(caller.claims.get(&*c.name)))
+            && self
+                .claims
+                .iter()
+                .all(|c| c.matches(caller.claims.get(&*c.name)))
     }
 
     /// The claim conditions as `name=pattern` (for explain).
@@ -186,7 +189,12 @@ impl TenancyRules {
     /// Rewrites the tenancy headers of a request from `caller` on `route`:
     /// removes the caller's, then sets the matched rule's (or keeps a
     /// permitted narrowing).
-    pub fn apply(&self, headers: &mut HeaderMap, caller: &Caller, route: usize) -> Result<(), GatewayError> {
+    pub fn apply(
+        &self,
+        headers: &mut HeaderMap,
+        caller: &Caller,
+        route: usize,
+    ) -> Result<(), GatewayError> {
         let rule = self.find(caller, route);
         // The caller's values are always taken out first: nothing below forwards them unchecked.
         let sent_entity = take_all(headers, &ENTITY_IDS);
@@ -199,7 +207,9 @@ impl TenancyRules {
             (&ORG_IDS, &rule.org_ids, sent_org),
         ] {
             let value = match sent {
-                Some(values) if rule.caller_may_narrow => Some(narrowing(name, &values, ids, rule.index)?),
+                Some(values) if rule.caller_may_narrow => {
+                    Some(narrowing(name, &values, ids, rule.index)?)
+                }
                 _ => ids.header_value().cloned(),
             };
             if let Some(v) = value {
@@ -233,12 +243,16 @@ fn narrowing(
     let header = display_name(name);
     let mut seen = BTreeSet::new();
     for v in values {
-        let text = v
-            .to_str()
-            .map_err(|_| GatewayError::Forbidden(format!("{header} contains characters that are not visible ASCII")))?;
+        let text = v.to_str().map_err(|_| {
+            GatewayError::Forbidden(format!(
+                "{header} contains characters that are not visible ASCII"
+            ))
+        })?;
         for id in text.split(',').map(str::trim) {
             if id.is_empty() {
-                return Err(GatewayError::Forbidden(format!("{header} contains an empty ID")));
+                return Err(GatewayError::Forbidden(format!(
+                    "{header} contains an empty ID"
+                )));
             }
             if !allowed.contains(id) {
                 return Err(GatewayError::Forbidden(format!(
@@ -253,7 +267,8 @@ fn narrowing(
         return Ok(values[0].clone());
     }
     let joined = seen.into_iter().collect::<Vec<_>>().join(",");
-    HeaderValue::from_str(&joined).map_err(|_| GatewayError::Forbidden(format!("{header} is not a valid header value")))
+    HeaderValue::from_str(&joined)
+        .map_err(|_| GatewayError::Forbidden(format!("{header} is not a valid header value")))
 }
 
 fn display_name(name: &HeaderName) -> &'static str {
@@ -321,21 +336,37 @@ mod tests {
     #[test]
     fn first_matching_rule_sets_both_headers_and_replaces_spoofed_values() {
         let rules = TenancyRules::new(
-            &[rule(&["billing-eu-*"], &["E1"], &["org-eu-1", "org-eu-2"]), rule(&["*"], &[], &["org-us"])],
+            &[
+                rule(&["billing-eu-*"], &["E1"], &["org-eu-1", "org-eu-2"]),
+                rule(&["*"], &[], &["org-us"]),
+            ],
             &routes(),
         );
         let mut h = HeaderMap::new();
         h.insert("zuora-entity-ids", HeaderValue::from_static("SPOOF"));
         h.append("zuora-org-ids", HeaderValue::from_static("org-spoof"));
         h.append("zuora-org-ids", HeaderValue::from_static("org-spoof-2"));
-        rules.apply(&mut h, &caller("billing-eu-7", serde_json::json!({})), 0).unwrap();
-        assert_eq!(h.get_all("zuora-entity-ids").iter().collect::<Vec<_>>(), ["E1"]);
-        assert_eq!(h.get_all("zuora-org-ids").iter().collect::<Vec<_>>(), ["org-eu-1,org-eu-2"]);
+        rules
+            .apply(&mut h, &caller("billing-eu-7", serde_json::json!({})), 0)
+            .unwrap();
+        assert_eq!(
+            h.get_all("zuora-entity-ids").iter().collect::<Vec<_>>(),
+            ["E1"]
+        );
+        assert_eq!(
+            h.get_all("zuora-org-ids").iter().collect::<Vec<_>>(),
+            ["org-eu-1,org-eu-2"]
+        );
 
         let mut h = HeaderMap::new();
         h.insert("zuora-entity-ids", HeaderValue::from_static("SPOOF"));
-        rules.apply(&mut h, &caller("revenue-ops", serde_json::json!({})), 0).unwrap();
-        assert!(h.get("zuora-entity-ids").is_none(), "an empty list sends no header");
+        rules
+            .apply(&mut h, &caller("revenue-ops", serde_json::json!({})), 0)
+            .unwrap();
+        assert!(
+            h.get("zuora-entity-ids").is_none(),
+            "an empty list sends no header"
+        );
         assert_eq!(h["zuora-org-ids"], "org-us");
     }
 
@@ -345,7 +376,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("zuora-entity-ids", HeaderValue::from_static("SPOOF"));
         h.insert("zuora-org-ids", HeaderValue::from_static("SPOOF"));
-        rules.apply(&mut h, &caller("other", serde_json::json!({})), 0).unwrap();
+        rules
+            .apply(&mut h, &caller("other", serde_json::json!({})), 0)
+            .unwrap();
         assert!(h.is_empty());
     }
 
@@ -364,7 +397,10 @@ mod tests {
         assert_eq!(rules.find(&gold, 0).unwrap().index, 1);
         assert_eq!(rules.find(&silver, 0).unwrap().index, 2);
         assert_eq!(rules.find(&gold_wrong_level, 0).unwrap().index, 2);
-        let listed = caller("svc", serde_json::json!({"tier": ["bronze", "gold"], "level": 3.0}));
+        let listed = caller(
+            "svc",
+            serde_json::json!({"tier": ["bronze", "gold"], "level": 3.0}),
+        );
         assert_eq!(rules.find(&listed, 0).unwrap().index, 1);
     }
 
@@ -384,13 +420,24 @@ mod tests {
 
         let mut h = HeaderMap::new();
         rules.apply(&mut h, &c, 0).unwrap();
-        assert_eq!(h["zuora-entity-ids"], "E1,E2", "no caller value: the rule's list");
+        assert_eq!(
+            h["zuora-entity-ids"], "E1,E2",
+            "no caller value: the rule's list"
+        );
 
-        for (name, bad) in [("zuora-entity-ids", "E3"), ("zuora-org-ids", "o1,o4"), ("zuora-org-ids", "o1,,o2"), ("zuora-org-ids", "")] {
+        for (name, bad) in [
+            ("zuora-entity-ids", "E3"),
+            ("zuora-org-ids", "o1,o4"),
+            ("zuora-org-ids", "o1,,o2"),
+            ("zuora-org-ids", ""),
+        ] {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static(bad));
             let e = rules.apply(&mut h, &c, 0).unwrap_err();
-            assert!(matches!(e, GatewayError::Forbidden(_)), "{name}: {bad}: {e:?}");
+            assert!(
+                matches!(e, GatewayError::Forbidden(_)),
+                "{name}: {bad}: {e:?}"
+            );
         }
     }
 
@@ -399,7 +446,9 @@ mod tests {
         let rules = TenancyRules::new(&[rule(&["*"], &["E1", "E2"], &[])], &routes());
         let mut h = HeaderMap::new();
         h.insert("zuora-entity-ids", HeaderValue::from_static("E2"));
-        rules.apply(&mut h, &caller("svc", serde_json::json!({})), 0).unwrap();
+        rules
+            .apply(&mut h, &caller("svc", serde_json::json!({})), 0)
+            .unwrap();
         assert_eq!(h["zuora-entity-ids"], "E1,E2");
     }
 }

@@ -153,7 +153,8 @@ impl JwksSource {
     /// The task holds only a weak reference: it ends when the source is dropped
     /// (a reload that changed `callers:`).
     pub(crate) fn ensure_refresher(self: &Arc<Self>, fetch_first: bool) {
-        if tokio::runtime::Handle::try_current().is_err() {
+        // The common case, once per request: one atomic load.
+        if self.refresher_started.load(Ordering::Acquire) || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
         if self.refresher_started.swap(true, Ordering::AcqRel) {

@@ -16,6 +16,7 @@ pub mod error;
 pub mod health;
 pub mod layers;
 pub mod metrics;
+pub mod oauth;
 pub mod policy;
 pub mod reload;
 pub mod run;

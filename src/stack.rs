@@ -1,6 +1,7 @@
 //! The request path, assembled in one place. Order matters: each layer's
 //! comment says why it sits where it does. Outermost first.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -17,8 +18,10 @@ use crate::layers::observe::ObserveLayer;
 use crate::layers::rescue::RescueLayer;
 use crate::layers::route::RouteLayer;
 use crate::layers::tenancy::TenancyLayer;
+use crate::layers::token::TokenLayer;
 use crate::layers::validate::ValidateLayer;
 use crate::metrics::RequestMetrics;
+use crate::oauth::TokenCache;
 use crate::policy::Policy;
 use crate::upstream::{Forward, Upstreams};
 
@@ -32,6 +35,8 @@ pub struct StackParts {
     pub policy: Arc<ArcSwap<Policy>>,
     /// Running upstreams by name.
     pub upstreams: Upstreams,
+    /// The Zuora token cache of each upstream, by upstream name.
+    pub tokens: Arc<HashMap<String, TokenCache>>,
     /// Request metrics.
     pub metrics: RequestMetrics,
     /// `server.max_in_flight`.
@@ -57,6 +62,8 @@ pub fn build(parts: &StackParts) -> GatewayService {
         .layer(TenancyLayer)
         // Validate: stop-job requests are checked (job ID, body) so nothing invalid reaches Zuora.
         .layer(ValidateLayer)
+        // Token: innermost, so a 401 replay re-sends exactly what Forward sent, with a new Zuora token.
+        .layer(TokenLayer::new(parts.tokens.clone()))
         // Forward: the Zuora call itself.
         .service(Forward::new(parts.upstreams.clone()));
     BoxCloneService::new(svc)

@@ -154,7 +154,9 @@ impl JwksSource {
     /// (a reload that changed `callers:`).
     pub(crate) fn ensure_refresher(self: &Arc<Self>, fetch_first: bool) {
         // The common case, once per request: one atomic load.
-        if self.refresher_started.load(Ordering::Acquire) || tokio::runtime::Handle::try_current().is_err() {
+        if self.refresher_started.load(Ordering::Acquire)
+            || tokio::runtime::Handle::try_current().is_err()
+        {
             return;
         }
         if self.refresher_started.swap(true, Ordering::AcqRel) {

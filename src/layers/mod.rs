@@ -19,6 +19,7 @@ pub mod observe;
 pub mod rescue;
 pub mod route;
 pub mod tenancy;
+pub mod token;
 pub mod validate;
 
 use std::future::Ready;

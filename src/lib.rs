@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authn;
 pub mod body;
 pub mod cli;
 pub mod compression;
@@ -17,6 +18,7 @@ pub mod layers;
 pub mod metrics;
 pub mod oauth;
 pub mod policy;
+pub mod reload;
 pub mod run;
 pub mod secret;
 pub mod server;

@@ -15,8 +15,10 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
+use zuora_gateway::authn::{Attempt, Authenticator};
 use zuora_gateway::body::full;
-use zuora_gateway::config::{Config, ProcessEnv};
+use zuora_gateway::config::{CallerAuthConfig, Config, ProcessEnv};
+use zuora_gateway::context::Caller;
 use zuora_gateway::error::GatewayError;
 use zuora_gateway::layers::rescue::into_response;
 use zuora_gateway::policy::{Policy, check_path};
@@ -278,5 +280,173 @@ fn error_response(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, route_match, path_check, hop_by_hop, error_response);
+// ---------------------------------------------------------------- caller JWTs
+
+const HS_KEY: &str = "bench-only-hs256-key-0123456789abcdef0123456789";
+const ISSUER: &str = "https://bench.local";
+const AUDIENCE: &str = "zuora-gateway";
+
+/// A validated JWT config with one HS256 and one RS256 key (the public PEM
+/// written to a temp dir), and a signer for each.
+struct JwtSetup {
+    config: Config,
+    rsa_private_pem: String,
+    _dir: tempfile::TempDir,
+}
+
+fn jwt_setup() -> JwtSetup {
+    let dir = tempfile::tempdir().unwrap();
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    std::fs::write(dir.path().join("rs1.pub.pem"), kp.public_key_pem()).unwrap();
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n\
+         upstreams:\n  zuora:\n    base_url: http://127.0.0.1:9\n    oauth:\n      client_id: id\n      client_secret: secret\n\
+         callers:\n  jwt:\n    issuer: {ISSUER}\n    audience: {AUDIENCE}\n    identity_claim: sub\n    keys:\n\
+         \x20     - {{ kid: hs1, alg: HS256, secret: \"{HS_KEY}\" }}\n\
+         \x20     - {{ kid: rs1, alg: RS256, public_key_file: rs1.pub.pem }}\n\
+         routes:\n  - name: stop\n    method: PUT\n    path: /v1/uno/data-backfill/propagation/jobs/{{jobId}}\n    upstream: zuora\n    allow_callers: [\"billing-*\"]\n\
+         tenancy:\n  - callers: [\"billing-eu-*\"]\n    org_ids: [\"org-eu-1\", \"org-eu-2\"]\n\
+         \x20 - callers: [\"*\"]\n    org_ids: [\"org-us\"]\n    entity_ids: [\"3c4fd2c0-1b2a-4c3d-8e9f-0a1b2c3d4e5f\"]\n",
+    );
+    let config = Config::from_yaml(&yaml, Path::new("bench.yaml"), dir.path(), &ProcessEnv)
+        .expect("bench JWT config is valid");
+    JwtSetup {
+        config,
+        rsa_private_pem: kp.serialize_pem(),
+        _dir: dir,
+    }
+}
+
+fn mint(alg: jsonwebtoken::Algorithm, kid: &str, key: &jsonwebtoken::EncodingKey) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "sub": "billing-bench", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 3600,
+    });
+    let mut h = jsonwebtoken::Header::new(alg);
+    h.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&h, &claims, key).unwrap()
+}
+
+fn bearer(token: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    h
+}
+
+fn verified(a: &Authenticator, headers: &HeaderMap) -> bool {
+    matches!(a.attempt(headers), Attempt::Done(Ok(_)))
+}
+
+fn jwt(c: &mut Criterion) {
+    let setup = jwt_setup();
+    let callers: &CallerAuthConfig = &setup.config.callers;
+    let hs = mint(
+        jsonwebtoken::Algorithm::HS256,
+        "hs1",
+        &jsonwebtoken::EncodingKey::from_secret(HS_KEY.as_bytes()).unwrap(),
+    );
+    let rs = mint(
+        jsonwebtoken::Algorithm::RS256,
+        "rs1",
+        &jsonwebtoken::EncodingKey::from_rsa_pem(setup.rsa_private_pem.as_bytes()).unwrap(),
+    );
+    let (hs_h, rs_h) = (bearer(&hs), bearer(&rs));
+    let warm = Authenticator::new(callers).unwrap();
+    assert!(verified(&warm, &hs_h) && verified(&warm, &rs_h));
+
+    let mut g = c.benchmark_group("jwt_verify");
+    // Cold: a fresh authenticator (empty cache) per iteration; its construction is untimed.
+    g.bench_function("hs256_cold", |b| {
+        b.iter_batched(
+            || Authenticator::new(callers).unwrap(),
+            |a| verified(&a, black_box(&hs_h)),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("rs256_cold", |b| {
+        b.iter_batched(
+            || Authenticator::new(callers).unwrap(),
+            |a| verified(&a, black_box(&rs_h)),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("cache_hit", |b| {
+        b.iter(|| verified(&warm, black_box(&rs_h)))
+    });
+    // Baseline: jsonwebtoken's own HS256 decode (no cache, no gateway rules).
+    let key = jsonwebtoken::DecodingKey::from_secret(HS_KEY.as_bytes()).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_issuer(&[ISSUER]);
+    v.set_audience(&[AUDIENCE]);
+    g.bench_function("baseline_jsonwebtoken_decode_hs256", |b| {
+        b.iter(|| {
+            jsonwebtoken::decode::<serde_json::Value>(black_box(&hs), &key, &v).is_ok()
+        })
+    });
+    g.finish();
+}
+
+// ---------------------------------------------------------------- policy + tenancy
+
+fn policy_decision(c: &mut Criterion) {
+    let setup = jwt_setup();
+    let policy = Policy::compile(Arc::new(setup.config.clone()));
+    let us = Caller::named("billing-bench");
+    let eu = Caller::named("billing-eu-7");
+    let template = request_headers();
+    assert!(policy.authorize(0, &us).is_ok());
+    assert!(policy.authorize(0, &Caller::named("crm")).is_err());
+
+    let mut g = c.benchmark_group("policy_decision");
+    g.bench_function("authorize+tenancy/catch_all_rule", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| {
+                policy.authorize(0, black_box(&us)).is_ok()
+                    && policy.tenancy.apply(h, black_box(&us), 0).is_ok()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("authorize+tenancy/first_rule", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| {
+                policy.authorize(0, black_box(&eu)).is_ok()
+                    && policy.tenancy.apply(h, black_box(&eu), 0).is_ok()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // Baseline: what nginx's `proxy_set_header` does — two fixed header values.
+    let org = HeaderValue::from_static("org-us");
+    let entity = HeaderValue::from_static("3c4fd2c0-1b2a-4c3d-8e9f-0a1b2c3d4e5f");
+    g.bench_function("baseline_set_two_headers", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| {
+                h.insert("zuora-org-ids", org.clone());
+                h.insert("zuora-entity-ids", entity.clone());
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    route_match,
+    path_check,
+    hop_by_hop,
+    error_response,
+    jwt,
+    policy_decision
+);
 criterion_main!(benches);

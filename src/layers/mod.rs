@@ -14,6 +14,8 @@
 
 pub mod rescue;
 pub mod route;
+pub mod trace;
+pub mod track_id;
 
 use std::future::Ready;
 

@@ -8,12 +8,12 @@
 pub mod body;
 pub mod compression;
 pub mod config;
-pub mod context;
 pub mod error;
 pub mod health;
-pub mod layers;
 pub mod metrics;
-pub mod policy;
 pub mod secret;
 pub mod telemetry;
 pub mod upstream;
+pub mod context;
+pub mod layers;
+pub mod policy;

@@ -29,13 +29,7 @@ impl fmt::Display for ConfigError {
         if self.path.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(
-                f,
-                "{}: {}: {}",
-                self.file.display(),
-                self.path,
-                self.message
-            )
+            write!(f, "{}: {}: {}", self.file.display(), self.path, self.message)
         }
     }
 }

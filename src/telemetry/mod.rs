@@ -15,7 +15,7 @@
 //!   example `tracing::info_span!("zuora.token_fetch")`) becomes a child span
 //!   of the request's trace, and INFO+ events inside it become span events,
 //!   when OTLP export is on.
-//! - [`upstream::UpstreamCall`]: the span and trail entry of a Zuora call.
+//! - [`upstream::CallTrace`]: the span and trail entry of a Zuora call.
 
 pub mod access;
 pub mod debug;
@@ -92,20 +92,18 @@ pub struct TelemetryMetrics {
 }
 
 impl TelemetryMetrics {
-    /// Registers the span counters.
-    pub fn new(registry: &mut Registry) -> Self {
-        let m = TelemetryMetrics::default();
+    /// Registers the span counters (they may already be counting).
+    pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "gateway_spans_dropped",
             "Spans dropped: export queue full, collector slow or down",
-            m.spans_dropped.clone(),
+            self.spans_dropped.clone(),
         );
         registry.register(
             "gateway_spans_exported",
             "Spans accepted by the OTLP collector",
-            m.spans_exported.clone(),
+            self.spans_exported.clone(),
         );
-        m
     }
 }
 
@@ -157,11 +155,9 @@ pub fn log_filter_directives(log_level: &str, rust_log: Option<&str>) -> String 
 impl Telemetry {
     /// Installs the global subscriber and, when an endpoint is configured
     /// (`telemetry.otlp_endpoint` or the `OTEL_EXPORTER_OTLP_*` variables),
-    /// the OTLP pipeline. Call once, inside the tokio runtime.
-    pub fn init(
-        cfg: &TelemetryConfig,
-        registry: &mut Registry,
-    ) -> Result<Telemetry, TelemetryError> {
+    /// the OTLP pipeline. Call once, inside the tokio runtime; register the
+    /// span counters with [`Telemetry::register_metrics`].
+    pub fn init(cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         let rust_log = std::env::var("RUST_LOG").ok();
         let directives = log_filter_directives(&cfg.log_level, rust_log.as_deref());
         let filter = EnvFilter::builder()
@@ -186,7 +182,7 @@ impl Telemetry {
         }
         .with_filter(filter);
 
-        let metrics = TelemetryMetrics::new(registry);
+        let metrics = TelemetryMetrics::default();
         let endpoint =
             otel::resolve_traces_endpoint(cfg.otlp_endpoint.as_ref(), |k| std::env::var(k).ok());
         let (otel, otel_layer) = match endpoint {
@@ -240,6 +236,11 @@ impl Telemetry {
     /// Telemetry's own metrics.
     pub fn metrics(&self) -> &TelemetryMetrics {
         &self.metrics
+    }
+
+    /// Registers telemetry's own metrics (`gateway_spans_*`).
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
     }
 
     /// The traces URL when OTLP export is on.

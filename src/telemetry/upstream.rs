@@ -2,7 +2,7 @@
 //!
 //! Ingress (the trace layer): the caller's `traceparent`/`tracestate` are
 //! read, removed from the request, and kept as [`CallerTraceContext`].
-//! Egress (the forward service): [`UpstreamCall::start`] opens the
+//! Egress (the forward service): [`CallTrace::start`] opens the
 //! `zuora.call` client span and, only when the upstream's
 //! `forward_traceparent` is true, sends the gateway's span context (or, with
 //! OTLP export off, the caller's own headers) to Zuora.
@@ -93,23 +93,28 @@ pub fn span_trace_id(span: &tracing::Span) -> Option<Box<str>> {
 /// One call to Zuora: its client span and its trail entry.
 ///
 /// ```ignore
-/// let call = UpstreamCall::start(&mut req, upstream.forward_traceparent);
+/// let call = CallTrace::start(&mut req, &original_extensions, upstream.forward_traceparent);
 /// let result = client.request(req).instrument(call.span().clone()).await;
-/// call.finish(result.as_ref().map_err(|e| e));  // or finish_response / finish_error
+/// match &result {
+///     Ok(resp) => call.finish_response(resp),
+///     Err(_) => call.finish_failed("upstream_connect"),
+/// }
 /// ```
 #[derive(Debug)]
-pub struct UpstreamCall {
+pub struct CallTrace {
     span: tracing::Span,
     started: Instant,
     trail: Option<DecisionTrail>,
 }
 
-impl UpstreamCall {
+impl CallTrace {
     /// Opens the `zuora.call` span (only when OTLP export is on), records
     /// the `Zuora-Entity-Ids` in the trail, and sets the trace headers of
-    /// the outgoing request: none unless `forward_traceparent`.
-    pub fn start<B>(req: &mut Request<B>, forward_traceparent: bool) -> UpstreamCall {
-        let trail = req.extensions().get::<DecisionTrail>().cloned();
+    /// the outgoing request: none unless `forward_traceparent`. `ext` are the
+    /// extensions of the caller's request (the outgoing one may be rebuilt
+    /// without them).
+    pub fn start<B>(req: &mut Request<B>, ext: &http::Extensions, forward_traceparent: bool) -> CallTrace {
+        let trail = ext.get::<DecisionTrail>().cloned();
         if let (Some(t), Some(v)) = (&trail, req.headers().get(&ZUORA_ENTITY_IDS)) {
             t.set_entity_ids(v);
         }
@@ -131,7 +136,7 @@ impl UpstreamCall {
         } else {
             tracing::Span::none()
         };
-        let caller = req.extensions().get::<CallerTraceContext>().cloned();
+        let caller = ext.get::<CallerTraceContext>().cloned();
         let headers = req.headers_mut();
         headers.remove(&TRACEPARENT);
         headers.remove(&TRACESTATE);
@@ -147,7 +152,7 @@ impl UpstreamCall {
                 }
             }
         }
-        UpstreamCall {
+        CallTrace {
             span,
             started: Instant::now(),
             trail,
@@ -159,7 +164,7 @@ impl UpstreamCall {
         &self.span
     }
 
-    /// Time since [`UpstreamCall::start`].
+    /// Time since [`CallTrace::start`].
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
@@ -181,20 +186,35 @@ impl UpstreamCall {
         }
     }
 
-    /// Records a failed call (no usable response).
-    pub fn finish_error(self, err: &GatewayError) {
-        self.span.record("error.type", err.kind());
+    /// Records a failed call (no usable response); `kind` is the
+    /// [`GatewayError::kind`] it maps to (`upstream_timeout`, …).
+    pub fn finish_failed(self, kind: &'static str) {
+        self.span.record("error.type", kind);
         self.span.record("otel.status_code", "ERROR");
         if let Some(t) = &self.trail {
             t.record_upstream(None, None, self.started.elapsed());
         }
     }
 
-    /// [`UpstreamCall::finish_response`] or [`UpstreamCall::finish_error`].
+    /// Records one attempt of the pooled client under a deadline, as the
+    /// forward service makes it.
+    pub fn finish_attempt<B>(
+        self,
+        outcome: &Result<Result<Response<B>, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>,
+    ) {
+        match outcome {
+            Ok(Ok(resp)) => self.finish_response(resp),
+            Ok(Err(e)) if e.is_connect() => self.finish_failed("upstream_connect"),
+            Ok(Err(_)) => self.finish_failed("bad_upstream_response"),
+            Err(_) => self.finish_failed("upstream_timeout"),
+        }
+    }
+
+    /// [`CallTrace::finish_response`] or [`CallTrace::finish_failed`].
     pub fn finish<B>(self, result: Result<&Response<B>, &GatewayError>) {
         match result {
             Ok(resp) => self.finish_response(resp),
-            Err(e) => self.finish_error(e),
+            Err(e) => self.finish_failed(e.kind()),
         }
     }
 }
@@ -241,10 +261,11 @@ mod tests {
             traceparent: HeaderValue::from_static(TP),
             tracestate: None,
         });
-        let _ = UpstreamCall::start(&mut req, false);
+        let ext = req.extensions().clone();
+        let _ = CallTrace::start(&mut req, &ext, false);
         assert!(req.headers().get("traceparent").is_none());
         // OTLP is off in unit tests: the caller's own context is forwarded.
-        let _ = UpstreamCall::start(&mut req, true);
+        let _ = CallTrace::start(&mut req, &ext, true);
         assert_eq!(req.headers()["traceparent"], TP);
     }
 
@@ -255,7 +276,8 @@ mod tests {
         req.extensions_mut().insert(trail.clone());
         req.headers_mut()
             .insert("zuora-entity-ids", HeaderValue::from_static("e1"));
-        let call = UpstreamCall::start(&mut req, false);
+        let ext = req.extensions().clone();
+        let call = CallTrace::start(&mut req, &ext, false);
         let resp = Response::builder()
             .status(503)
             .header("zuora-request-id", "zr-1")

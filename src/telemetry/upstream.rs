@@ -113,7 +113,11 @@ impl CallTrace {
     /// the outgoing request: none unless `forward_traceparent`. `ext` are the
     /// extensions of the caller's request (the outgoing one may be rebuilt
     /// without them).
-    pub fn start<B>(req: &mut Request<B>, ext: &http::Extensions, forward_traceparent: bool) -> CallTrace {
+    pub fn start<B>(
+        req: &mut Request<B>,
+        ext: &http::Extensions,
+        forward_traceparent: bool,
+    ) -> CallTrace {
         let trail = ext.get::<DecisionTrail>().cloned();
         if let (Some(t), Some(v)) = (&trail, req.headers().get(&ZUORA_ENTITY_IDS)) {
             t.set_entity_ids(v);
@@ -200,7 +204,10 @@ impl CallTrace {
     /// forward service makes it.
     pub fn finish_attempt<B>(
         self,
-        outcome: &Result<Result<Response<B>, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>,
+        outcome: &Result<
+            Result<Response<B>, hyper_util::client::legacy::Error>,
+            tokio::time::error::Elapsed,
+        >,
     ) {
         match outcome {
             Ok(Ok(resp)) => self.finish_response(resp),

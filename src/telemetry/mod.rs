@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanExporter as _};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanExporter as _};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
@@ -189,14 +189,7 @@ impl Telemetry {
             None => (None, None),
             Some(endpoint) => {
                 let (pipeline, tracer) = build_pipeline(cfg, endpoint, &metrics)?;
-                let layer = tracing_opentelemetry::layer()
-                    .with_tracer(tracer)
-                    .with_tracked_inactivity(false)
-                    .with_threads(false)
-                    .with_location(false)
-                    // Only the gateway's own spans and events, INFO and up.
-                    .with_filter(Targets::new().with_target("zuora_gateway", LevelFilter::INFO));
-                (Some(pipeline), Some(layer))
+                (Some(pipeline), Some(otel_layer(tracer)))
             }
         };
         let subscriber = TracingRegistry::default().with(fmt).with(otel_layer);
@@ -267,11 +260,26 @@ impl Telemetry {
     }
 }
 
+/// The `tracing` → OpenTelemetry bridge: the gateway's own spans become
+/// OTel spans and its INFO+ events inside them become span events.
+fn otel_layer<S>(tracer: SdkTracer) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        // Only the gateway's own spans and events, INFO and up.
+        .with_filter(Targets::new().with_target("zuora_gateway", LevelFilter::INFO))
+}
+
 fn build_pipeline(
     cfg: &TelemetryConfig,
     endpoint: String,
     metrics: &TelemetryMetrics,
-) -> Result<(OtelPipeline, opentelemetry_sdk::trace::SdkTracer), TelemetryError> {
+) -> Result<(OtelPipeline, SdkTracer), TelemetryError> {
     use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 
     if tokio::runtime::Handle::try_current().is_err() {
@@ -339,8 +347,45 @@ fn build_pipeline(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_inside_a_request_span_become_span_events_and_children_link() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let processor = otel::GatewayProcessor::new(1.0, 16, tx, Counter::default());
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .build();
+        let subscriber = TracingRegistry::default().with(otel_layer(provider.tracer("t")));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", otel.kind = "server");
+            let _entered = span.enter();
+            tracing::info!(limit = "stop-per-job", "rate limit: denied");
+            tracing::debug!("below INFO: not exported");
+            // What the token cache does when it fetches inside a request.
+            let fetch = tracing::info_span!("zuora.token_fetch");
+            drop(fetch.enter());
+        });
+        let mut spans = Vec::new();
+        while let Ok(otel::Msg::Span(s)) = rx.try_recv() {
+            spans.push(*s);
+        }
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        let fetch = spans
+            .iter()
+            .find(|s| s.name == "zuora.token_fetch")
+            .unwrap();
+        let request = spans.iter().find(|s| s.name == "request").unwrap();
+        assert_eq!(fetch.parent_span_id, request.span_context.span_id());
+        assert_eq!(
+            fetch.span_context.trace_id(),
+            request.span_context.trace_id()
+        );
+        let events: Vec<_> = request.events.iter().map(|e| e.name.to_string()).collect();
+        assert_eq!(events, ["rate limit: denied"]);
+    }
 
     #[test]
     fn access_log_stays_on_unless_named() {

@@ -617,14 +617,17 @@ async fn spans_reach_the_otlp_receiver_with_track_id_and_parent_links() {
         attr(&call, "http.response.status_code").as_deref(),
         Some(&*status)
     );
-    let trace_ids: std::collections::HashSet<_> = spans
+    assert_eq!(
+        call.trace_id, server.trace_id,
+        "a single trace ID per request"
+    );
+    let roots = spans
         .lock()
         .unwrap()
         .iter()
-        .filter(|s| s.trace_id == server.trace_id)
-        .map(|s| s.trace_id.clone())
-        .collect();
-    assert_eq!(trace_ids.len(), 1, "a single trace ID per request");
+        .filter(|s| attr(s, "zuora.track_id").as_deref() == Some("span-1"))
+        .count();
+    assert_eq!(roots, 1, "one server span per request");
 
     // The access log carries the exported trace ID.
     let line = p.access_line("span-1").await;

@@ -100,7 +100,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 }
 
 /// Starts the gateway with telemetry already installed ([`Telemetry::init`]).
-pub async fn start_with_telemetry(config: Config, telemetry: Telemetry) -> Result<Running, StartError> {
+pub async fn start_with_telemetry(
+    config: Config,
+    telemetry: Telemetry,
+) -> Result<Running, StartError> {
     let config = Arc::new(config);
 
     // The embedded simulator, if any upstream asks for it.

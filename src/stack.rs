@@ -41,7 +41,10 @@ pub struct StackParts {
 
 /// Builds the request path.
 pub fn build(parts: &StackParts) -> GatewayService {
-    let recorder = Arc::new(Recorder::new(parts.debug_ring.clone(), Some(parts.metrics.clone())));
+    let recorder = Arc::new(Recorder::new(
+        parts.debug_ring.clone(),
+        Some(parts.metrics.clone()),
+    ));
     let svc = ServiceBuilder::new()
         // Track ID: outermost, so every response (even a refusal) carries it and every log line has it.
         .layer(TrackIdLayer::new(recorder.clone()))

@@ -264,7 +264,11 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
         };
         let more = attempt < retry.max_attempts && replayable;
         // Telemetry: this attempt's `zuora.call` span, trace headers, decision-trail entry.
-        let call = CallTrace::start(&mut req, &parts.extensions, upstream.config.forward_traceparent);
+        let call = CallTrace::start(
+            &mut req,
+            &parts.extensions,
+            upstream.config.forward_traceparent,
+        );
         let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req))
             .instrument(call.span().clone())
             .await;

@@ -856,3 +856,44 @@ async fn request_metrics_count_by_route_status_and_caller() {
     assert!(m.contains("gateway_in_flight_requests 0"), "{m}");
     g.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_401_replay_is_a_span_event_with_two_zuora_calls() {
+    let sim = simulator().await;
+    let (collector, spans, _rx) = otlp_receiver().await;
+    let p = Proc::spawn(
+        &yaml(
+            &sim,
+            "",
+            &format!("  log_format: json\n  otlp_endpoint: http://{collector}\n"),
+        ),
+        &[],
+    );
+    let r = send(with_track_id(&list_url_of(&p), b"warm-up"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Zuora forgets every token: the next call gets a 401 and is replayed.
+    sim.control().revoke_all_tokens();
+    let r = send(with_track_id(&list_url_of(&p), b"replay-1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let server = server_span(&spans, "replay-1").await;
+    let names: Vec<_> = server.events.iter().map(|e| e.name.as_str()).collect();
+    assert!(
+        names.iter().any(|n| n.contains("401")),
+        "the replay is a span event: {names:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut calls: Vec<_> = spans_of_trace(&spans, &server.trace_id)
+        .into_iter()
+        .filter(|s| s.name == "zuora.call")
+        .map(|s| {
+            assert_eq!(s.parent_span_id, server.span_id);
+            attr(&s, "http.response.status_code").unwrap()
+        })
+        .collect();
+    calls.sort();
+    assert_eq!(calls, ["200", "401"]);
+}

@@ -271,8 +271,14 @@ where
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_location(false)
-        // Only the gateway's own spans and events, INFO and up.
-        .with_filter(Targets::new().with_target("zuora_gateway", LevelFilter::INFO))
+        // Only the gateway's own spans and events, INFO and up, plus the
+        // DEBUG events of the Zuora call (retries) and the 401 token replay.
+        .with_filter(
+            Targets::new()
+                .with_target("zuora_gateway", LevelFilter::INFO)
+                .with_target("zuora_gateway::upstream::forward", LevelFilter::DEBUG)
+                .with_target("zuora_gateway::layers::token", LevelFilter::DEBUG),
+        )
 }
 
 fn build_pipeline(

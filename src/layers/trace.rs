@@ -10,8 +10,9 @@
 //! With OTLP export on, the span is named `METHOD route-template` and carries
 //! the HTTP semantic-convention attributes plus `zuora.track_id`,
 //! `zuora.caller`, `zuora.route`, `zuora.entity_ids`; the caller's
-//! `traceparent` is continued. With export off, the span only carries the
-//! track ID (for correlating log lines) and no OpenTelemetry work is done.
+//! `traceparent` is continued. With export off, the span is a DEBUG one that
+//! only carries the track ID (for correlating debug logs), and no
+//! OpenTelemetry work is done.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -148,7 +149,9 @@ where
             }
             span
         } else {
-            tracing::info_span!("request", zuora.track_id = track_str)
+            // DEBUG: free at the default level; with debug logs, log lines inside a
+            // request carry its track ID.
+            tracing::debug_span!("request", zuora.track_id = track_str)
         };
         let caller_trace_id = caller_cx
             .as_ref()

@@ -30,6 +30,10 @@ use zuora_gateway::sim::SimHandle;
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const CALLER_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN_ID: &str = "00f067aa0ba902b7";
+const ENTITY: &str = "3c4fd2c0-1b2a-4c3d-8e9f-0a1b2c3d4e5f";
+/// A tenancy rule (appended after the telemetry section).
+const TENANCY: &str =
+    "tenancy:\n  - callers: [\"*\"]\n    entity_ids: [\"3c4fd2c0-1b2a-4c3d-8e9f-0a1b2c3d4e5f\"]\n";
 
 fn yaml(sim: &SimHandle, upstream_extra: &str, telemetry: &str) -> String {
     format!(
@@ -559,7 +563,7 @@ async fn spans_reach_the_otlp_receiver_with_track_id_and_parent_links() {
             &sim,
             "",
             &format!(
-                "  log_format: json\n  otlp_endpoint: http://{collector}\n  sampling_ratio: 1.0\n"
+                "  log_format: json\n  otlp_endpoint: http://{collector}\n  sampling_ratio: 1.0\n{TENANCY}"
             ),
         ),
         &[],
@@ -591,6 +595,7 @@ async fn spans_reach_the_otlp_receiver_with_track_id_and_parent_links() {
         Some("billing-test")
     );
     assert_eq!(attr(&server, "zuora.route").as_deref(), Some("stop"));
+    assert_eq!(attr(&server, "zuora.entity_ids").as_deref(), Some(ENTITY));
     assert_eq!(
         attr(&server, "zuora.request_id").as_deref(),
         Some(r.headers["zuora-request-id"].to_str().unwrap())

@@ -69,6 +69,7 @@ struct Opts {
     access_log: bool,
     otlp: bool,
     sampling: Option<f64>,
+    debug_requests: Option<u64>,
 }
 
 impl Default for Opts {
@@ -92,6 +93,7 @@ impl Default for Opts {
             access_log: true,
             otlp: true,
             sampling: None,
+            debug_requests: None,
         }
     }
 }
@@ -111,7 +113,8 @@ cargo bench --bench load [-- OPTIONS]
   --trusted-identity   gateway in sidecar mode (callers.trusted_identity) instead of JWT
   --no-access-log      access logs off in both nginx and the gateway (default: both on, to /dev/null)
   --no-otlp            no OTLP endpoint (the gateway's tracing without export)
-  --sampling R         telemetry.sampling_ratio (default: the gateway's default, 1.0)";
+  --sampling R         telemetry.sampling_ratio (default: the gateway's default, 1.0)
+  --debug-requests N   telemetry.debug_requests (default: the gateway's default, 10000)";
 
 fn parse_opts(args: &[String]) -> R<Opts> {
     let mut o = Opts::default();
@@ -156,6 +159,7 @@ fn parse_opts(args: &[String]) -> R<Opts> {
             "--trusted-identity" => o.trusted_identity = true,
             "--no-access-log" => o.access_log = false,
             "--no-otlp" => o.otlp = false,
+            "--debug-requests" => o.debug_requests = Some(num(it.next(), a)?),
             "--sampling" => {
                 let v: f64 = it
                     .next()
@@ -426,12 +430,16 @@ fn gateway_yaml(
     otlp: Option<SocketAddr>,
     trusted_identity: bool,
     sampling: Option<f64>,
+    debug_requests: Option<u64>,
 ) -> String {
     let mut otlp = otlp
         .map(|a| format!("  otlp_endpoint: http://{a}\n"))
         .unwrap_or_default();
     if let Some(r) = sampling {
         otlp.push_str(&format!("  sampling_ratio: {r}\n"));
+    }
+    if let Some(n) = debug_requests {
+        otlp.push_str(&format!("  debug_requests: {n}\n"));
     }
     let callers = if trusted_identity {
         format!("  trusted_identity: {CALLER}\n")
@@ -1040,6 +1048,7 @@ async fn run(o: Opts) -> R<()> {
         o.otlp.then_some(otlp.addr),
         o.trusted_identity,
         o.sampling,
+        o.debug_requests,
     );
     let gw_conf = d.join("gateway.yaml");
     std::fs::write(&gw_conf, &yaml).map_err(|e| e.to_string())?;
@@ -1068,6 +1077,7 @@ async fn run(o: Opts) -> R<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let gw_pid = env.proxy_pids(Target::Gateway);
     let idle_rss = family_kib(&gw_pid, "VmRSS:");
+    let idle_anon = family_kib(&gw_pid, "RssAnon:");
 
     let script = d.join("mix.lua");
     std::fs::write(&script, wrk_lua(&env.jwt)).map_err(|e| e.to_string())?;
@@ -1101,6 +1111,9 @@ async fn run(o: Opts) -> R<()> {
         },
         if o.access_log { "on, to /dev/null" } else { "off" }
     );
+    if let Some(n) = o.debug_requests {
+        let _ = writeln!(report, "gateway telemetry.debug_requests: {n}");
+    }
     let _ = writeln!(report, "loadavg at start: {}", loadavg());
 
     // 1. Closed loop, interleaved rounds, best round per target.
@@ -1199,71 +1212,36 @@ async fn run(o: Opts) -> R<()> {
         }
     }
 
-    // 2. Fixed rate at ~25% of direct saturation.
-    let rate = o.fixed_rate.or_else(|| {
-        best.get(&Target::Direct)
-            .map(|r| ((r.rps() * 0.25) as u64).max(100))
-    });
-    if let Some(rate) = rate {
-        let _ = writeln!(
-            report,
-            "\n### Fixed rate: {rate} req/s for {} s over {} keep-alive connections (open loop, latency from the intended send time)\n",
-            o.fixed_secs, o.fixed_conns
-        );
-        let _ = writeln!(report, "| target | achieved req/s | p50 | p99 | p99.9 | max | errors |");
-        let _ = writeln!(report, "|---|---:|---:|---:|---:|---:|---:|");
-        let mut fixed: BTreeMap<Target, FixedResult> = BTreeMap::new();
-        for &t in &targets {
-            let addr = env.addr(t).ok_or("down")?;
-            let r = fixed_rate(addr, &env.jwt, rate, o.fixed_secs, o.fixed_conns).await?;
-            eprintln!(
-                "fixed {:<8} {} sent, p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs errors {}",
-                t.name(),
-                r.sent,
-                r.p50_us,
-                r.p99_us,
-                r.p999_us,
-                r.errors
-            );
-            let _ = writeln!(
-                report,
-                "| {} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {} |",
-                t.name(),
-                r.ok as f64 / r.secs.max(1e-9),
-                r.p50_us,
-                r.p99_us,
-                r.p999_us,
-                r.max_us,
-                r.errors
-            );
-            fixed.insert(t, r);
+    // 2. Fixed rate at ~25% of direct saturation; when that overloads a
+    // proxy (over half its closed-loop maximum), also at 25% of the slowest
+    // proxy's maximum, so latency overhead is seen without queueing.
+    let mut rates: Vec<(u64, &str)> = Vec::new();
+    if let Some(r) = o.fixed_rate {
+        rates.push((r, "as given"));
+    } else if let Some(d) = best.get(&Target::Direct) {
+        let r = ((d.rps() * 0.25) as u64).max(100);
+        rates.push((r, "25% of direct saturation"));
+        let slowest = best
+            .iter()
+            .filter(|(t, _)| **t != Target::Direct)
+            .map(|(_, b)| b.rps())
+            .fold(f64::INFINITY, f64::min);
+        if slowest.is_finite() && (r as f64) > slowest * 0.5 {
+            rates.push((((slowest * 0.25) as u64).max(100), "25% of the slowest proxy's saturation"));
         }
-        if let (Some(g), Some(d)) = (fixed.get(&Target::Gateway), fixed.get(&Target::Direct)) {
-            let delta = g.p99_us - d.p99_us;
-            let _ = writeln!(
-                report,
-                "\n**p99 gateway − direct = {delta:.0} µs** (target ≤ 250 µs: {}); p50 gateway − direct = {:.0} µs",
-                verdict(delta <= 250.0),
-                g.p50_us - d.p50_us
-            );
-        }
-        if let (Some(g), Some(n)) = (fixed.get(&Target::Gateway), fixed.get(&Target::Nginx)) {
-            let _ = writeln!(
-                report,
-                "p99 gateway − nginx = {:.0} µs; p50 gateway − nginx = {:.0} µs",
-                g.p99_us - n.p99_us,
-                g.p50_us - n.p50_us
-            );
-        }
+    }
+    for (rate, why) in rates {
+        fixed_rate_section(&mut report, &env, &targets, &o, rate, why, &best).await?;
     }
 
     // 3. Memory: idle, then ~1M requests over 1,000 keep-alive connections.
     let _ = writeln!(report, "\n### Gateway memory\n");
     let _ = writeln!(
         report,
-        "idle RSS after start (before any request): **{:.1} MiB** (target ≤ 10 MiB: {})",
+        "idle RSS after start (before any request): **{:.1} MiB** (target ≤ 10 MiB: {}), of which anonymous {:.1} MiB (the rest is the binary's and libc's file-backed pages)",
         mib(idle_rss),
-        verdict(mib(idle_rss) <= 10.0)
+        verdict(mib(idle_rss) <= 10.0),
+        mib(idle_anon)
     );
     if o.soak && has_wrk {
         let soak = tokio::task::block_in_place(|| soak(&env, &script, &o))?;
@@ -1271,7 +1249,7 @@ async fn run(o: Opts) -> R<()> {
             report,
             "after {} requests over {} keep-alive connections ({} phase(s), {:.0} req/s, {} errors): \
              RSS while loaded (max of 0.5 s samples) **{:.1} MiB** (target ≤ 30 MiB: {}), \
-             RSS after the connections closed {:.1} MiB, VmHWM {:.1} MiB",
+             RSS after the connections closed {:.1} MiB (anonymous {:.1} MiB), VmHWM {:.1} MiB",
             soak.requests,
             o.soak_conns,
             soak.phases,
@@ -1280,6 +1258,7 @@ async fn run(o: Opts) -> R<()> {
             mib(soak.max_rss),
             verdict(mib(soak.max_rss) <= 30.0),
             mib(soak.after_rss),
+            mib(soak.after_anon),
             mib(soak.hwm),
         );
     }
@@ -1297,6 +1276,75 @@ async fn run(o: Opts) -> R<()> {
     Ok(())
 }
 
+/// One fixed-rate run of every target at `rate`, appended to `report`.
+async fn fixed_rate_section(
+    report: &mut String,
+    env: &Env,
+    targets: &[Target],
+    o: &Opts,
+    rate: u64,
+    why: &str,
+    best: &BTreeMap<Target, WrkResult>,
+) -> R<()> {
+    let _ = writeln!(
+        report,
+        "\n### Fixed rate: {rate} req/s ({why}) for {} s over {} keep-alive connections (open loop, latency from the intended send time)\n",
+        o.fixed_secs, o.fixed_conns
+    );
+    let _ = writeln!(
+        report,
+        "| target | achieved req/s | p50 | p99 | p99.9 | max | errors |"
+    );
+    let _ = writeln!(report, "|---|---:|---:|---:|---:|---:|---:|");
+    let mut fixed: BTreeMap<Target, FixedResult> = BTreeMap::new();
+    for &t in targets {
+        let addr = env.addr(t).ok_or("down")?;
+        let r = fixed_rate(addr, &env.jwt, rate, o.fixed_secs, o.fixed_conns).await?;
+        eprintln!(
+            "fixed {rate}/s {:<8} {} sent, p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs errors {}",
+            t.name(),
+            r.sent,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.errors
+        );
+        let overloaded = best.get(&t).is_some_and(|b| rate as f64 > b.rps() * 0.9);
+        let _ = writeln!(
+            report,
+            "| {}{} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {} |",
+            t.name(),
+            if overloaded { " (rate ≥ 90% of its max: queueing)" } else { "" },
+            r.ok as f64 / r.secs.max(1e-9),
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.max_us,
+            r.errors
+        );
+        fixed.insert(t, r);
+    }
+    if let (Some(g), Some(d)) = (fixed.get(&Target::Gateway), fixed.get(&Target::Direct)) {
+        let delta = g.p99_us - d.p99_us;
+        let _ = writeln!(
+            report,
+            "\n**p99 gateway − direct = {delta:.0} µs** (target ≤ 250 µs: {}); p50 gateway − direct = {:.0} µs",
+            verdict(delta <= 250.0),
+            g.p50_us - d.p50_us
+        );
+    }
+    if let (Some(g), Some(n)) = (fixed.get(&Target::Gateway), fixed.get(&Target::Nginx)) {
+        let _ = writeln!(
+            report,
+            "p99 gateway − nginx = {:.0} µs; p50 gateway − nginx = {:.0} µs; p99 nginx − direct = {:.0} µs",
+            g.p99_us - n.p99_us,
+            g.p50_us - n.p50_us,
+            fixed.get(&Target::Direct).map_or(0.0, |d| n.p99_us - d.p99_us)
+        );
+    }
+    Ok(())
+}
+
 struct Soak {
     requests: u64,
     errors: u64,
@@ -1304,6 +1352,7 @@ struct Soak {
     rps: f64,
     max_rss: u64,
     after_rss: u64,
+    after_anon: u64,
     hwm: u64,
 }
 
@@ -1346,6 +1395,7 @@ fn soak(env: &Env, script: &Path, o: &Opts) -> R<Soak> {
         rps: total.rps(),
         max_rss: max_rss.load(Ordering::Relaxed),
         after_rss: family_kib(&pids, "VmRSS:"),
+        after_anon: family_kib(&pids, "RssAnon:"),
         hwm: family_kib(&pids, "VmHWM:"),
     })
 }

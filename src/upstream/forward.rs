@@ -84,6 +84,23 @@ fn join(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, GatewayError
     Uri::from_parts(parts).map_err(|e| GatewayError::Internal(format!("bad upstream URI: {e}")))
 }
 
+/// The caller's URI moved onto `base`: like [`join`], but when `base` has no
+/// path prefix the caller's path-and-query is reused as is (a reference-counted
+/// clone; no re-parse, no allocation on the hot path).
+fn rebase(base: &Uri, uri: &Uri) -> Result<Uri, GatewayError> {
+    match uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') && base.path().trim_end_matches('/').is_empty() => {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTPS));
+            parts.authority = base.authority().cloned();
+            parts.path_and_query = Some(pq.clone());
+            Uri::from_parts(parts)
+                .map_err(|e| GatewayError::Internal(format!("bad upstream URI: {e}")))
+        }
+        _ => join(base, uri.path(), uri.query()),
+    }
+}
+
 /// The innermost service.
 #[derive(Clone)]
 pub struct Forward {
@@ -127,7 +144,7 @@ impl Forward {
             })?
         };
         let (mut parts, body) = req.into_parts();
-        parts.uri = join(&upstream.base, parts.uri.path(), parts.uri.query())?;
+        parts.uri = rebase(&upstream.base, &parts.uri)?;
         strip_hop_by_hop(&mut parts.headers);
         // The client sets Host from the URI authority.
         parts.headers.remove(header::HOST);
@@ -370,6 +387,25 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rebase_reuses_the_callers_path_and_query_exactly_like_join() {
+        for base in [
+            "https://rest.zuora.com",
+            "https://rest.zuora.com/",
+            "http://127.0.0.1:9000/prefix/",
+        ] {
+            let base: Uri = base.parse().unwrap();
+            for caller in ["/v1/x?a=1&b=%20", "/v1/x", "/", "http://gw:8080/v1/y?q"] {
+                let uri: Uri = caller.parse().unwrap();
+                assert_eq!(
+                    rebase(&base, &uri).unwrap(),
+                    join(&base, uri.path(), uri.query()).unwrap(),
+                    "{base} + {caller}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn join_keeps_base_prefix_and_query() {

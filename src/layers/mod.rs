@@ -15,7 +15,6 @@
 pub mod authn;
 pub mod authorize;
 pub mod in_flight;
-pub mod observe;
 pub mod rescue;
 pub mod route;
 pub mod tenancy;

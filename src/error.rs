@@ -64,7 +64,7 @@ pub enum Component {
 }
 
 /// Every way the gateway refuses or fails a request.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     /// No route matches the path.
     #[error("no route matches {0}")]
@@ -107,6 +107,9 @@ pub enum GatewayError {
     /// The body could not be read in time.
     #[error("request body was not received within {0:?}")]
     BodyTimeout(Duration),
+    /// The request URI is longer than `server.max_uri_bytes`.
+    #[error("request URI longer than {0} bytes")]
+    UriTooLong(usize),
     /// A rate limit refused the request.
     #[error("rate limit `{limit}` exceeded; retry after {} s", retry_after_secs(*.retry_after))]
     RateLimited {
@@ -173,6 +176,7 @@ impl GatewayError {
             E::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, P::Body, C::Limit),
             E::UnsupportedEncoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, P::Body, C::InvalidValue),
             E::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, P::Body, C::Temporary),
+            E::UriTooLong(_) => (StatusCode::URI_TOO_LONG, P::Routing, C::InvalidValue),
             E::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, P::RateLimit, C::Limit),
             E::UpstreamRateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, P::RateLimit, C::Limit),
             E::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, P::Gateway, C::Temporary),
@@ -207,6 +211,7 @@ impl GatewayError {
             E::PayloadTooLarge { .. } => "payload_too_large",
             E::UnsupportedEncoding(_) => "unsupported_encoding",
             E::BodyTimeout(_) => "body_timeout",
+            E::UriTooLong(_) => "uri_too_long",
             E::RateLimited { .. } => "rate_limited",
             E::UpstreamRateLimited { .. } => "upstream_rate_limited",
             E::Overloaded => "overloaded",

@@ -69,34 +69,73 @@ const CHECK_SLICE: u64 = 1024 * 1024;
 /// input; the work yields to the runtime every MiB of output so a large body
 /// does not hold a worker thread.
 pub async fn gzip_decoded_len(input: &[u8], limit: u64) -> Result<u64, GatewayError> {
-    let invalid = |e: std::io::Error| GatewayError::InvalidValue(format!("the request body is not valid gzip: {e}"));
-    let mut decoder = flate2::write::MultiGzDecoder::new(CountingSink(0));
-    let mut rest = input;
-    let mut next_yield = CHECK_SLICE;
-    while !rest.is_empty() {
-        let n = decoder.write(rest).map_err(invalid)?;
-        if n == 0 {
-            return Err(invalid(std::io::Error::other("the decoder made no progress")));
+    let mut check = GzipCheck::new(limit);
+    loop {
+        if let Some(len) = check.step(input, CHECK_SLICE)? {
+            return Ok(len);
         }
-        rest = &rest[n..];
-        let decoded = decoder.get_ref().0;
-        if decoded > limit {
-            return Err(GatewayError::PayloadTooLarge { limit });
-        }
-        if decoded >= next_yield {
-            next_yield = decoded.saturating_add(CHECK_SLICE);
-            tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The resumable form of [`gzip_decoded_len`], for hand-written futures:
+/// call [`GzipCheck::step`] with the same input until it returns a length.
+pub struct GzipCheck {
+    decoder: flate2::write::MultiGzDecoder<CountingSink>,
+    consumed: usize,
+    limit: u64,
+}
+
+impl std::fmt::Debug for GzipCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GzipCheck")
+            .field("consumed", &self.consumed)
+            .field("decoded", &self.decoder.get_ref().0)
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl GzipCheck {
+    /// A check refusing more than `limit` decoded bytes.
+    pub fn new(limit: u64) -> Self {
+        GzipCheck {
+            decoder: flate2::write::MultiGzDecoder::new(CountingSink(0)),
+            consumed: 0,
+            limit,
         }
     }
-    if input.is_empty() {
-        return Err(invalid(std::io::Error::other("the body is empty")));
+
+    /// Decodes about `budget` more bytes of `input` (always the whole body).
+    /// `Ok(Some(len))` once the body is checked, `Ok(None)` when the budget
+    /// ran out first (call again), or the error.
+    pub fn step(&mut self, input: &[u8], budget: u64) -> Result<Option<u64>, GatewayError> {
+        let invalid = |e: std::io::Error| GatewayError::InvalidValue(format!("the request body is not valid gzip: {e}"));
+        if input.is_empty() {
+            return Err(invalid(std::io::Error::other("the body is empty")));
+        }
+        let stop_at = self.decoder.get_ref().0.saturating_add(budget);
+        while let Some(rest) = input.get(self.consumed..).filter(|r| !r.is_empty()) {
+            let n = self.decoder.write(rest).map_err(invalid)?;
+            if n == 0 {
+                return Err(invalid(std::io::Error::other("the decoder made no progress")));
+            }
+            self.consumed += n;
+            let decoded = self.decoder.get_ref().0;
+            if decoded > self.limit {
+                return Err(GatewayError::PayloadTooLarge { limit: self.limit });
+            }
+            if decoded >= stop_at {
+                return Ok(None);
+            }
+        }
+        self.decoder.try_finish().map_err(invalid)?;
+        let decoded = self.decoder.get_ref().0;
+        if decoded > self.limit {
+            return Err(GatewayError::PayloadTooLarge { limit: self.limit });
+        }
+        Ok(Some(decoded))
     }
-    decoder.try_finish().map_err(invalid)?;
-    let decoded = decoder.get_ref().0;
-    if decoded > limit {
-        return Err(GatewayError::PayloadTooLarge { limit });
-    }
-    Ok(decoded)
 }
 
 /// A writer that counts and discards.

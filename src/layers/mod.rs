@@ -13,8 +13,10 @@
 //!   with real async work box their future.
 
 pub mod authn;
+pub mod compression;
 pub mod in_flight;
 pub mod observe;
+pub mod request_body;
 pub mod rescue;
 pub mod route;
 

@@ -148,6 +148,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         upstreams: upstreams.clone(),
         metrics: request_metrics,
         max_in_flight: config.server.max_in_flight,
+        body_metrics: crate::compression::BodyMetrics::new(&mut registry),
     });
 
     let listener = TcpListener::bind(config.server.listen)

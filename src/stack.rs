@@ -10,9 +10,12 @@ use tower::ServiceBuilder;
 use tower::util::BoxCloneService;
 
 use crate::body::Body;
+use crate::compression::BodyMetrics;
 use crate::layers::authn::AuthnLayer;
+use crate::layers::compression::CompressionLayer;
 use crate::layers::in_flight::InFlightLimitLayer;
 use crate::layers::observe::ObserveLayer;
+use crate::layers::request_body::RequestBodyLayer;
 use crate::layers::rescue::RescueLayer;
 use crate::layers::route::RouteLayer;
 use crate::metrics::RequestMetrics;
@@ -33,6 +36,8 @@ pub struct StackParts {
     pub metrics: RequestMetrics,
     /// `server.max_in_flight`.
     pub max_in_flight: usize,
+    /// Wire-byte counters of both sides (`gateway_body_bytes_total`).
+    pub body_metrics: BodyMetrics,
 }
 
 /// Builds the request path.
@@ -48,6 +53,10 @@ pub fn build(parts: &StackParts) -> GatewayService {
         .layer(RouteLayer::new(parts.policy.clone()))
         // Authn: who is calling; the caller's Authorization never goes further.
         .layer(AuthnLayer)
+        // Request body: size, encoding and read-time guards before anything reads the body (413/415/408).
+        .layer(RequestBodyLayer::new(&parts.policy.load().config.server))
+        // Compression: gzip towards Zuora always; the caller gets the encoding it asked for.
+        .layer(CompressionLayer::new(parts.body_metrics.clone()))
         // Forward: the Zuora call itself.
         .service(Forward::new(parts.upstreams.clone()));
     BoxCloneService::new(svc)

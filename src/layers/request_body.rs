@@ -29,7 +29,6 @@ use futures_util::future::Either;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderValue, Request};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::BodyExt;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
@@ -428,6 +427,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http::StatusCode;
+    use http_body_util::BodyExt;
     use tower::ServiceExt;
 
     use super::*;

@@ -23,8 +23,10 @@ pub struct Admin {
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -32,7 +34,11 @@ impl Admin {
     /// Serves one admin request.
     pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Body>, Infallible> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n"));
+            return Ok(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET only\n",
+            ));
         }
         let resp = match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "application/json", r#"{"status":"live"}"#),
@@ -52,7 +58,11 @@ impl Admin {
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         out,
                     ),
-                    Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding failed\n"),
+                    Err(_) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        "encoding failed\n",
+                    ),
                 }
             }
             _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),

@@ -41,6 +41,12 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: std::net::SocketAddr,
     },
+    /// Probe an admin endpoint (for container HEALTHCHECKs: no curl needed).
+    Healthcheck {
+        /// URL to GET; exit 0 on 200.
+        #[arg(long, default_value = "http://127.0.0.1:9901/healthz")]
+        url: http::Uri,
+    },
     /// Mint a caller JWT with the config's HS* key (local development only).
     DevToken {
         /// Configuration file holding an HS256/384/512 key.
@@ -82,7 +88,11 @@ pub fn summary(c: &Config) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "{}: OK", c.source.display());
-    let _ = writeln!(s, "  listen {}  admin {}  max_body_bytes {}", c.server.listen, c.server.admin_listen, c.server.max_body_bytes);
+    let _ = writeln!(
+        s,
+        "  listen {}  admin {}  max_body_bytes {}",
+        c.server.listen, c.server.admin_listen, c.server.max_body_bytes
+    );
     for (name, u) in &c.upstreams {
         let target = match &u.target {
             UpstreamTarget::Url(uri) => uri.to_string(),
@@ -103,7 +113,10 @@ pub fn summary(c: &Config) -> String {
                 s,
                 "  callers: JWT, {} static key(s){}, identity claim `{}`",
                 j.keys.len(),
-                j.jwks_url.as_ref().map(|u| format!(", JWKS {u}")).unwrap_or_default(),
+                j.jwks_url
+                    .as_ref()
+                    .map(|u| format!(", JWKS {u}"))
+                    .unwrap_or_default(),
                 j.identity_claim
             );
         }
@@ -122,19 +135,35 @@ pub fn summary(c: &Config) -> String {
             r.path,
             r.upstream,
             r.allow_callers.join(", "),
-            if r.rate_limits.is_empty() { String::new() } else { format!("  limits [{}]", r.rate_limits.join(", ")) },
-            if r.validation == Validation::StopJob { "  validate stop_job" } else { "" },
+            if r.rate_limits.is_empty() {
+                String::new()
+            } else {
+                format!("  limits [{}]", r.rate_limits.join(", "))
+            },
+            if r.validation == Validation::StopJob {
+                "  validate stop_job"
+            } else {
+                ""
+            },
         );
     }
     let _ = writeln!(s, "  tenancy rules: {}", c.tenancy.len());
     for (name, l) in &c.rate_limits {
-        let _ = writeln!(s, "  rate limit {name}: {}/{:?} burst {} ({:?})", l.count, l.per, l.burst, l.store);
+        let _ = writeln!(
+            s,
+            "  rate limit {name}: {}/{:?} burst {} ({:?})",
+            l.count, l.per, l.burst, l.store
+        );
     }
     let _ = writeln!(
         s,
         "  telemetry: {}{}",
         c.telemetry.service_name,
-        c.telemetry.otlp_endpoint.as_ref().map(|u| format!(", OTLP {u}")).unwrap_or_default()
+        c.telemetry
+            .otlp_endpoint
+            .as_ref()
+            .map(|u| format!(", OTLP {u}"))
+            .unwrap_or_default()
     );
     s
 }
@@ -150,11 +179,21 @@ pub fn dev_token(path: &std::path::Path, caller: &str, ttl: &str, claims: &[Stri
         return ExitCode::from(2);
     };
     let CallerAuthConfig::Jwt(jwt) = &config.callers else {
-        eprintln!("error: {}: callers: not JWT (trusted identity needs no token)", path.display());
+        eprintln!(
+            "error: {}: callers: not JWT (trusted identity needs no token)",
+            path.display()
+        );
         return ExitCode::from(EXIT_CONFIG);
     };
-    let Some(key) = jwt.keys.iter().find(|k| matches!(k.material, JwtKeyMaterial::Secret(_))) else {
-        eprintln!("error: {}: callers.jwt.keys: no HS256/384/512 `secret` key to sign with", path.display());
+    let Some(key) = jwt
+        .keys
+        .iter()
+        .find(|k| matches!(k.material, JwtKeyMaterial::Secret(_)))
+    else {
+        eprintln!(
+            "error: {}: callers.jwt.keys: no HS256/384/512 `secret` key to sign with",
+            path.display()
+        );
         return ExitCode::from(EXIT_CONFIG);
     };
     let JwtKeyMaterial::Secret(secret) = &key.material else {

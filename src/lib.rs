@@ -19,6 +19,6 @@ pub mod policy;
 pub mod run;
 pub mod secret;
 pub mod server;
-pub mod stack;
 pub mod sim;
+pub mod stack;
 pub mod upstream;

@@ -10,7 +10,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => cli::check(&config),
-        Command::DevToken { config, caller, ttl, claims } => cli::dev_token(&config, &caller, &ttl, &claims),
+        Command::DevToken {
+            config,
+            caller,
+            ttl,
+            claims,
+        } => cli::dev_token(&config, &caller, &ttl, &claims),
         Command::Serve { config } => {
             let config = match cli::load_or_report(&config) {
                 Ok(c) => c,
@@ -19,5 +24,6 @@ fn main() -> ExitCode {
             zuora_gateway::run::serve(config)
         }
         Command::Simulate { listen } => zuora_gateway::run::simulate(listen),
+        Command::Healthcheck { url } => zuora_gateway::run::healthcheck(url),
     }
 }

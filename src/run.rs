@@ -6,13 +6,18 @@ use std::process::ExitCode;
 use crate::config::{Config, LogFormat};
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.telemetry.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&config.telemetry.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
     let _ = match config.telemetry.log_format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -68,16 +73,50 @@ pub fn simulate(listen: SocketAddr) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let sim = match crate::sim::Simulator::start(listen, crate::sim::SimOptions::default()).await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("error: cannot listen on {listen}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let sim =
+            match crate::sim::Simulator::start(listen, crate::sim::SimOptions::default()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: cannot listen on {listen}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         println!("Zuora simulator listening on {}", sim.base_url());
         terminate_signal().await;
         sim.shutdown().await;
         ExitCode::SUCCESS
+    })
+}
+
+/// `healthcheck`: GET `url`, exit 0 on 200 within 2 s.
+pub fn healthcheck(url: http::Uri) -> ExitCode {
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(_) => return ExitCode::FAILURE,
+    };
+    rt.block_on(async move {
+        let client: Client<HttpConnector, Empty<bytes::Bytes>> =
+            Client::builder(hyper_util::rt::TokioExecutor::new()).build(HttpConnector::new());
+        match tokio::time::timeout(std::time::Duration::from_secs(2), client.get(url)).await {
+            Ok(Ok(resp)) if resp.status() == http::StatusCode::OK => ExitCode::SUCCESS,
+            Ok(Ok(resp)) => {
+                eprintln!("unhealthy: {}", resp.status());
+                ExitCode::FAILURE
+            }
+            Ok(Err(e)) => {
+                eprintln!("unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+            Err(_) => {
+                eprintln!("unhealthy: no answer within 2s");
+                ExitCode::FAILURE
+            }
+        }
     })
 }

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
+use std::future::Ready;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-use futures_util::future::Either;
-use std::future::Ready;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
@@ -126,6 +126,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 config: up.clone(),
                 base,
                 client,
+                breaker: crate::upstream::breaker::CircuitBreaker::new(&up.circuit_breaker),
             },
         );
     }
@@ -170,11 +171,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         what: "server.listen",
         source,
     })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.server.admin_listen,
-        what: "server.admin_listen",
-        source,
-    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.server.admin_listen,
+            what: "server.admin_listen",
+            source,
+        })?;
 
     let admin = Admin {
         health: health.clone(),
@@ -182,7 +185,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server_cfg = config.server.clone();
-    let serving = tokio::spawn(serve(listener, admin_listener, service, admin, server_cfg, shutdown_rx));
+    let serving = tokio::spawn(serve(
+        listener,
+        admin_listener,
+        service,
+        admin,
+        server_cfg,
+        shutdown_rx,
+    ));
     health.set_config_loaded();
     tracing::info!(listen = %listen_addr, admin = %admin_addr, "zuora-gateway listening");
     Ok(Running {
@@ -234,9 +244,9 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
         if uri_len > self.max_uri_bytes {
-            return Either::Left(std::future::ready(Ok(into_response(GatewayError::UriTooLong(
-                self.max_uri_bytes,
-            )))));
+            return Either::Left(std::future::ready(Ok(into_response(
+                GatewayError::UriTooLong(self.max_uri_bytes),
+            ))));
         }
         Either::Right(self.service.clone().oneshot(req.map(body::boxed)))
     }
@@ -298,7 +308,10 @@ async fn serve(
     drop(listener);
     drop(admin_listener);
     tracing::info!(grace = ?cfg.shutdown_grace, "draining in-flight requests");
-    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
     }
 }

@@ -103,12 +103,16 @@ where
             let route = seen.route.unwrap_or_else(|| "none".to_owned());
             metrics
                 .duration
-                .get_or_create(&RouteLabels { route: route.clone() })
+                .get_or_create(&RouteLabels {
+                    route: route.clone(),
+                })
                 .observe(this.started.elapsed().as_secs_f64());
             if let Some(call) = resp.extensions().get::<UpstreamCall>() {
                 metrics
                     .upstream_duration
-                    .get_or_create(&RouteLabels { route: route.clone() })
+                    .get_or_create(&RouteLabels {
+                        route: route.clone(),
+                    })
                     .observe(call.elapsed.as_secs_f64());
             }
             metrics
@@ -132,11 +136,17 @@ pub struct ObserveNotes(Arc<Mutex<Seen>>);
 impl ObserveNotes {
     /// Records route and caller from the request's extensions.
     pub fn record(req: &Req) {
-        if let Some(notes) = req.extensions().get::<ObserveNotes>() {
-            if let Ok(mut seen) = notes.0.lock() {
-                seen.route = req.extensions().get::<RouteMatch>().map(|m| m.name().to_owned());
-                seen.caller = req.extensions().get::<Caller>().map(|c| c.identity.to_string());
-            }
+        if let Some(notes) = req.extensions().get::<ObserveNotes>()
+            && let Ok(mut seen) = notes.0.lock()
+        {
+            seen.route = req
+                .extensions()
+                .get::<RouteMatch>()
+                .map(|m| m.name().to_owned());
+            seen.caller = req
+                .extensions()
+                .get::<Caller>()
+                .map(|c| c.identity.to_string());
         }
     }
 }

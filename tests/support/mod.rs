@@ -38,7 +38,9 @@ pub async fn simulator() -> SimHandle {
 pub async fn simulator_with(mut opts: SimOptions) -> SimHandle {
     opts.client_id = Some(CLIENT_ID.into());
     opts.client_secret = Some(CLIENT_SECRET.into());
-    Simulator::start(loopback(), opts).await.expect("simulator starts")
+    Simulator::start(loopback(), opts)
+        .await
+        .expect("simulator starts")
 }
 
 /// The `upstreams:` section pointing at `sim`.
@@ -50,7 +52,8 @@ pub fn upstream_yaml(sim: &SimHandle) -> String {
 }
 
 /// `server:` on ephemeral ports.
-pub const SERVER_YAML: &str = "server:\n  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n  shutdown_grace: 5s\n";
+pub const SERVER_YAML: &str =
+    "server:\n  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n  shutdown_grace: 5s\n";
 
 /// A gateway running in this process.
 pub struct Gateway {
@@ -68,7 +71,11 @@ impl Gateway {
     }
     /// The embedded simulator's control (for `base_url: simulator`).
     pub fn sim(&self) -> Arc<SimControl> {
-        self.running.as_ref().and_then(|r| r.simulator.as_ref()).expect("embedded simulator").control()
+        self.running
+            .as_ref()
+            .and_then(|r| r.simulator.as_ref())
+            .expect("embedded simulator")
+            .control()
     }
     pub async fn shutdown(mut self) {
         if let Some(r) = self.running.take() {
@@ -85,29 +92,32 @@ pub async fn gateway(yaml: &str) -> Gateway {
 
 pub fn config(yaml: &str) -> Config {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
-    Config::from_yaml(yaml, Path::new("test.yaml"), &dir, &ProcessEnv).unwrap_or_else(|e| panic!("test config: {e}"))
+    Config::from_yaml(yaml, Path::new("test.yaml"), &dir, &ProcessEnv)
+        .unwrap_or_else(|e| panic!("test config: {e}"))
 }
 
 pub async fn start(config: Config) -> Gateway {
     let running = server::start(config).await.expect("gateway starts");
-    let g = Gateway {
+    Gateway {
         addr: running.listen_addr,
         admin: running.admin_addr,
         running: Some(running),
-    };
-    g
+    }
 }
 
 /// Waits until `/readyz` answers 200 (or panics after `within`).
 pub async fn wait_ready(g: &Gateway, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        if let Ok(r) = get(&g.admin_url("/readyz")).await {
-            if r.status == StatusCode::OK {
-                return;
-            }
+        if let Ok(r) = get(&g.admin_url("/readyz")).await
+            && r.status == StatusCode::OK
+        {
+            return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "gateway not ready within {within:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway not ready within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -122,7 +132,8 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -131,7 +142,10 @@ impl Reply {
     pub fn code(&self) -> String {
         let v = self.json();
         assert_eq!(v["success"], false, "{v}");
-        v["reasons"][0]["code"].as_str().map(str::to_owned).unwrap_or_else(|| v["reasons"][0]["code"].to_string())
+        v["reasons"][0]["code"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v["reasons"][0]["code"].to_string())
     }
 }
 
@@ -143,7 +157,11 @@ pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
 pub async fn send(req: Request<Full<Bytes>>) -> Result<Reply, hyper_util::client::legacy::Error> {
     let resp = http_client().request(req).await?;
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     Ok(Reply {
         status: parts.status,
         headers: parts.headers,
@@ -156,7 +174,12 @@ pub async fn get(url: &str) -> Result<Reply, hyper_util::client::legacy::Error> 
 }
 
 /// Builds a request with headers.
-pub fn request(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+pub fn request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
     let mut b = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -187,7 +210,9 @@ pub fn test_pki() -> TestPki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "zuora-gateway test CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "zuora-gateway test CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let ca_issuer = rcgen::Issuer::new(ca_params, ca_key);
     let leaf_key = KeyPair::generate().unwrap();

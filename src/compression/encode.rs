@@ -8,7 +8,7 @@ use bytes::buf::Writer;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use flate2::write::GzEncoder;
 use http::HeaderMap;
-use http_body::{Body as HttpBody, Frame};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::body::BoxError;
 
@@ -110,6 +110,20 @@ where
     fn is_end_stream(&self) -> bool {
         self.done && self.trailers.is_none()
     }
+
+    /// Unknown length, but bounded when the input is: at worst every byte
+    /// costs nine bits (fixed Huffman codes, which the fastest level uses),
+    /// plus block headers and the gzip framing. (The bound lets a retrying
+    /// client buffer small compressed bodies.)
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = SizeHint::default();
+        if !self.done
+            && let Some(upper) = self.inner.size_hint().upper()
+        {
+            hint.set_upper(upper.saturating_add(upper / 8).saturating_add(256));
+        }
+        hint
+    }
 }
 
 #[cfg(test)]
@@ -145,6 +159,18 @@ mod tests {
             frames += 1;
         }
         assert!(frames > 4, "{frames} frames");
+    }
+
+    #[tokio::test]
+    async fn the_size_hint_bounds_the_output_when_the_input_is_bounded() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        for data in [vec![b'a'; 20_000], (0..20_000).map(|_| rng.u8(..)).collect(), (0..300_000).map(|_| rng.u8(128..)).collect(), vec![], vec![7]] {
+            let body = GzipBody::new(http_body_util::Full::new(Bytes::from(data)));
+            let upper = body.size_hint().upper().unwrap();
+            let out = body.collect().await.unwrap().to_bytes();
+            assert!(out.len() as u64 <= upper, "{} > {upper}", out.len());
+        }
+        assert_eq!(GzipBody::new(chunked(b"abc", 1)).size_hint().upper(), None);
     }
 
     #[tokio::test]

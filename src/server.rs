@@ -29,6 +29,7 @@ use crate::error::GatewayError;
 use crate::health::Health;
 use crate::layers::rescue::into_response;
 use crate::metrics::RequestMetrics;
+use crate::oauth::{OAuthMetrics, TokenCache};
 use crate::policy::Policy;
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
@@ -135,18 +136,35 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut registry = Registry::default();
     let request_metrics = RequestMetrics::new(&mut registry);
     let health = Arc::new(Health::new(config.upstreams.keys()));
-    let background = Vec::new();
-    // The token caches will flip these flags; until they exist, upstreams count as ready.
-    for name in config.upstreams.keys() {
-        if let Some(flag) = health.token_flag(name) {
-            flag.store(true, std::sync::atomic::Ordering::Release);
-        }
+    let mut background = Vec::new();
+    // One token cache per upstream: fetches now (readiness waits for it),
+    // refreshes ahead of expiry, never fails startup if Zuora is unreachable.
+    let oauth_metrics = OAuthMetrics::new(&mut registry);
+    let mut tokens = HashMap::new();
+    for (name, up) in upstreams.iter() {
+        let token_url = up
+            .token_url()
+            .map_err(|e| StartError::Upstream(format!("upstream `{name}`: {e}")))?;
+        let ready = health.token_flag(name).unwrap_or_default();
+        let cache = TokenCache::new(
+            &up.config,
+            token_url,
+            up.client.clone(),
+            ready,
+            oauth_metrics.clone(),
+        );
+        background.push(cache.start());
+        tokens.insert(name.clone(), cache);
     }
 
     let policy = Arc::new(ArcSwap::from_pointee(Policy::compile(config.clone())));
+    // JWKS keys at startup (a failure is retried in the background, never fatal).
+    policy.load().authn.start().await;
+    let reload_metrics = crate::reload::ReloadMetrics::new(&mut registry);
     let service = stack::build(&StackParts {
         policy: policy.clone(),
         upstreams: upstreams.clone(),
+        tokens: Arc::new(tokens),
         metrics: request_metrics,
         max_in_flight: config.server.max_in_flight,
         body_metrics: crate::compression::BodyMetrics::new(&mut registry),
@@ -184,6 +202,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         registry: Arc::new(registry),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Hot reload: SIGHUP or a change to the file swaps the policy; a broken file keeps the old one.
+    let mut reload_shutdown = shutdown_rx.clone();
+    background.push(
+        crate::reload::Reloader::new(config.source.clone(), policy.clone())
+            .with_metrics(reload_metrics)
+            .spawn(async move {
+                let _ = reload_shutdown.changed().await;
+            }),
+    );
     let server_cfg = config.server.clone();
     let serving = tokio::spawn(serve(
         listener,

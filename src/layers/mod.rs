@@ -13,12 +13,16 @@
 //!   with real async work box their future.
 
 pub mod authn;
+pub mod authorize;
 pub mod compression;
 pub mod in_flight;
 pub mod observe;
 pub mod request_body;
 pub mod rescue;
 pub mod route;
+pub mod tenancy;
+pub mod token;
+pub mod validate;
 
 use std::future::Ready;
 

@@ -14,6 +14,8 @@
 //! Run: `cargo bench --bench gzip`; with `GZIP_BENCH_LEVELS=1` it also prints
 //! size and time of the test body at every gzip level.
 
+#![allow(clippy::expect_used)]
+
 use std::io::Write;
 
 use bytes::Bytes;
@@ -62,13 +64,19 @@ fn gzip(data: &[u8], level: flate2::Compression) -> Bytes {
 }
 
 fn frames(data: &Bytes) -> Vec<Bytes> {
-    (0..data.len()).step_by(FRAME).map(|at| data.slice(at..(at + FRAME).min(data.len()))).collect()
+    (0..data.len())
+        .step_by(FRAME)
+        .map(|at| data.slice(at..(at + FRAME).min(data.len())))
+        .collect()
 }
 
 /// A body of unknown length yielding `frames`.
 fn streamed(frames: &[Bytes]) -> Body {
-    let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> =
-        frames.iter().cloned().map(|f| Ok(http_body::Frame::data(f))).collect();
+    let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = frames
+        .iter()
+        .cloned()
+        .map(|f| Ok(http_body::Frame::data(f)))
+        .collect();
     body::boxed(StreamBody::new(futures_util::stream::iter(frames)))
 }
 
@@ -88,14 +96,16 @@ async fn drain(mut body: Body) -> Vec<u8> {
 fn zuora(
     frames: Vec<Bytes>,
     gzip: bool,
-) -> impl tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError, Future: Send> + Clone {
+) -> impl tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError, Future: Send>
++ Clone {
     tower::service_fn(move |req: Request<Body>| {
         let frames = frames.clone();
         async move {
             drain(req.into_body()).await;
             let mut resp = Response::new(streamed(&frames));
             if gzip {
-                resp.headers_mut().insert(CONTENT_ENCODING, http::HeaderValue::from_static("gzip"));
+                resp.headers_mut()
+                    .insert(CONTENT_ENCODING, http::HeaderValue::from_static("gzip"));
             }
             Ok::<_, GatewayError>(resp)
         }
@@ -103,15 +113,21 @@ fn zuora(
 }
 
 fn get(accept: Option<&'static str>) -> Request<Body> {
-    let mut req = Request::get("/v1/uno/data-backfill/propagation/jobs").body(body::empty()).expect("request");
+    let mut req = Request::get("/v1/uno/data-backfill/propagation/jobs")
+        .body(body::empty())
+        .expect("request");
     if let Some(a) = accept {
-        req.headers_mut().insert(ACCEPT_ENCODING, http::HeaderValue::from_static(a));
+        req.headers_mut()
+            .insert(ACCEPT_ENCODING, http::HeaderValue::from_static(a));
     }
     req
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let json = json_1mb();
     let fast = gzip(&json, zuora_gateway::compression::LEVEL);
     let default = gzip(&json, flate2::Compression::default());
@@ -130,7 +146,11 @@ fn bench(c: &mut Criterion) {
             for _ in 0..20 {
                 size = gzip(&json, flate2::Compression::new(level)).len();
             }
-            eprintln!("level {level}: {size} bytes ({:.1}%), {:.2} ms/MB", 100.0 * size as f64 / json.len() as f64, started.elapsed().as_secs_f64() * 1000.0 / 20.0);
+            eprintln!(
+                "level {level}: {size} bytes ({:.1}%), {:.2} ms/MB",
+                100.0 * size as f64 / json.len() as f64,
+                started.elapsed().as_secs_f64() * 1000.0 / 20.0
+            );
         }
     }
     let plain_frames = frames(&json);
@@ -145,7 +165,11 @@ fn bench(c: &mut Criterion) {
     group.bench_function("copy", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let resp = plain_zuora.clone().oneshot(get(None)).await.expect("response");
+                let resp = plain_zuora
+                    .clone()
+                    .oneshot(get(None))
+                    .await
+                    .expect("response");
                 drain(resp.into_body()).await.len()
             })
         })
@@ -155,7 +179,11 @@ fn bench(c: &mut Criterion) {
     group.bench_function("pass_through", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let resp = gzip_zuora.clone().oneshot(get(Some("gzip"))).await.expect("response");
+                let resp = gzip_zuora
+                    .clone()
+                    .oneshot(get(Some("gzip")))
+                    .await
+                    .expect("response");
                 drain(resp.into_body()).await.len()
             })
         })
@@ -163,7 +191,11 @@ fn bench(c: &mut Criterion) {
     group.bench_function("decode_for_caller", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let resp = gzip_zuora.clone().oneshot(get(None)).await.expect("response");
+                let resp = gzip_zuora
+                    .clone()
+                    .oneshot(get(None))
+                    .await
+                    .expect("response");
                 drain(resp.into_body()).await.len()
             })
         })
@@ -183,7 +215,8 @@ fn bench(c: &mut Criterion) {
     group.bench_function("compress_request_level6", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let body = GzipBody::with_level(streamed(&plain_frames), flate2::Compression::default());
+                let body =
+                    GzipBody::with_level(streamed(&plain_frames), flate2::Compression::default());
                 drain(body::boxed(body)).await.len()
             })
         })

@@ -33,7 +33,11 @@ impl AcceptEncoding {
             (None, _) => None,
             (Some(one), None) => Some(one.clone()),
             (Some(_), Some(_)) => {
-                let joined: Vec<&[u8]> = headers.get_all(ACCEPT_ENCODING).iter().map(HeaderValue::as_bytes).collect();
+                let joined: Vec<&[u8]> = headers
+                    .get_all(ACCEPT_ENCODING)
+                    .iter()
+                    .map(HeaderValue::as_bytes)
+                    .collect();
                 HeaderValue::from_bytes(&joined.join(&b", "[..])).ok()
             }
         };
@@ -138,7 +142,17 @@ mod tests {
 
     #[test]
     fn gzip_is_preferred_only_when_acceptable_and_not_outranked() {
-        let yes = ["gzip", "GZIP", "x-gzip", "gzip, deflate, br", "br;q=1.0, gzip;q=0.8", "*", "*;q=0.5", "gzip;q=0.5, identity;q=0.5", "identity;q=0, *"];
+        let yes = [
+            "gzip",
+            "GZIP",
+            "x-gzip",
+            "gzip, deflate, br",
+            "br;q=1.0, gzip;q=0.8",
+            "*",
+            "*;q=0.5",
+            "gzip;q=0.5, identity;q=0.5",
+            "identity;q=0, *",
+        ];
         for v in yes {
             assert!(ae(&[v]).prefers_gzip(), "{v}");
         }

@@ -93,7 +93,10 @@ where
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
         if let Some(Ok(frame)) = &frame
@@ -129,17 +132,30 @@ mod tests {
     async fn counts_data_bytes_and_exposes_them_by_side_and_direction() {
         let mut registry = Registry::default();
         let m = BodyMetrics::new(&mut registry);
-        let body = CountingBody::both(Full::new(Bytes::from_static(b"hello")), m.zuora_in.clone(), m.caller_out.clone());
+        let body = CountingBody::both(
+            Full::new(Bytes::from_static(b"hello")),
+            m.zuora_in.clone(),
+            m.caller_out.clone(),
+        );
         assert_eq!(body.size_hint().exact(), Some(5));
         body.collect().await.unwrap();
-        CountingBody::new(Full::new(Bytes::from_static(b"abc")), m.caller_in.clone()).collect().await.unwrap();
+        CountingBody::new(Full::new(Bytes::from_static(b"abc")), m.caller_in.clone())
+            .collect()
+            .await
+            .unwrap();
         assert_eq!(m.zuora_in.get(), 5);
         assert_eq!(m.caller_out.get(), 5);
         assert_eq!(m.caller_in.get(), 3);
         assert_eq!(m.zuora_out.get(), 0);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        assert!(text.contains(r#"gateway_body_bytes_total{side="caller",direction="in"} 3"#), "{text}");
-        assert!(text.contains(r#"gateway_body_bytes_total{side="zuora",direction="in"} 5"#), "{text}");
+        assert!(
+            text.contains(r#"gateway_body_bytes_total{side="caller",direction="in"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gateway_body_bytes_total{side="zuora",direction="in"} 5"#),
+            "{text}"
+        );
     }
 }

@@ -66,7 +66,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
             if *this.done {
@@ -79,7 +82,11 @@ where
             };
             if !this.pending.is_empty() {
                 let n = match decoder.write(this.pending) {
-                    Ok(0) => return Poll::Ready(Some(Err(invalid(std::io::Error::other("the decoder made no progress"))))),
+                    Ok(0) => {
+                        return Poll::Ready(Some(Err(invalid(std::io::Error::other(
+                            "the decoder made no progress",
+                        )))));
+                    }
                     Ok(n) => n,
                     Err(e) => return Poll::Ready(Some(Err(invalid(e)))),
                 };
@@ -116,7 +123,9 @@ where
             };
             if finished {
                 *this.done = true;
-                let Some(mut decoder) = this.decoder.take() else { continue };
+                let Some(mut decoder) = this.decoder.take() else {
+                    continue;
+                };
                 if !*this.seen_input {
                     continue;
                 }
@@ -146,10 +155,16 @@ mod tests {
 
     #[tokio::test]
     async fn decodes_whatever_the_chunking() {
-        let data: Vec<u8> = (0..200_000u32).flat_map(|i| format!("{{\"n\":{i}}},").into_bytes()).collect();
+        let data: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| format!("{{\"n\":{i}}},").into_bytes())
+            .collect();
         let compressed = gz(&data);
         for size in [1, 7, 1000, 16 * 1024, compressed.len()] {
-            let out = GunzipBody::new(chunked(&compressed, size)).collect().await.unwrap().to_bytes();
+            let out = GunzipBody::new(chunked(&compressed, size))
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes();
             assert_eq!(out.len(), data.len(), "chunk size {size}");
             assert!(out == data[..], "chunk size {size}");
         }
@@ -175,15 +190,26 @@ mod tests {
         let mut crc = good.clone();
         let at = crc.len() - 8;
         crc[at] ^= 1;
-        for (name, bad) in [("not gzip", b"{\"success\":true}".to_vec()), ("truncated", good[..good.len() - 4].to_vec()), ("crc", crc)] {
-            let err = GunzipBody::new(chunked(&bad, 5)).collect().await.unwrap_err();
+        for (name, bad) in [
+            ("not gzip", b"{\"success\":true}".to_vec()),
+            ("truncated", good[..good.len() - 4].to_vec()),
+            ("crc", crc),
+        ] {
+            let err = GunzipBody::new(chunked(&bad, 5))
+                .collect()
+                .await
+                .unwrap_err();
             assert!(err.downcast_ref::<InvalidGzip>().is_some(), "{name}: {err}");
         }
     }
 
     #[tokio::test]
     async fn empty_input_is_an_empty_body() {
-        let out = GunzipBody::new(chunked(b"", 1)).collect().await.unwrap().to_bytes();
+        let out = GunzipBody::new(chunked(b"", 1))
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
         assert!(out.is_empty());
     }
 

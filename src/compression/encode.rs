@@ -57,7 +57,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
             if *this.done {
@@ -95,7 +98,9 @@ where
             };
             if finished {
                 *this.done = true;
-                let Some(mut encoder) = this.encoder.take() else { continue };
+                let Some(mut encoder) = this.encoder.take() else {
+                    continue;
+                };
                 if let Err(e) = encoder.try_finish() {
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
@@ -137,12 +142,27 @@ mod tests {
 
     #[tokio::test]
     async fn round_trips_through_gunzip_whatever_the_chunking() {
-        let data: Vec<u8> = (0..50_000u32).flat_map(|i| format!("{{\"id\":\"job-{i}\",\"status\":\"Completed\"}},").into_bytes()).collect();
+        let data: Vec<u8> = (0..50_000u32)
+            .flat_map(|i| format!("{{\"id\":\"job-{i}\",\"status\":\"Completed\"}},").into_bytes())
+            .collect();
         for size in [1, 100, 8192, data.len()] {
-            let compressed = GzipBody::new(chunked(&data, size)).collect().await.unwrap().to_bytes();
-            assert!(compressed.len() * 5 < data.len(), "JSON compresses well: {} of {}", compressed.len(), data.len());
+            let compressed = GzipBody::new(chunked(&data, size))
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes();
+            assert!(
+                compressed.len() * 5 < data.len(),
+                "JSON compresses well: {} of {}",
+                compressed.len(),
+                data.len()
+            );
             assert_eq!(&compressed[..2], &[0x1f, 0x8b], "gzip magic");
-            let round = GunzipBody::new(chunked(&compressed, 333)).collect().await.unwrap().to_bytes();
+            let round = GunzipBody::new(chunked(&compressed, 333))
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes();
             assert!(round == data[..], "chunk size {size}");
         }
     }
@@ -164,7 +184,13 @@ mod tests {
     #[tokio::test]
     async fn the_size_hint_bounds_the_output_when_the_input_is_bounded() {
         let mut rng = fastrand::Rng::with_seed(1);
-        for data in [vec![b'a'; 20_000], (0..20_000).map(|_| rng.u8(..)).collect(), (0..300_000).map(|_| rng.u8(128..)).collect(), vec![], vec![7]] {
+        for data in [
+            vec![b'a'; 20_000],
+            (0..20_000).map(|_| rng.u8(..)).collect(),
+            (0..300_000).map(|_| rng.u8(128..)).collect(),
+            vec![],
+            vec![7],
+        ] {
             let body = GzipBody::new(http_body_util::Full::new(Bytes::from(data)));
             let upper = body.size_hint().upper().unwrap();
             let out = body.collect().await.unwrap().to_bytes();
@@ -175,9 +201,17 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_body_is_a_valid_empty_gzip_stream() {
-        let compressed = GzipBody::new(chunked(b"", 1)).collect().await.unwrap().to_bytes();
+        let compressed = GzipBody::new(chunked(b"", 1))
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
         assert!(!compressed.is_empty());
-        let round = GunzipBody::new(chunked(&compressed, 3)).collect().await.unwrap().to_bytes();
+        let round = GunzipBody::new(chunked(&compressed, 3))
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
         assert!(round.is_empty());
     }
 }

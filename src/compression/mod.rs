@@ -112,7 +112,9 @@ impl GzipCheck {
     /// `Ok(Some(len))` once the body is checked, `Ok(None)` when the budget
     /// ran out first (call again), or the error.
     pub fn step(&mut self, input: &[u8], budget: u64) -> Result<Option<u64>, GatewayError> {
-        let invalid = |e: std::io::Error| GatewayError::InvalidValue(format!("the request body is not valid gzip: {e}"));
+        let invalid = |e: std::io::Error| {
+            GatewayError::InvalidValue(format!("the request body is not valid gzip: {e}"))
+        };
         if input.is_empty() {
             return Err(invalid(std::io::Error::other("the body is empty")));
         }
@@ -120,7 +122,9 @@ impl GzipCheck {
         while let Some(rest) = input.get(self.consumed..).filter(|r| !r.is_empty()) {
             let n = self.decoder.write(rest).map_err(invalid)?;
             if n == 0 {
-                return Err(invalid(std::io::Error::other("the decoder made no progress")));
+                return Err(invalid(std::io::Error::other(
+                    "the decoder made no progress",
+                )));
             }
             self.consumed += n;
             let decoded = self.decoder.get_ref().0;
@@ -221,7 +225,16 @@ pub fn is_compressible(headers: &HeaderMap) -> bool {
         return false;
     }
     const COMPRESSED: [&str; 10] = [
-        "zip", "gzip", "x-gzip", "x-compress", "x-7z-compressed", "x-rar-compressed", "x-bzip2", "x-xz", "zstd", "pdf",
+        "zip",
+        "gzip",
+        "x-gzip",
+        "x-compress",
+        "x-7z-compressed",
+        "x-rar-compressed",
+        "x-bzip2",
+        "x-xz",
+        "zstd",
+        "pdf",
     ];
     !COMPRESSED.iter().any(|c| is(subtype, c))
 }
@@ -246,17 +259,24 @@ pub(crate) mod test_bodies {
         e.finish().unwrap()
     }
 
-    type Frames = StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>>;
+    type Frames =
+        StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>>;
 
     /// A body of unknown length yielding `data` in frames of `size` bytes.
     pub(crate) fn chunked(data: &[u8], size: usize) -> Frames {
-        let frames: Vec<_> = data.chunks(size.max(1)).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let frames: Vec<_> = data
+            .chunks(size.max(1))
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
         StreamBody::new(futures_util::stream::iter(frames))
     }
 
     /// `data` in one frame followed by `trailers`.
     pub(crate) fn with_trailers(data: &[u8], trailers: HeaderMap) -> Frames {
-        let frames = vec![Ok(Frame::data(Bytes::copy_from_slice(data))), Ok(Frame::trailers(trailers))];
+        let frames = vec![
+            Ok(Frame::data(Bytes::copy_from_slice(data))),
+            Ok(Frame::trailers(trailers)),
+        ];
         StreamBody::new(futures_util::stream::iter(frames))
     }
 }
@@ -287,7 +307,10 @@ mod tests {
     async fn decoded_len_check_counts_without_keeping_output() {
         let data = vec![b'a'; 10_000];
         assert_eq!(gzip_decoded_len(&gz(&data), 10_000).await.unwrap(), 10_000);
-        assert!(matches!(gzip_decoded_len(&gz(&data), 9_999).await, Err(GatewayError::PayloadTooLarge { limit: 9_999 })));
+        assert!(matches!(
+            gzip_decoded_len(&gz(&data), 9_999).await,
+            Err(GatewayError::PayloadTooLarge { limit: 9_999 })
+        ));
     }
 
     #[tokio::test]
@@ -303,12 +326,21 @@ mod tests {
     async fn decoded_len_check_refuses_corrupt_truncated_and_empty_input() {
         let good = gz(br#"{"status":"Stopping"}"#);
         for bad in [&b"not gzip at all"[..], &good[..good.len() - 3], &[][..]] {
-            assert!(matches!(gzip_decoded_len(bad, 1000).await, Err(GatewayError::InvalidValue(_))), "{bad:?}");
+            assert!(
+                matches!(
+                    gzip_decoded_len(bad, 1000).await,
+                    Err(GatewayError::InvalidValue(_))
+                ),
+                "{bad:?}"
+            );
         }
         let mut flipped = good.clone();
         let crc_at = flipped.len() - 8;
         flipped[crc_at] ^= 0xff;
-        assert!(matches!(gzip_decoded_len(&flipped, 1000).await, Err(GatewayError::InvalidValue(_))));
+        assert!(matches!(
+            gzip_decoded_len(&flipped, 1000).await,
+            Err(GatewayError::InvalidValue(_))
+        ));
     }
 
     #[tokio::test]
@@ -335,8 +367,14 @@ mod tests {
         assert_eq!(ce(&["GZip"]), ContentCoding::Gzip);
         assert_eq!(ce(&["x-gzip"]), ContentCoding::Gzip);
         assert_eq!(ce(&["identity, gzip"]), ContentCoding::Gzip);
-        assert_eq!(ce(&["gzip, gzip"]), ContentCoding::Other("gzip, gzip".into()));
-        assert_eq!(ce(&["gzip", "gzip"]), ContentCoding::Other("gzip, gzip".into()));
+        assert_eq!(
+            ce(&["gzip, gzip"]),
+            ContentCoding::Other("gzip, gzip".into())
+        );
+        assert_eq!(
+            ce(&["gzip", "gzip"]),
+            ContentCoding::Other("gzip, gzip".into())
+        );
         assert_eq!(ce(&["compress"]), ContentCoding::Other("compress".into()));
         assert_eq!(ce(&["br"]), ContentCoding::Other("br".into()));
         assert_eq!(ce(&["deflate"]), ContentCoding::Other("deflate".into()));

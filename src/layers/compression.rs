@@ -32,8 +32,8 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, ACCEPT_RANGES, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG, HeaderMap, HeaderValue,
-    VARY,
+    ACCEPT_ENCODING, ACCEPT_RANGES, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG,
+    HeaderMap, HeaderValue, VARY,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -42,7 +42,8 @@ use tower::{Layer, Service};
 use super::{GwResult, Req, Resp};
 use crate::body::{self, Body, BoxError};
 use crate::compression::{
-    AcceptEncoding, BodyMetrics, ContentCoding, CountingBody, GunzipBody, GzipBody, InvalidGzip, is_compressible,
+    AcceptEncoding, BodyMetrics, ContentCoding, CountingBody, GunzipBody, GzipBody, InvalidGzip,
+    is_compressible,
 };
 use crate::context::RouteMatch;
 use crate::error::GatewayError;
@@ -151,9 +152,16 @@ fn prepare_request(req: Req, threshold: u64, metrics: &BodyMetrics) -> Req {
         parts.headers.insert(CONTENT_ENCODING, GZIP.clone());
         parts.headers.remove(CONTENT_LENGTH);
         let from_caller = CountingBody::new(body, metrics.caller_in.clone());
-        body::boxed(CountingBody::new(GzipBody::new(from_caller), metrics.zuora_out.clone()))
+        body::boxed(CountingBody::new(
+            GzipBody::new(from_caller),
+            metrics.zuora_out.clone(),
+        ))
     } else {
-        body::boxed(CountingBody::both(body, metrics.caller_in.clone(), metrics.zuora_out.clone()))
+        body::boxed(CountingBody::both(
+            body,
+            metrics.caller_in.clone(),
+            metrics.zuora_out.clone(),
+        ))
     };
     Request::from_parts(parts, body)
 }
@@ -182,7 +190,11 @@ impl ResponsePlan {
             || parts.status == StatusCode::NOT_MODIFIED;
         let m = &self.metrics;
         let unchanged = |parts: http::response::Parts, body: Body| -> Result<Next, GatewayError> {
-            let body = body::boxed(CountingBody::both(body, m.zuora_in.clone(), m.caller_out.clone()));
+            let body = body::boxed(CountingBody::both(
+                body,
+                m.zuora_in.clone(),
+                m.caller_out.clone(),
+            ));
             Ok(Next::Ready(Response::from_parts(parts, body)))
         };
         match ContentCoding::of(&parts.headers) {
@@ -200,7 +212,10 @@ impl ResponsePlan {
                 parts.headers.insert(CONTENT_ENCODING, GZIP.clone());
                 transformed(&mut parts.headers);
                 let from_zuora = CountingBody::new(body, m.zuora_in.clone());
-                let body = body::boxed(CountingBody::new(GzipBody::new(from_zuora), m.caller_out.clone()));
+                let body = body::boxed(CountingBody::new(
+                    GzipBody::new(from_zuora),
+                    m.caller_out.clone(),
+                ));
                 Ok(Next::Ready(Response::from_parts(parts, body)))
             }
             ContentCoding::Gzip => {
@@ -214,7 +229,10 @@ impl ResponsePlan {
                     return Ok(Next::Ready(Response::from_parts(parts, body)));
                 }
                 let from_zuora = CountingBody::new(body, m.zuora_in.clone());
-                let body = body::boxed(CountingBody::new(GunzipBody::new(from_zuora), m.caller_out.clone()));
+                let body = body::boxed(CountingBody::new(
+                    GunzipBody::new(from_zuora),
+                    m.caller_out.clone(),
+                ));
                 Ok(Next::Prime(parts, body))
             }
             ContentCoding::Other(codings) => {
@@ -286,7 +304,9 @@ impl<F: Future<Output = GwResult>> Future for CompressionFuture<F> {
         if this.priming.is_none() {
             let resp = ready!(this.inner.poll(cx))?;
             let Some(plan) = this.plan.take() else {
-                return Poll::Ready(Err(GatewayError::Internal("compression future polled after completion".into())));
+                return Poll::Ready(Err(GatewayError::Internal(
+                    "compression future polled after completion".into(),
+                )));
             };
             match plan.respond(resp)? {
                 Next::Ready(resp) => return Poll::Ready(Ok(resp)),
@@ -294,7 +314,9 @@ impl<F: Future<Output = GwResult>> Future for CompressionFuture<F> {
             }
         }
         let Some((_, body)) = this.priming.as_mut() else {
-            return Poll::Ready(Err(GatewayError::Internal("compression future polled after completion".into())));
+            return Poll::Ready(Err(GatewayError::Internal(
+                "compression future polled after completion".into(),
+            )));
         };
         let first = match ready!(Pin::new(body).poll_frame(cx)) {
             Some(Ok(frame)) => Some(frame),
@@ -305,15 +327,22 @@ impl<F: Future<Output = GwResult>> Future for CompressionFuture<F> {
             None => None,
         };
         let Some((parts, rest)) = this.priming.take() else {
-            return Poll::Ready(Err(GatewayError::Internal("compression future polled after completion".into())));
+            return Poll::Ready(Err(GatewayError::Internal(
+                "compression future polled after completion".into(),
+            )));
         };
-        Poll::Ready(Ok(Response::from_parts(parts, body::boxed(Primed { first, rest }))))
+        Poll::Ready(Ok(Response::from_parts(
+            parts,
+            body::boxed(Primed { first, rest }),
+        )))
     }
 }
 
 fn upstream_body_error(e: &BoxError) -> GatewayError {
     if e.downcast_ref::<InvalidGzip>().is_some() {
-        GatewayError::BadUpstreamResponse(format!("Zuora's gzip response could not be decoded: {e}"))
+        GatewayError::BadUpstreamResponse(format!(
+            "Zuora's gzip response could not be decoded: {e}"
+        ))
     } else {
         GatewayError::BadUpstreamResponse(format!("reading Zuora's response failed: {e}"))
     }
@@ -331,7 +360,10 @@ impl HttpBody for Primed {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Some(frame) = this.first.take() {
             return Poll::Ready(Some(Ok(frame)));
@@ -345,7 +377,11 @@ impl HttpBody for Primed {
 
     fn size_hint(&self) -> SizeHint {
         // Decoded bodies have no known length anyway.
-        if self.first.is_some() { SizeHint::default() } else { self.rest.size_hint() }
+        if self.first.is_some() {
+            SizeHint::default()
+        } else {
+            self.rest.size_hint()
+        }
     }
 }
 
@@ -380,7 +416,11 @@ mod tests {
             let answer = answer.clone();
             async move {
                 let (parts, body) = req.into_parts();
-                let body = body.collect().await.map_err(|e| GatewayError::Internal(e.to_string()))?.to_bytes();
+                let body = body
+                    .collect()
+                    .await
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?
+                    .to_bytes();
                 *seen.lock().unwrap() = Some(Seen {
                     headers: parts.headers,
                     body,
@@ -439,13 +479,16 @@ mod tests {
     /// A request routed with a policy whose `server.compress_responses_over` is `over`.
     fn routed(mut req: Req, over: Option<u64>, requests_over: u64) -> Req {
         let server = match over {
-            Some(n) => format!("server: {{ listen: 127.0.0.1:8080, compress_responses_over: {n} }}\n"),
+            Some(n) => {
+                format!("server: {{ listen: 127.0.0.1:8080, compress_responses_over: {n} }}\n")
+            }
             None => "server: { listen: 127.0.0.1:8080 }\n".to_owned(),
         };
         let yaml = format!(
             "{server}upstreams: {{ zuora: {{ base_url: simulator, compress_requests_over: {requests_over} }} }}\ncallers: {{ trusted_identity: svc }}\nroutes:\n  - {{ name: all, path: /v1/**, upstream: zuora, allow_callers: ['*'] }}\n"
         );
-        let config = Config::from_yaml(&yaml, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
+        let config =
+            Config::from_yaml(&yaml, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
         let policy = Arc::new(Policy::compile(Arc::new(config)));
         req.extensions_mut().insert(RouteMatch {
             policy,
@@ -461,17 +504,26 @@ mod tests {
     }
 
     fn gunzip(data: &[u8]) -> Vec<u8> {
-        crate::compression::gunzip_bounded(data, 1 << 30).unwrap().to_vec()
+        crate::compression::gunzip_bounded(data, 1 << 30)
+            .unwrap()
+            .to_vec()
     }
 
     #[tokio::test]
     async fn zuora_is_always_asked_for_gzip() {
-        for accept in [None, Some("identity"), Some("br, deflate"), Some("gzip;q=0"), Some("gzip")] {
+        for accept in [
+            None,
+            Some("identity"),
+            Some("br, deflate"),
+            Some("gzip;q=0"),
+            Some("gzip"),
+        ] {
             let seen = Arc::new(Mutex::new(None));
             let svc = layer().0.layer(zuora(seen.clone(), plain_answer(b"{}")));
             let mut req = get(accept);
             if accept.is_some() {
-                req.headers_mut().append(ACCEPT_ENCODING, HeaderValue::from_static("compress"));
+                req.headers_mut()
+                    .append(ACCEPT_ENCODING, HeaderValue::from_static("compress"));
             }
             svc.oneshot(req).await.unwrap();
             let headers = seen.lock().unwrap().take().unwrap().headers;
@@ -483,16 +535,32 @@ mod tests {
     #[tokio::test]
     async fn gzip_from_zuora_reaches_a_gzip_caller_byte_for_byte() {
         let plain = json_list(200);
-        for accept in ["gzip", "gzip, deflate, br", "*;q=0.5", "GZIP;q=0.8, identity;q=0.8", "x-gzip"] {
+        for accept in [
+            "gzip",
+            "gzip, deflate, br",
+            "*;q=0.5",
+            "GZIP;q=0.8, identity;q=0.8",
+            "x-gzip",
+        ] {
             let seen = Arc::new(Mutex::new(None));
             let (layer, metrics) = layer();
-            let resp = layer.layer(zuora(seen, gzip_answer(&plain))).oneshot(get(Some(accept))).await.unwrap();
+            let resp = layer
+                .layer(zuora(seen, gzip_answer(&plain)))
+                .oneshot(get(Some(accept)))
+                .await
+                .unwrap();
             let (parts, bytes) = read(resp).await;
             assert_eq!(parts.headers[CONTENT_ENCODING], "gzip", "{accept}");
             assert_eq!(bytes, gz(&plain), "same bytes, no recompression ({accept})");
-            assert_eq!(parts.headers[CONTENT_LENGTH], bytes.len().to_string().as_str());
+            assert_eq!(
+                parts.headers[CONTENT_LENGTH],
+                bytes.len().to_string().as_str()
+            );
             assert_eq!(parts.headers[VARY], "Accept-Encoding");
-            assert_eq!(parts.headers[ETAG], "\"v1\"", "untouched representation keeps a strong ETag");
+            assert_eq!(
+                parts.headers[ETAG], "\"v1\"",
+                "untouched representation keeps a strong ETag"
+            );
             assert_eq!(metrics.zuora_in.get(), bytes.len() as u64);
             assert_eq!(metrics.caller_out.get(), bytes.len() as u64);
         }
@@ -501,10 +569,22 @@ mod tests {
     #[tokio::test]
     async fn gzip_from_zuora_is_decoded_for_a_caller_that_does_not_take_it() {
         let plain = json_list(200);
-        for accept in [None, Some(""), Some("identity"), Some("gzip;q=0"), Some("br"), Some("gzip;q=0.5, identity"), Some("*;q=0")] {
+        for accept in [
+            None,
+            Some(""),
+            Some("identity"),
+            Some("gzip;q=0"),
+            Some("br"),
+            Some("gzip;q=0.5, identity"),
+            Some("*;q=0"),
+        ] {
             let seen = Arc::new(Mutex::new(None));
             let (layer, metrics) = layer();
-            let resp = layer.layer(zuora(seen, gzip_answer(&plain))).oneshot(get(accept)).await.unwrap();
+            let resp = layer
+                .layer(zuora(seen, gzip_answer(&plain)))
+                .oneshot(get(accept))
+                .await
+                .unwrap();
             let (parts, bytes) = read(resp).await;
             assert!(bytes == plain[..], "{accept:?}");
             assert!(!parts.headers.contains_key(CONTENT_ENCODING), "{accept:?}");
@@ -528,7 +608,15 @@ mod tests {
                 .unwrap()
         };
         let req = Request::head("/v1/x").body(body::empty()).unwrap();
-        let (parts, bytes) = read(layer().0.layer(zuora(seen, answer)).oneshot(req).await.unwrap()).await;
+        let (parts, bytes) = read(
+            layer()
+                .0
+                .layer(zuora(seen, answer))
+                .oneshot(req)
+                .await
+                .unwrap(),
+        )
+        .await;
         assert!(bytes.is_empty());
         assert!(!parts.headers.contains_key(CONTENT_ENCODING));
         assert!(!parts.headers.contains_key(CONTENT_LENGTH));
@@ -543,8 +631,16 @@ mod tests {
                 .body(body::full(&br#"{"success":true,"jobs":[]}"#[..]))
                 .unwrap()
         };
-        let err = layer().0.layer(zuora(seen, answer)).oneshot(get(None)).await.unwrap_err();
-        assert!(matches!(err, GatewayError::BadUpstreamResponse(_)), "{err:?}");
+        let err = layer()
+            .0
+            .layer(zuora(seen, answer))
+            .oneshot(get(None))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, GatewayError::BadUpstreamResponse(_)),
+            "{err:?}"
+        );
         assert_eq!(err.classify().0, StatusCode::BAD_GATEWAY);
     }
 
@@ -562,7 +658,12 @@ mod tests {
                 .body(body::boxed(chunked(&bad, 1024)))
                 .unwrap()
         };
-        let resp = layer().0.layer(zuora(seen, answer)).oneshot(get(None)).await.unwrap();
+        let resp = layer()
+            .0
+            .layer(zuora(seen, answer))
+            .oneshot(get(None))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let err = resp.into_body().collect().await.unwrap_err();
         assert!(err.downcast_ref::<InvalidGzip>().is_some(), "{err}");
@@ -577,10 +678,23 @@ mod tests {
                 .unwrap()
         };
         let seen = Arc::new(Mutex::new(None));
-        let resp = layer().0.layer(zuora(seen.clone(), answer)).oneshot(get(Some("br, gzip"))).await.unwrap();
+        let resp = layer()
+            .0
+            .layer(zuora(seen.clone(), answer))
+            .oneshot(get(Some("br, gzip")))
+            .await
+            .unwrap();
         assert_eq!(resp.headers()[CONTENT_ENCODING], "br");
-        let err = layer().0.layer(zuora(seen, answer)).oneshot(get(Some("gzip"))).await.unwrap_err();
-        assert!(matches!(err, GatewayError::BadUpstreamResponse(_)), "{err:?}");
+        let err = layer()
+            .0
+            .layer(zuora(seen, answer))
+            .oneshot(get(Some("gzip")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, GatewayError::BadUpstreamResponse(_)),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
@@ -590,7 +704,10 @@ mod tests {
         let (layer, metrics) = layer();
         let seen = Arc::new(Mutex::new(None));
         let svc = layer.layer(zuora(seen.clone(), plain_answer(b"{}")));
-        let req = Request::post("/v1/x").header(CONTENT_LENGTH, big.len()).body(body::full(big.clone())).unwrap();
+        let req = Request::post("/v1/x")
+            .header(CONTENT_LENGTH, big.len())
+            .body(body::full(big.clone()))
+            .unwrap();
         svc.clone().oneshot(req).await.unwrap();
         let s = seen.lock().unwrap().take().unwrap();
         assert_eq!(s.headers[CONTENT_ENCODING], "gzip");
@@ -598,10 +715,16 @@ mod tests {
         assert_eq!(gunzip(&s.body), big);
         assert_eq!(metrics.caller_in.get(), big.len() as u64);
         assert_eq!(metrics.zuora_out.get(), s.body.len() as u64);
-        assert!(metrics.zuora_out.get() * 5 < metrics.caller_in.get(), "the saving is visible");
+        assert!(
+            metrics.zuora_out.get() * 5 < metrics.caller_in.get(),
+            "the saving is visible"
+        );
 
         let small = br#"{"status":"Stopping"}"#;
-        let req = Request::put("/v1/x").header(CONTENT_LENGTH, small.len()).body(body::full(&small[..])).unwrap();
+        let req = Request::put("/v1/x")
+            .header(CONTENT_LENGTH, small.len())
+            .body(body::full(&small[..]))
+            .unwrap();
         svc.clone().oneshot(req).await.unwrap();
         let s = seen.lock().unwrap().take().unwrap();
         assert!(!s.headers.contains_key(CONTENT_ENCODING));
@@ -612,18 +735,31 @@ mod tests {
     #[tokio::test]
     async fn the_request_threshold_is_the_upstreams_and_unknown_lengths_count_as_large() {
         let body_of = |n: usize| vec![b'x'; n];
-        let cases = [(1024, 1024, false), (1024, 1025, true), (100, 101, true), (100, 100, false)];
+        let cases = [
+            (1024, 1024, false),
+            (1024, 1025, true),
+            (100, 101, true),
+            (100, 100, false),
+        ];
         for (threshold, size, compressed) in cases {
             let seen = Arc::new(Mutex::new(None));
             let svc = layer().0.layer(zuora(seen.clone(), plain_answer(b"{}")));
-            let req = Request::post("/v1/x").body(body::full(body_of(size))).unwrap();
+            let req = Request::post("/v1/x")
+                .body(body::full(body_of(size)))
+                .unwrap();
             svc.oneshot(routed(req, None, threshold)).await.unwrap();
             let s = seen.lock().unwrap().take().unwrap();
-            assert_eq!(s.headers.contains_key(CONTENT_ENCODING), compressed, "threshold {threshold}, size {size}");
+            assert_eq!(
+                s.headers.contains_key(CONTENT_ENCODING),
+                compressed,
+                "threshold {threshold}, size {size}"
+            );
         }
         let seen = Arc::new(Mutex::new(None));
         let svc = layer().0.layer(zuora(seen.clone(), plain_answer(b"{}")));
-        let req = Request::post("/v1/x").body(body::boxed(chunked(b"{\"a\":1}", 3))).unwrap();
+        let req = Request::post("/v1/x")
+            .body(body::boxed(chunked(b"{\"a\":1}", 3)))
+            .unwrap();
         svc.oneshot(req).await.unwrap();
         let s = seen.lock().unwrap().take().unwrap();
         assert_eq!(s.headers[CONTENT_ENCODING], "gzip");
@@ -659,8 +795,13 @@ mod tests {
         for (over, accept, compressed) in cases {
             let seen = Arc::new(Mutex::new(None));
             let svc = layer().0.layer(zuora(seen, plain_answer(&plain)));
-            let (parts, bytes) = read(svc.oneshot(routed(get(accept), over, 1024)).await.unwrap()).await;
-            assert_eq!(parts.headers.contains_key(CONTENT_ENCODING), compressed, "{over:?} {accept:?}");
+            let (parts, bytes) =
+                read(svc.oneshot(routed(get(accept), over, 1024)).await.unwrap()).await;
+            assert_eq!(
+                parts.headers.contains_key(CONTENT_ENCODING),
+                compressed,
+                "{over:?} {accept:?}"
+            );
             if compressed {
                 assert_eq!(gunzip(&bytes), plain);
                 assert!(!parts.headers.contains_key(CONTENT_LENGTH));

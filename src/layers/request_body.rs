@@ -112,7 +112,9 @@ where
         let limits = req
             .extensions()
             .get::<RouteMatch>()
-            .map_or(self.fallback, |m| BodyLimits::from_server(&m.policy.config.server));
+            .map_or(self.fallback, |m| {
+                BodyLimits::from_server(&m.policy.config.server)
+            });
         let coding = ContentCoding::of(req.headers());
         if let ContentCoding::Other(value) = coding {
             return reject(GatewayError::UnsupportedEncoding(value));
@@ -137,7 +139,9 @@ where
         match coding {
             ContentCoding::Gzip => {
                 // One spelling for Zuora, whatever alias or `identity` padding the caller used.
-                parts.headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                parts
+                    .headers
+                    .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
                 Either::Right(Either::Right(CheckThenCall {
@@ -145,7 +149,9 @@ where
                         parts,
                         body: guarded,
                         // The declared length is within the limit (checked above).
-                        received: BytesMut::with_capacity(declared.unwrap_or(0).try_into().unwrap_or(0)),
+                        received: BytesMut::with_capacity(
+                            declared.unwrap_or(0).try_into().unwrap_or(0),
+                        ),
                         failure,
                         limit,
                     },
@@ -191,7 +197,8 @@ enum GzipState {
     Checking {
         parts: http::request::Parts,
         compressed: Bytes,
-        check: GzipCheck,
+        // Boxed: the codec state is large and only gzip requests need it.
+        check: Box<GzipCheck>,
     },
     Done,
 }
@@ -232,13 +239,16 @@ impl GzipState {
                         };
                     }
                     Poll::Ready(Some(Err(e))) => {
-                        return Poll::Ready(Err(failure.get().cloned().unwrap_or_else(|| caller_body_error(&e))));
+                        return Poll::Ready(Err(failure
+                            .get()
+                            .cloned()
+                            .unwrap_or_else(|| caller_body_error(&e))));
                     }
                     Poll::Ready(None) => {
                         *self = GzipState::Checking {
                             parts,
                             compressed: received.freeze(),
-                            check: GzipCheck::new(limit),
+                            check: Box::new(GzipCheck::new(limit)),
                         };
                     }
                 },
@@ -248,19 +258,27 @@ impl GzipState {
                     mut check,
                 } => match check.step(&compressed, CHECK_SLICE) {
                     Ok(None) => {
-                        *self = GzipState::Checking { parts, compressed, check };
+                        *self = GzipState::Checking {
+                            parts,
+                            compressed,
+                            check,
+                        };
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
                     }
                     Ok(Some(_)) => {
-                        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(compressed.len()));
+                        parts
+                            .headers
+                            .insert(CONTENT_LENGTH, HeaderValue::from(compressed.len()));
                         parts.headers.remove(TRANSFER_ENCODING);
                         return Poll::Ready(Ok(Request::from_parts(parts, body::full(compressed))));
                     }
                     Err(e) => return Poll::Ready(Err(e)),
                 },
                 GzipState::Done => {
-                    return Poll::Ready(Err(GatewayError::Internal("request body future polled after completion".into())));
+                    return Poll::Ready(Err(GatewayError::Internal(
+                        "request body future polled after completion".into(),
+                    )));
                 }
             }
         }
@@ -280,7 +298,9 @@ where
         }
         let req = ready!(this.state.poll_request(cx))?;
         let Some(mut inner) = this.inner.take() else {
-            return Poll::Ready(Err(GatewayError::Internal("request body future polled after completion".into())));
+            return Poll::Ready(Err(GatewayError::Internal(
+                "request body future polled after completion".into(),
+            )));
         };
         this.calling.set(Some(inner.call(req)));
         match this.calling.as_pin_mut() {
@@ -366,7 +386,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Some(err) = this.failure.get() {
             return Poll::Ready(Some(Err(Box::new(err.clone()))));
@@ -382,12 +405,17 @@ where
                             *this.received = this.received.saturating_add(data.remaining() as u64);
                             if *this.received > this.limits.max_body_bytes {
                                 let limit = this.limits.max_body_bytes;
-                                return Poll::Ready(Some(Err(fail(this.failure, GatewayError::PayloadTooLarge { limit }))));
+                                return Poll::Ready(Some(Err(fail(
+                                    this.failure,
+                                    GatewayError::PayloadTooLarge { limit },
+                                ))));
                             }
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
-                    Some(Err(e)) => Poll::Ready(Some(Err(fail(this.failure, caller_body_error(&e))))),
+                    Some(Err(e)) => {
+                        Poll::Ready(Some(Err(fail(this.failure, caller_body_error(&e)))))
+                    }
                     None => Poll::Ready(None),
                 }
             }
@@ -401,7 +429,9 @@ where
                         }
                         t
                     }
-                    None => this.timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    None => this
+                        .timer
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
                 if timer.as_mut().poll(cx).is_ready() {
                     let err = GatewayError::BodyTimeout(this.limits.body_read_timeout);
@@ -431,8 +461,8 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::layers::LayerFuture;
     use crate::compression::test_bodies::{chunked, gz};
+    use crate::layers::LayerFuture;
 
     const LIMITS: BodyLimits = BodyLimits {
         max_body_bytes: 1024 * 1024,
@@ -495,10 +525,17 @@ mod tests {
     #[tokio::test]
     async fn declared_length_over_the_limit_is_refused_before_the_body_is_read() {
         let reader = Reader::default();
-        let r = req(&[("content-length", "1048577")], body::boxed(chunked(b"x", 1)));
+        let r = req(
+            &[("content-length", "1048577")],
+            body::boxed(chunked(b"x", 1)),
+        );
         assert_eq!(status(&reader, r).await, StatusCode::PAYLOAD_TOO_LARGE);
         let r = req(&[], body::full(vec![0u8; 1024 * 1024 + 1]));
-        assert_eq!(status(&reader, r).await, StatusCode::PAYLOAD_TOO_LARGE, "exact size hint");
+        assert_eq!(
+            status(&reader, r).await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "exact size hint"
+        );
         assert_eq!(reader.calls.load(Ordering::SeqCst), 0);
     }
 
@@ -506,10 +543,19 @@ mod tests {
     async fn unknown_length_body_past_the_limit_is_413_not_the_readers_502() {
         let reader = Reader::default();
         let big = vec![b'a'; 1024 * 1024 + 10];
-        let err = layer(&reader).oneshot(req(&[], body::boxed(chunked(&big, 64 * 1024)))).await.unwrap_err();
-        assert!(matches!(err, GatewayError::PayloadTooLarge { limit } if limit == 1024 * 1024), "{err:?}");
+        let err = layer(&reader)
+            .oneshot(req(&[], body::boxed(chunked(&big, 64 * 1024))))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, GatewayError::PayloadTooLarge { limit } if limit == 1024 * 1024),
+            "{err:?}"
+        );
         let exact = vec![b'a'; 1024 * 1024];
-        assert_eq!(status(&reader, req(&[], body::boxed(chunked(&exact, 64 * 1024)))).await, StatusCode::OK);
+        assert_eq!(
+            status(&reader, req(&[], body::boxed(chunked(&exact, 64 * 1024)))).await,
+            StatusCode::OK
+        );
     }
 
     #[tokio::test]
@@ -517,7 +563,11 @@ mod tests {
         for ce in ["compress", "br", "deflate", "gzip, gzip", "zstd"] {
             let reader = Reader::default();
             let r = req(&[("content-encoding", ce)], body::full(&b"{}"[..]));
-            assert_eq!(status(&reader, r).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ce}");
+            assert_eq!(
+                status(&reader, r).await,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{ce}"
+            );
             assert_eq!(reader.calls.load(Ordering::SeqCst), 0, "{ce}");
         }
     }
@@ -526,7 +576,10 @@ mod tests {
     async fn a_gzip_bomb_is_413_without_calling_inner() {
         let reader = Reader::default();
         let bomb = gz(&vec![0u8; 64 << 20]);
-        let r = req(&[("content-encoding", "gzip")], body::boxed(chunked(&bomb, 16 * 1024)));
+        let r = req(
+            &[("content-encoding", "gzip")],
+            body::boxed(chunked(&bomb, 16 * 1024)),
+        );
         assert_eq!(status(&reader, r).await, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(reader.calls.load(Ordering::SeqCst), 0);
     }
@@ -534,7 +587,10 @@ mod tests {
     #[tokio::test]
     async fn corrupt_gzip_is_400_category_20_without_calling_inner() {
         let reader = Reader::default();
-        let r = req(&[("content-encoding", "gzip")], body::full(&b"definitely not gzip"[..]));
+        let r = req(
+            &[("content-encoding", "gzip")],
+            body::full(&b"definitely not gzip"[..]),
+        );
         let err = layer(&reader).oneshot(r).await.unwrap_err();
         assert_eq!(err.classify().0, StatusCode::BAD_REQUEST);
         assert!(err.code().ends_with("20"), "{}", err.code());
@@ -545,12 +601,18 @@ mod tests {
     async fn a_valid_gzip_body_is_passed_on_byte_for_byte_with_its_length() {
         let reader = Reader::default();
         let compressed = gz(br#"{"status":"Stopping"}"#);
-        let r = req(&[("content-encoding", "x-gzip")], body::boxed(chunked(&compressed, 5)));
+        let r = req(
+            &[("content-encoding", "x-gzip")],
+            body::boxed(chunked(&compressed, 5)),
+        );
         assert_eq!(status(&reader, r).await, StatusCode::OK);
         let (headers, bytes) = reader.seen.lock().unwrap().take().unwrap();
         assert_eq!(bytes, compressed);
         assert_eq!(headers[CONTENT_ENCODING], "gzip");
-        assert_eq!(headers[CONTENT_LENGTH], compressed.len().to_string().as_str());
+        assert_eq!(
+            headers[CONTENT_LENGTH],
+            compressed.len().to_string().as_str()
+        );
     }
 
     /// A body that sends one chunk and then stalls forever.
@@ -558,7 +620,10 @@ mod tests {
     impl HttpBody for Stalling {
         type Data = Bytes;
         type Error = BoxError;
-        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
             if self.0 {
                 Poll::Pending
             } else {
@@ -572,13 +637,23 @@ mod tests {
     async fn a_stalled_body_is_408_after_the_read_timeout() {
         for ce in [None, Some("gzip")] {
             let reader = Reader::default();
-            let headers: Vec<(&str, &str)> = ce.map(|c| ("content-encoding", c)).into_iter().collect();
+            let headers: Vec<(&str, &str)> =
+                ce.map(|c| ("content-encoding", c)).into_iter().collect();
             let started = std::time::Instant::now();
-            let err = layer(&reader).oneshot(req(&headers, body::boxed(Stalling(false)))).await.unwrap_err();
-            assert!(matches!(err, GatewayError::BodyTimeout(d) if d == LIMITS.body_read_timeout), "{err:?}");
+            let err = layer(&reader)
+                .oneshot(req(&headers, body::boxed(Stalling(false))))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, GatewayError::BodyTimeout(d) if d == LIMITS.body_read_timeout),
+                "{err:?}"
+            );
             assert_eq!(err.classify().0, StatusCode::REQUEST_TIMEOUT);
             let took = started.elapsed();
-            assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(3), "{took:?}");
+            assert!(
+                took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+                "{took:?}"
+            );
         }
     }
 

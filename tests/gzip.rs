@@ -592,40 +592,53 @@ async fn a_plain_response_over_the_threshold_is_compressed_for_gzip_callers_only
     off.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_slow_body_is_408() {
-    let yaml = sim_gateway_yaml().replace("body_read_timeout: 2s", "body_read_timeout: 300ms");
-    let g = gateway(&yaml).await;
-    let sim = g.sim();
-    let before = sim.api_requests();
-    // Headers and the first bytes now, then nothing: a raw socket so the test controls the pace.
+/// Sends headers and the first body bytes, then nothing; returns the status
+/// line of the answer (a raw socket, so the test controls the pace).
+async fn stall_after(g: &Gateway, content_encoding: Option<&str>, first: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(g.addr).await.unwrap();
+    let ce = content_encoding
+        .map(|c| format!("content-encoding: {c}\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "POST {JOBS} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ncontent-length: 100\r\n\r\n"
+        "POST {JOBS} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{ce}content-length: 100\r\n\r\n"
     );
-    tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
-        .await
-        .unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut stream, &[0x1f, 0x8b])
-        .await
-        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(first).await.unwrap();
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), async {
         let mut buf = [0u8; 4096];
         loop {
-            let n = tokio::io::AsyncReadExt::read(&mut stream, &mut buf)
-                .await
-                .unwrap_or(0);
+            let n = stream.read(&mut buf).await.unwrap_or(0);
             answer.extend_from_slice(&buf[..n]);
-            if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            if n == 0 || answer.windows(2).any(|w| w == b"\r\n") {
                 break;
             }
         }
     })
     .await;
     assert!(read.is_ok(), "no answer within 5 s");
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert_eq!(sim.api_requests(), before);
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_slow_body_is_408() {
+    let yaml = sim_gateway_yaml().replace("body_read_timeout: 2s", "body_read_timeout: 300ms");
+    let g = gateway(&yaml).await;
+    let sim = g.sim();
+    let before = sim.api_requests();
+    let status = stall_after(&g, Some("gzip"), &[0x1f, 0x8b]).await;
+    assert!(status.starts_with("HTTP/1.1 408"), "gzip: {status}");
+    assert_eq!(
+        sim.api_requests(),
+        before,
+        "a gzip body is checked before Zuora is called"
+    );
+    let status = stall_after(&g, None, b"{\"type\":").await;
+    assert!(status.starts_with("HTTP/1.1 408"), "plain: {status}");
     g.shutdown().await;
 }

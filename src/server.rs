@@ -33,6 +33,7 @@ use crate::oauth::{OAuthMetrics, TokenCache};
 use crate::policy::Policy;
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
+use crate::telemetry::Telemetry;
 use crate::upstream::{Upstream, build_client};
 
 /// Why the gateway could not start.
@@ -70,6 +71,7 @@ pub struct Running {
     pub policy: Arc<ArcSwap<Policy>>,
     shutdown: watch::Sender<bool>,
     serving: JoinHandle<()>,
+    telemetry: Telemetry,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -86,11 +88,23 @@ impl Running {
         if let Some(sim) = self.simulator {
             sim.shutdown().await;
         }
+        // Last: export the spans of the drained requests.
+        self.telemetry.shutdown(Duration::from_secs(5)).await;
     }
 }
 
-/// Starts the gateway described by `config` (already validated).
+/// Starts the gateway described by `config` (already validated), without a
+/// global log subscriber or span export (in-process tests, tools).
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    let telemetry = Telemetry::detached(&config.telemetry);
+    start_with_telemetry(config, telemetry).await
+}
+
+/// Starts the gateway with telemetry already installed ([`Telemetry::init`]).
+pub async fn start_with_telemetry(
+    config: Config,
+    telemetry: Telemetry,
+) -> Result<Running, StartError> {
     let config = Arc::new(config);
 
     // The embedded simulator, if any upstream asks for it.
@@ -135,6 +149,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let mut registry = Registry::default();
     let request_metrics = RequestMetrics::new(&mut registry);
+    telemetry.register_metrics(&mut registry);
     let health = Arc::new(Health::new(config.upstreams.keys()));
     let mut background = Vec::new();
     // One token cache per upstream: fetches now (readiness waits for it),
@@ -166,6 +181,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         upstreams: upstreams.clone(),
         tokens: Arc::new(tokens),
         metrics: request_metrics,
+        debug_ring: telemetry.debug_ring(),
         max_in_flight: config.server.max_in_flight,
         body_metrics: crate::compression::BodyMetrics::new(&mut registry),
     });
@@ -200,6 +216,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin = Admin {
         health: health.clone(),
         registry: Arc::new(registry),
+        debug_ring: telemetry.debug_ring(),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Hot reload: SIGHUP or a change to the file swaps the policy; a broken file keeps the old one.
@@ -231,6 +248,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown: shutdown_tx,
         serving,
         background,
+        telemetry,
     })
 }
 

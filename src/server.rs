@@ -179,6 +179,7 @@ pub async fn start_with_telemetry(
         metrics: request_metrics,
         debug_ring: telemetry.debug_ring(),
         max_in_flight: config.server.max_in_flight,
+        body_metrics: crate::compression::BodyMetrics::new(&mut registry),
     });
 
     let listener = TcpListener::bind(config.server.listen)

@@ -14,7 +14,9 @@
 
 pub mod authn;
 pub mod authorize;
+pub mod compression;
 pub mod in_flight;
+pub mod request_body;
 pub mod rescue;
 pub mod route;
 pub mod tenancy;

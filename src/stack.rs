@@ -16,6 +16,7 @@ use crate::layers::authn::AuthnLayer;
 use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::compression::CompressionLayer;
 use crate::layers::in_flight::InFlightLimitLayer;
+use crate::layers::local_token::LocalTokenLayer;
 use crate::layers::request_body::RequestBodyLayer;
 use crate::layers::rescue::RescueLayer;
 use crate::layers::route::RouteLayer;
@@ -67,6 +68,8 @@ pub fn build(parts: &StackParts) -> GatewayService {
         .layer(RescueLayer)
         // In-flight limit: shed load with 503 before doing any work.
         .layer(InFlightLimitLayer::new(parts.max_in_flight))
+        // Local token endpoint: SDKs' POST /oauth/token is answered here, never forwarded.
+        .layer(LocalTokenLayer::new(parts.policy.clone()))
         // Route: refuse unsafe paths, match (deny by default), pin the policy snapshot.
         .layer(RouteLayer::new(parts.policy.clone()))
         // Record context: the route into the decision trail, even if authn refuses next.

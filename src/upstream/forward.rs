@@ -165,7 +165,7 @@ async fn buffer_if_small(
     let mut body = body;
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| body_error(&*e))?;
+        let frame = frame.map_err(|e| body::body_error(&*e))?;
         if let Ok(data) = frame.into_data() {
             buf.extend_from_slice(&data);
             if buf.len() as u64 > REPLAY_LIMIT {
@@ -199,19 +199,6 @@ fn concat(first: Body, rest: Body) -> Body {
             }
         });
     http_body_util::StreamBody::new(stream).boxed_unsync()
-}
-
-/// A failed caller body: a gateway error inside it (size limit, timeout,
-/// corrupt gzip) is returned as is; anything else means the caller went away.
-fn body_error(e: &(dyn std::error::Error + 'static)) -> GatewayError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(gw) = s.downcast_ref::<GatewayError>() {
-            return gw.clone();
-        }
-        source = s.source();
-    }
-    GatewayError::InvalidValue(format!("the request body could not be read: {e}"))
 }
 
 fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {

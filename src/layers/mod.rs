@@ -14,8 +14,10 @@
 
 pub mod authn;
 pub mod authorize;
+pub mod compression;
 pub mod in_flight;
-pub mod observe;
+pub mod local_token;
+pub mod request_body;
 pub mod rescue;
 pub mod route;
 pub mod tenancy;

@@ -471,8 +471,37 @@ fn policy_decision(c: &mut Criterion) {
     g.finish();
 }
 
+// ---------------------------------------------------------------- track IDs
+
+fn track_id(c: &mut Criterion) {
+    use zuora_gateway::layers::track_id;
+    let mut with = HeaderMap::new();
+    with.insert(
+        "zuora-track-id",
+        HeaderValue::from_static("order-sync-42-a1b2c3d4-e5f6-4711-8899"),
+    );
+    let without = HeaderMap::new();
+    assert!(matches!(track_id::from_headers(&with), Ok(Some(_))));
+    let mut g = c.benchmark_group("track_id");
+    g.bench_function("from_headers/caller_sent_one", |b| {
+        b.iter(|| track_id::from_headers(black_box(&with)))
+    });
+    g.bench_function("from_headers_or_generate/absent", |b| {
+        b.iter(|| match track_id::from_headers(black_box(&without)) {
+            Ok(Some(v)) => v,
+            _ => track_id::generate(),
+        })
+    });
+    // Baseline: copying the caller's header value through unchecked.
+    g.bench_function("baseline_copy_header_value", |b| {
+        b.iter(|| black_box(&with).get("zuora-track-id").cloned())
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    track_id,
     route_match,
     path_check,
     hop_by_hop,

@@ -70,6 +70,7 @@ struct Opts {
     otlp: bool,
     sampling: Option<f64>,
     debug_requests: Option<u64>,
+    workers: Option<usize>,
 }
 
 impl Default for Opts {
@@ -81,7 +82,7 @@ impl Default for Opts {
             conns: 50,
             threads: 2,
             fixed_secs: 10,
-            fixed_conns: 16,
+            fixed_conns: 128,
             fixed_rate: None,
             soak: true,
             soak_requests: 1_000_000,
@@ -94,6 +95,7 @@ impl Default for Opts {
             otlp: true,
             sampling: None,
             debug_requests: None,
+            workers: None,
         }
     }
 }
@@ -114,7 +116,8 @@ cargo bench --bench load [-- OPTIONS]
   --no-access-log      access logs off in both nginx and the gateway (default: both on, to /dev/null)
   --no-otlp            no OTLP endpoint (the gateway's tracing without export)
   --sampling R         telemetry.sampling_ratio (default: the gateway's default, 1.0)
-  --debug-requests N   telemetry.debug_requests (default: the gateway's default, 10000)";
+  --debug-requests N   telemetry.debug_requests (default: the gateway's default, 10000)
+  --workers N          gateway worker threads (TOKIO_WORKER_THREADS) = nginx worker_processes (default: nproc)";
 
 fn parse_opts(args: &[String]) -> R<Opts> {
     let mut o = Opts::default();
@@ -160,6 +163,7 @@ fn parse_opts(args: &[String]) -> R<Opts> {
             "--no-access-log" => o.access_log = false,
             "--no-otlp" => o.otlp = false,
             "--debug-requests" => o.debug_requests = Some(num(it.next(), a)?),
+            "--workers" => o.workers = Some(num(it.next(), a)?.clamp(1, 64) as usize),
             "--sampling" => {
                 let v: f64 = it
                     .next()
@@ -981,7 +985,8 @@ fn main() {
 
 async fn run(o: Opts) -> R<()> {
     let started = Instant::now();
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let nproc = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = o.workers.unwrap_or(nproc);
     let has_wrk = ensure_tool("wrk", &["wrk"]);
     if !has_wrk && !o.targets.is_empty() {
         return Err("wrk is required for the closed-loop runs".into());
@@ -1059,6 +1064,7 @@ async fn run(o: Opts) -> R<()> {
             .arg("serve")
             .arg("--config")
             .arg(&gw_conf)
+            .env("TOKIO_WORKER_THREADS", workers.to_string())
             .env(
                 "RUST_LOG",
                 if o.access_log { "warn" } else { "warn,access=off" },
@@ -1093,7 +1099,7 @@ async fn run(o: Opts) -> R<()> {
     let _ = writeln!(report, "\n## zuora-gateway load bench\n");
     let _ = writeln!(
         report,
-        "nproc {workers}; gateway and simulator: {workers} tokio workers; nginx: worker_processes {workers}; load generator: wrk -t{} on the same cores",
+        "nproc {nproc}; gateway: {workers} tokio worker thread(s); nginx: worker_processes {workers}; simulator: {nproc} tokio workers; load generator: wrk -t{} on the same cores",
         o.threads
     );
     let _ = writeln!(

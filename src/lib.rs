@@ -16,3 +16,4 @@ pub mod upstream;
 pub mod context;
 pub mod layers;
 pub mod policy;
+pub mod ratelimit;

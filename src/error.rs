@@ -64,7 +64,7 @@ pub enum Component {
 }
 
 /// Every way the gateway refuses or fails a request.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     /// No route matches the path.
     #[error("no route matches {0}")]
@@ -107,6 +107,9 @@ pub enum GatewayError {
     /// The body could not be read in time.
     #[error("request body was not received within {0:?}")]
     BodyTimeout(Duration),
+    /// The request URI is longer than `server.max_uri_bytes`.
+    #[error("request URI longer than {0} bytes")]
+    UriTooLong(usize),
     /// A rate limit refused the request.
     #[error("rate limit `{limit}` exceeded; retry after {} s", retry_after_secs(*.retry_after))]
     RateLimited {
@@ -165,16 +168,25 @@ impl GatewayError {
             E::NoRoute(_) => (StatusCode::NOT_FOUND, P::Routing, C::NotFound),
             E::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, P::Routing, C::Method),
             E::BadPath(_) => (StatusCode::BAD_REQUEST, P::Routing, C::InvalidValue),
-            E::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, P::Authentication, C::Authentication),
+            E::Unauthenticated(_) => (
+                StatusCode::UNAUTHORIZED,
+                P::Authentication,
+                C::Authentication,
+            ),
             E::Forbidden(_) => (StatusCode::FORBIDDEN, P::Authorization, C::Permission),
             E::InvalidValue(_) => (StatusCode::BAD_REQUEST, P::Validation, C::InvalidValue),
             E::MissingField(_) => (StatusCode::BAD_REQUEST, P::Validation, C::MissingField),
             E::MalformedJson(_) => (StatusCode::BAD_REQUEST, P::Validation, C::MalformedJson),
             E::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, P::Body, C::Limit),
-            E::UnsupportedEncoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, P::Body, C::InvalidValue),
+            E::UnsupportedEncoding(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, P::Body, C::InvalidValue)
+            }
             E::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, P::Body, C::Temporary),
+            E::UriTooLong(_) => (StatusCode::URI_TOO_LONG, P::Routing, C::InvalidValue),
             E::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, P::RateLimit, C::Limit),
-            E::UpstreamRateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, P::RateLimit, C::Limit),
+            E::UpstreamRateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, P::RateLimit, C::Limit)
+            }
             E::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, P::Gateway, C::Temporary),
             E::TokenUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, P::Token, C::Temporary),
             E::LimiterUnavailable => (StatusCode::SERVICE_UNAVAILABLE, P::RateLimit, C::Temporary),
@@ -207,6 +219,7 @@ impl GatewayError {
             E::PayloadTooLarge { .. } => "payload_too_large",
             E::UnsupportedEncoding(_) => "unsupported_encoding",
             E::BodyTimeout(_) => "body_timeout",
+            E::UriTooLong(_) => "uri_too_long",
             E::RateLimited { .. } => "rate_limited",
             E::UpstreamRateLimited { .. } => "upstream_rate_limited",
             E::Overloaded => "overloaded",
@@ -228,7 +241,10 @@ impl GatewayError {
         let mut resp = Response::new(full(body));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
             GatewayError::Unauthenticated(_) => {
@@ -242,7 +258,9 @@ impl GatewayError {
                     h.insert(header::ALLOW, v);
                 }
             }
-            GatewayError::RateLimited { retry_after, quota, .. } => {
+            GatewayError::RateLimited {
+                retry_after, quota, ..
+            } => {
                 let secs = retry_after_secs(*retry_after);
                 h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
                 if let Some(q) = quota {
@@ -252,7 +270,10 @@ impl GatewayError {
                 }
             }
             GatewayError::UpstreamRateLimited { retry_after } => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(*retry_after)),
+                );
             }
             GatewayError::Overloaded
             | GatewayError::TokenUnavailable(_)
@@ -284,7 +305,11 @@ mod tests {
         assert_eq!(GatewayError::Unauthenticated("x".into()).code(), "99000211");
         assert_eq!(GatewayError::NoRoute("/x".into()).code(), "99000140");
         assert_eq!(GatewayError::Overloaded.code(), "99000961");
-        let e = GatewayError::RateLimited { limit: "l".into(), retry_after: Duration::from_millis(1), quota: None };
+        let e = GatewayError::RateLimited {
+            limit: "l".into(),
+            retry_after: Duration::from_millis(1),
+            quota: None,
+        };
         assert!(e.code().ends_with("70"));
         assert_eq!(e.to_response().headers()[header::RETRY_AFTER], "1");
     }

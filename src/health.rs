@@ -62,6 +62,10 @@ impl Health {
                 reasons.push(format!("no Zuora access token yet for upstream `{name}`"));
             }
         }
-        if reasons.is_empty() { Ok(()) } else { Err(reasons) }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons)
+        }
     }
 }

@@ -5,15 +5,21 @@
 //! is a [`error::GatewayError`] mapped to a Zuora-shaped response at one edge.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
+pub mod cli;
 pub mod compression;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod health;
-pub mod metrics;
-pub mod secret;
-pub mod upstream;
-pub mod context;
 pub mod layers;
+pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
+pub mod run;
+pub mod secret;
+pub mod server;
+pub mod sim;
+pub mod stack;
+pub mod upstream;

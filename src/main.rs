@@ -1,1 +1,28 @@
-fn main() {}
+//! zuora-gateway binary: parse args → load + validate config → telemetry →
+//! serve → drain.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use zuora_gateway::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => cli::check(&config),
+        Command::DevToken {
+            config,
+            caller,
+            ttl,
+            claims,
+        } => cli::dev_token(&config, &caller, &ttl, &claims),
+        Command::Serve { config } => {
+            let config = match cli::load_or_report(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            zuora_gateway::run::serve(config)
+        }
+        Command::Simulate { listen } => zuora_gateway::run::simulate(listen),
+    }
+}

@@ -42,7 +42,11 @@ pub struct RequestMetrics {
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 125.0].into_iter()
+    [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 125.0,
+    ]
+    .into_iter()
 }
 
 impl RequestMetrics {
@@ -54,7 +58,11 @@ impl RequestMetrics {
             upstream_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             in_flight: Gauge::default(),
         };
-        registry.register("gateway_requests", "Requests handled, by route, status and caller", m.requests.clone());
+        registry.register(
+            "gateway_requests",
+            "Requests handled, by route, status and caller",
+            m.requests.clone(),
+        );
         registry.register(
             "gateway_request_duration_seconds",
             "Whole request latency, by route",
@@ -65,7 +73,11 @@ impl RequestMetrics {
             "Zuora call latency (to response headers), by route",
             m.upstream_duration.clone(),
         );
-        registry.register("gateway_in_flight_requests", "Requests being handled", m.in_flight.clone());
+        registry.register(
+            "gateway_in_flight_requests",
+            "Requests being handled",
+            m.in_flight.clone(),
+        );
         m
     }
 }

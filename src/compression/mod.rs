@@ -16,7 +16,9 @@ pub fn gunzip_bounded(input: &[u8], limit: u64) -> Result<Bytes, GatewayError> {
     let read = decoder
         .take(limit.saturating_add(1))
         .read_to_end(&mut out)
-        .map_err(|e| GatewayError::InvalidValue(format!("the request body is not valid gzip: {e}")))?;
+        .map_err(|e| {
+            GatewayError::InvalidValue(format!("the request body is not valid gzip: {e}"))
+        })?;
     if read as u64 > limit {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
@@ -40,7 +42,13 @@ mod tests {
     fn decodes_within_limit_and_refuses_beyond() {
         let data = vec![b'a'; 10_000];
         assert_eq!(gunzip_bounded(&gz(&data), 10_000).unwrap().len(), 10_000);
-        assert!(matches!(gunzip_bounded(&gz(&data), 9_999), Err(GatewayError::PayloadTooLarge { .. })));
-        assert!(matches!(gunzip_bounded(b"not gzip", 100), Err(GatewayError::InvalidValue(_))));
+        assert!(matches!(
+            gunzip_bounded(&gz(&data), 9_999),
+            Err(GatewayError::PayloadTooLarge { .. })
+        ));
+        assert!(matches!(
+            gunzip_bounded(b"not gzip", 100),
+            Err(GatewayError::InvalidValue(_))
+        ));
     }
 }

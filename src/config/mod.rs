@@ -29,7 +29,13 @@ impl fmt::Display for ConfigError {
         if self.path.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.path, self.message)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.path,
+                self.message
+            )
         }
     }
 }

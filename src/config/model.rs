@@ -146,7 +146,7 @@ pub struct CircuitBreakerConfig {
 #[derive(Debug, Clone)]
 pub enum CallerAuthConfig {
     /// Callers present `Authorization: Bearer <JWT>`.
-    Jwt(JwtConfig),
+    Jwt(Box<JwtConfig>),
     /// Sidecar mode: every request is this caller.
     TrustedIdentity(String),
 }

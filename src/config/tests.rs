@@ -4,7 +4,10 @@ use std::path::Path;
 use super::*;
 
 fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     move |k: &str| map.get(k).cloned()
 }
 
@@ -16,12 +19,17 @@ fn load(yaml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
 const SECRETS: &[(&str, &str)] = &[
     ("ZUORA_CLIENT_ID", "0123456789abcdef0123456789abcdef0123"),
     ("ZUORA_CLIENT_SECRET", "s3cr3t-value"),
-    ("GATEWAY_HS256_SECRET", "0123456789abcdef0123456789abcdef-hs256"),
+    (
+        "GATEWAY_HS256_SECRET",
+        "0123456789abcdef0123456789abcdef-hs256",
+    ),
 ];
 
 #[test]
 fn the_issue_document_is_accepted_as_written() {
-    let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.yaml")).unwrap();
+    let yaml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.yaml"))
+            .unwrap();
     let c = load(&yaml, SECRETS).unwrap();
     assert_eq!(c.server.listen.port(), 8080);
     assert_eq!(c.routes.len(), 2);
@@ -30,13 +38,21 @@ fn the_issue_document_is_accepted_as_written() {
     let l = &c.rate_limits["stop-per-job"];
     assert_eq!(l.key, vec![LimitKey::Param("jobId".into())]);
     assert_eq!(l.per, std::time::Duration::from_secs(60));
-    assert_eq!(c.upstreams["zuora"].oauth.client_secret.expose(), "s3cr3t-value");
-    assert_eq!(c.upstreams["zuora"].request_timeout, std::time::Duration::from_secs(125));
+    assert_eq!(
+        c.upstreams["zuora"].oauth.client_secret.expose(),
+        "s3cr3t-value"
+    );
+    assert_eq!(
+        c.upstreams["zuora"].request_timeout,
+        std::time::Duration::from_secs(125)
+    );
 }
 
 #[test]
 fn unset_environment_variable_is_named() {
-    let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.yaml")).unwrap();
+    let yaml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.yaml"))
+            .unwrap();
     let e = load(&yaml, &SECRETS[..1]).unwrap_err();
     assert_eq!(e.path, "upstreams.zuora.oauth.client_secret");
     assert!(e.message.contains("ZUORA_CLIENT_SECRET"), "{e}");
@@ -53,14 +69,22 @@ fn minimal_sidecar_config_is_valid() {
 
 #[test]
 fn unknown_keys_are_rejected_with_their_path() {
-    let e = load(&format!("{MIN}routes:\n  - {{ name: r, path: /v1/x, upstream: zuora, colour: red }}\n"), &[]).unwrap_err();
+    let e = load(
+        &format!("{MIN}routes:\n  - {{ name: r, path: /v1/x, upstream: zuora, colour: red }}\n"),
+        &[],
+    )
+    .unwrap_err();
     assert!(e.path.starts_with("routes[0]"), "{e}");
     assert!(e.message.contains("colour"), "{e}");
 }
 
 #[test]
 fn cross_references_are_checked() {
-    let e = load(&format!("{MIN}routes:\n  - {{ name: r, path: /v1/x, upstream: nope }}\n"), &[]).unwrap_err();
+    let e = load(
+        &format!("{MIN}routes:\n  - {{ name: r, path: /v1/x, upstream: nope }}\n"),
+        &[],
+    )
+    .unwrap_err();
     assert_eq!(e.path, "routes[0].upstream");
     let e = load(
         &format!("{MIN}routes:\n  - {{ name: r, path: '/v1/x/{{id}}', upstream: zuora, rate_limits: [a, b] }}\nrate_limits:\n  a: {{ key: caller, rate: 1/second }}\n"),
@@ -80,14 +104,38 @@ fn cross_references_are_checked() {
 #[test]
 fn bad_values_name_their_key() {
     let cases = [
-        ("server: { listen: nowhere }\nupstreams: { zuora: { base_url: simulator } }\ncallers: { trusted_identity: svc }\n", "server.listen"),
-        (&format!("{MIN}rate_limits:\n  a: {{ key: caller, rate: 0/second }}\n"), "rate_limits.a.rate"),
-        (&format!("{MIN}rate_limits:\n  a: {{ key: caller, rate: 1/second, store: redis }}\n"), "rate_limits.a.store"),
-        (&format!("{MIN}routes:\n  - {{ name: r, path: /v1/../x, upstream: zuora }}\n"), "routes[0].path"),
-        (&format!("{MIN}routes:\n  - {{ name: r, path: /v1/**/x, upstream: zuora }}\n"), "routes[0].path"),
-        ("server: { listen: 0.0.0.0:8080 }\nupstreams: { zuora: { base_url: simulator } }\ncallers: { trusted_identity: svc }\n", "callers.trusted_identity"),
-        ("server: { listen: 127.0.0.1:8080 }\nupstreams: { zuora: { base_url: 'https://rest.zuora.com' } }\ncallers: { trusted_identity: svc }\n", "upstreams.zuora.oauth.client_id"),
-        ("server: { listen: 127.0.0.1:8080 }\nupstreams: { zuora: { base_url: simulator, timeouts: { connect: 5 parsecs } } }\ncallers: { trusted_identity: svc }\n", "upstreams.zuora.timeouts.connect"),
+        (
+            "server: { listen: nowhere }\nupstreams: { zuora: { base_url: simulator } }\ncallers: { trusted_identity: svc }\n",
+            "server.listen",
+        ),
+        (
+            &format!("{MIN}rate_limits:\n  a: {{ key: caller, rate: 0/second }}\n"),
+            "rate_limits.a.rate",
+        ),
+        (
+            &format!("{MIN}rate_limits:\n  a: {{ key: caller, rate: 1/second, store: redis }}\n"),
+            "rate_limits.a.store",
+        ),
+        (
+            &format!("{MIN}routes:\n  - {{ name: r, path: /v1/../x, upstream: zuora }}\n"),
+            "routes[0].path",
+        ),
+        (
+            &format!("{MIN}routes:\n  - {{ name: r, path: /v1/**/x, upstream: zuora }}\n"),
+            "routes[0].path",
+        ),
+        (
+            "server: { listen: 0.0.0.0:8080 }\nupstreams: { zuora: { base_url: simulator } }\ncallers: { trusted_identity: svc }\n",
+            "callers.trusted_identity",
+        ),
+        (
+            "server: { listen: 127.0.0.1:8080 }\nupstreams: { zuora: { base_url: 'https://rest.zuora.com' } }\ncallers: { trusted_identity: svc }\n",
+            "upstreams.zuora.oauth.client_id",
+        ),
+        (
+            "server: { listen: 127.0.0.1:8080 }\nupstreams: { zuora: { base_url: simulator, timeouts: { connect: 5 parsecs } } }\ncallers: { trusted_identity: svc }\n",
+            "upstreams.zuora.timeouts.connect",
+        ),
     ];
     for (yaml, path) in cases {
         let e = load(yaml, &[]).unwrap_err();
@@ -107,7 +155,9 @@ fn key_algorithm_must_match_material() {
 
 #[test]
 fn secrets_never_appear_in_errors_or_debug() {
-    let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.yaml")).unwrap();
+    let yaml =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.yaml"))
+            .unwrap();
     let c = load(&yaml, SECRETS).unwrap();
     let dump = format!("{c:?}");
     assert!(!dump.contains("s3cr3t-value"));

@@ -29,7 +29,10 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
     });
     outcome.map_err(|e| {
         let (path, message) = match failed_at {
-            Some(path) => (if path == "." { String::new() } else { path }, e.to_string()),
+            Some(path) => (
+                if path == "." { String::new() } else { path },
+                e.to_string(),
+            ),
             None => (String::new(), format!("not valid YAML: {e}")),
         };
         ConfigError {
@@ -103,14 +106,20 @@ impl<'a> Validator<'a> {
         while let Some(start) = rest.find("${") {
             out.push_str(&rest[..start]);
             let after = &rest[start + 2..];
-            let end = after
-                .find('}')
-                .ok_or_else(|| self.err(path, "unterminated `${` (expected `${NAME}` or `${file:PATH}`)"))?;
+            let end = after.find('}').ok_or_else(|| {
+                self.err(
+                    path,
+                    "unterminated `${` (expected `${NAME}` or `${file:PATH}`)",
+                )
+            })?;
             let reference = &after[..end];
             if let Some(file) = reference.strip_prefix("file:") {
                 let full = self.resolve(file);
                 let text = std::fs::read_to_string(&full).map_err(|e| {
-                    self.err(path, format!("cannot read `${{file:{file}}}` ({}): {e}", full.display()))
+                    self.err(
+                        path,
+                        format!("cannot read `${{file:{file}}}` ({}): {e}", full.display()),
+                    )
                 })?;
                 out.push_str(text.trim());
             } else {
@@ -277,7 +286,13 @@ impl<'a> Validator<'a> {
         let mut count = 0usize;
         for cert in CertificateDer::pem_slice_iter(&pem) {
             cert.map_err(|e| {
-                self.err(path, format!("{} is not a valid PEM certificate file: {e}", full.display()))
+                self.err(
+                    path,
+                    format!(
+                        "{} is not a valid PEM certificate file: {e}",
+                        full.display()
+                    ),
+                )
             })?;
             count += 1;
         }
@@ -336,7 +351,8 @@ impl<'a> Validator<'a> {
                 "must differ from server.listen (the admin port is not for callers)",
             ));
         }
-        let max_body_bytes = self.u64("server.max_body_bytes", &s.max_body_bytes, DEFAULT_MAX_BODY)?;
+        let max_body_bytes =
+            self.u64("server.max_body_bytes", &s.max_body_bytes, DEFAULT_MAX_BODY)?;
         if max_body_bytes == 0 {
             return Err(self.err("server.max_body_bytes", "must be greater than zero"));
         }
@@ -352,7 +368,11 @@ impl<'a> Validator<'a> {
             listen,
             admin_listen,
             max_body_bytes,
-            shutdown_grace: self.duration("server.shutdown_grace", &s.shutdown_grace, Duration::from_secs(30))?,
+            shutdown_grace: self.duration(
+                "server.shutdown_grace",
+                &s.shutdown_grace,
+                Duration::from_secs(30),
+            )?,
             header_read_timeout: self.positive_duration(
                 "server.header_read_timeout",
                 &s.header_read_timeout,
@@ -363,11 +383,21 @@ impl<'a> Validator<'a> {
                 &s.body_read_timeout,
                 Duration::from_secs(30),
             )?,
-            max_connections: self.usize("server.max_connections", &s.max_connections, 10_000)?.max(1),
-            max_in_flight: self.usize("server.max_in_flight", &s.max_in_flight, 4096)?.max(1),
-            max_header_count: self.usize("server.max_header_count", &s.max_header_count, 100)?.max(1),
-            max_header_bytes: self.usize("server.max_header_bytes", &s.max_header_bytes, 16 * 1024)?.max(1024),
-            max_uri_bytes: self.usize("server.max_uri_bytes", &s.max_uri_bytes, 8 * 1024)?.max(64),
+            max_connections: self
+                .usize("server.max_connections", &s.max_connections, 10_000)?
+                .max(1),
+            max_in_flight: self
+                .usize("server.max_in_flight", &s.max_in_flight, 4096)?
+                .max(1),
+            max_header_count: self
+                .usize("server.max_header_count", &s.max_header_count, 100)?
+                .max(1),
+            max_header_bytes: self
+                .usize("server.max_header_bytes", &s.max_header_bytes, 16 * 1024)?
+                .max(1024),
+            max_uri_bytes: self
+                .usize("server.max_uri_bytes", &s.max_uri_bytes, 8 * 1024)?
+                .max(64),
             http2_max_concurrent_streams: self.positive_u32(
                 "server.http2_max_concurrent_streams",
                 &s.http2_max_concurrent_streams,
@@ -401,12 +431,13 @@ impl<'a> Validator<'a> {
             }
             None => (None, None),
         };
-        let zuora_version = match self.opt_string(&format!("{p}.zuora_version"), &u.zuora_version)? {
-            Some(v) => Some(HeaderValue::from_str(v.trim()).map_err(|_| {
-                self.err(format!("{p}.zuora_version"), "not a valid header value")
-            })?),
-            None => None,
-        };
+        let zuora_version =
+            match self.opt_string(&format!("{p}.zuora_version"), &u.zuora_version)? {
+                Some(v) => Some(HeaderValue::from_str(v.trim()).map_err(|_| {
+                    self.err(format!("{p}.zuora_version"), "not a valid header value")
+                })?),
+                None => None,
+            };
         let timeouts = u.timeouts.as_ref();
         let pool = u.pool.as_ref();
         let retry = u.retry.as_ref();
@@ -467,7 +498,12 @@ impl<'a> Validator<'a> {
                     &breaker.and_then(|b| b.failure_threshold.clone()),
                     20,
                 )?)
-                .map_err(|_| self.err(format!("{p}.circuit_breaker.failure_threshold"), "too large"))?,
+                .map_err(|_| {
+                    self.err(
+                        format!("{p}.circuit_breaker.failure_threshold"),
+                        "too large",
+                    )
+                })?,
                 open_for: self.positive_duration(
                     &format!("{p}.circuit_breaker.open_for"),
                     &breaker.and_then(|b| b.open_for.clone()),
@@ -487,7 +523,11 @@ impl<'a> Validator<'a> {
                 None => Err(self.err(path, "required for a Zuora base_url")),
             }
         };
-        let client_id = field("client_id", o.and_then(|o| o.client_id.as_ref()), "local-simulator-client")?;
+        let client_id = field(
+            "client_id",
+            o.and_then(|o| o.client_id.as_ref()),
+            "local-simulator-client",
+        )?;
         let client_secret = field(
             "client_secret",
             o.and_then(|o| o.client_secret.as_ref()),
@@ -535,9 +575,11 @@ impl<'a> Validator<'a> {
                         ),
                     ));
                 }
-                Ok(CallerAuthConfig::TrustedIdentity(identity.trim().to_owned()))
+                Ok(CallerAuthConfig::TrustedIdentity(
+                    identity.trim().to_owned(),
+                ))
             }
-            (Some(jwt), None) => Ok(CallerAuthConfig::Jwt(self.jwt(jwt)?)),
+            (Some(jwt), None) => Ok(CallerAuthConfig::Jwt(Box::new(self.jwt(jwt)?))),
         }
     }
 
@@ -555,13 +597,13 @@ impl<'a> Validator<'a> {
         let mut kids = BTreeSet::new();
         for (i, k) in j.keys.iter().enumerate() {
             let key = self.jwt_key(&format!("callers.jwt.keys[{i}]"), k)?;
-            if let Some(kid) = &key.kid {
-                if !kids.insert(kid.clone()) {
-                    return Err(self.err(
-                        format!("callers.jwt.keys[{i}].kid"),
-                        format!("kid `{kid}` is used by another key"),
-                    ));
-                }
+            if let Some(kid) = &key.kid
+                && !kids.insert(kid.clone())
+            {
+                return Err(self.err(
+                    format!("callers.jwt.keys[{i}].kid"),
+                    format!("kid `{kid}` is used by another key"),
+                ));
             }
             keys.push(key);
         }
@@ -615,10 +657,14 @@ impl<'a> Validator<'a> {
             )
         })?;
         let kid = self.opt_string(&format!("{p}.kid"), &k.kid)?;
-        let given = [k.public_key_file.is_some(), k.secret.is_some(), k.jwk_file.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let given = [
+            k.public_key_file.is_some(),
+            k.secret.is_some(),
+            k.jwk_file.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if given != 1 {
             return Err(self.err(
                 p,
@@ -629,7 +675,12 @@ impl<'a> Validator<'a> {
         let material = if let Some(secret) = &k.secret {
             let path = format!("{p}.secret");
             if !hmac {
-                return Err(self.err(path, format!("`secret` is for HS* keys; {alg_s} needs `public_key_file` or `jwk_file`")));
+                return Err(self.err(
+                    path,
+                    format!(
+                        "`secret` is for HS* keys; {alg_s} needs `public_key_file` or `jwk_file`"
+                    ),
+                ));
             }
             let s = self.non_empty(&path, secret)?;
             if s.len() < 32 {
@@ -639,19 +690,28 @@ impl<'a> Validator<'a> {
         } else if let Some(file) = &k.public_key_file {
             let path = format!("{p}.public_key_file");
             if hmac {
-                return Err(self.err(path, format!("{alg_s} is an HMAC algorithm: give `secret`, not a public key")));
+                return Err(self.err(
+                    path,
+                    format!("{alg_s} is an HMAC algorithm: give `secret`, not a public key"),
+                ));
             }
             let (full, pem) = self.read_file(&path, file)?;
             let parsed = match alg {
-                Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512 => {
-                    DecodingKey::from_rsa_pem(&pem).map(|_| ())
-                }
+                Algorithm::RS256
+                | Algorithm::RS384
+                | Algorithm::RS512
+                | Algorithm::PS256
+                | Algorithm::PS384
+                | Algorithm::PS512 => DecodingKey::from_rsa_pem(&pem).map(|_| ()),
                 Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem).map(|_| ()),
                 Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem).map(|_| ()),
                 _ => Ok(()),
             };
             parsed.map_err(|e| {
-                self.err(path, format!("{} is not a {alg_s} public key in PEM: {e}", full.display()))
+                self.err(
+                    path,
+                    format!("{} is not a {alg_s} public key in PEM: {e}", full.display()),
+                )
             })?;
             JwtKeyMaterial::PublicKeyPem(Arc::new(pem))
         } else if let Some(file) = &k.jwk_file {
@@ -661,8 +721,12 @@ impl<'a> Validator<'a> {
                 .map_err(|_| self.err(&path, format!("{} is not UTF-8", full.display())))?;
             let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_str(&text)
                 .map_err(|e| self.err(&path, format!("{} is not a JWK: {e}", full.display())))?;
-            DecodingKey::from_jwk(&jwk)
-                .map_err(|e| self.err(&path, format!("{} is not a usable JWK: {e}", full.display())))?;
+            DecodingKey::from_jwk(&jwk).map_err(|e| {
+                self.err(
+                    &path,
+                    format!("{} is not a usable JWK: {e}", full.display()),
+                )
+            })?;
             JwtKeyMaterial::Jwk(Arc::new(text))
         } else {
             return Err(self.err(p, "no key material"));
@@ -682,7 +746,10 @@ impl<'a> Validator<'a> {
             let p = format!("routes[{i}]");
             let name = self.non_empty(&format!("{p}.name"), &r.name)?;
             if !names.insert(name.clone()) {
-                return Err(self.err(format!("{p}.name"), format!("route name `{name}` is used twice")));
+                return Err(self.err(
+                    format!("{p}.name"),
+                    format!("route name `{name}` is used twice"),
+                ));
             }
             let methods = match &r.method {
                 None => None,
@@ -701,7 +768,10 @@ impl<'a> Validator<'a> {
             if !upstreams.contains_key(&upstream) {
                 return Err(self.err(
                     format!("{p}.upstream"),
-                    format!("unknown upstream `{upstream}` (defined: {})", join_keys(upstreams)),
+                    format!(
+                        "unknown upstream `{upstream}` (defined: {})",
+                        join_keys(upstreams)
+                    ),
                 ));
             }
             let mut allow_callers = Vec::with_capacity(r.allow_callers.len());
@@ -715,27 +785,34 @@ impl<'a> Validator<'a> {
             for (j, l) in r.rate_limits.iter().enumerate() {
                 let lp = format!("{p}.rate_limits[{j}]");
                 let limit = limits.get(l).ok_or_else(|| {
-                    self.err(&lp, format!("unknown rate limit `{l}` (defined: {})", join_keys(limits)))
+                    self.err(
+                        &lp,
+                        format!("unknown rate limit `{l}` (defined: {})", join_keys(limits)),
+                    )
                 })?;
                 for k in &limit.key {
-                    if let LimitKey::Param(param) = k {
-                        if !params.contains(param) {
-                            return Err(self.err(
-                                &lp,
-                                format!(
-                                    "rate limit `{l}` is keyed by path parameter `{param}`, which path `{path}` does not have"
-                                ),
-                            ));
-                        }
+                    if let LimitKey::Param(param) = k
+                        && !params.contains(param)
+                    {
+                        return Err(self.err(
+                            &lp,
+                            format!(
+                                "rate limit `{l}` is keyed by path parameter `{param}`, which path `{path}` does not have"
+                            ),
+                        ));
                     }
                 }
             }
             let is_stop = methods.as_deref() == Some(&[Method::PUT][..])
                 && STOP_JOB_PREFIXES.iter().any(|prefix| {
-                    path.strip_prefix(prefix)
-                        .is_some_and(|rest| rest.starts_with('{') && rest.ends_with('}') && !rest.contains('/'))
+                    path.strip_prefix(prefix).is_some_and(|rest| {
+                        rest.starts_with('{') && rest.ends_with('}') && !rest.contains('/')
+                    })
                 });
-            let validation = match self.opt_string(&format!("{p}.validate"), &r.validate)?.as_deref() {
+            let validation = match self
+                .opt_string(&format!("{p}.validate"), &r.validate)?
+                .as_deref()
+            {
                 None => {
                     if is_stop {
                         Validation::StopJob
@@ -745,7 +822,10 @@ impl<'a> Validator<'a> {
                 }
                 Some("stop_job") => {
                     if params.is_empty() {
-                        return Err(self.err(format!("{p}.validate"), "`stop_job` needs a `{jobId}` path parameter"));
+                        return Err(self.err(
+                            format!("{p}.validate"),
+                            "`stop_job` needs a `{jobId}` path parameter",
+                        ));
                     }
                     Validation::StopJob
                 }
@@ -812,10 +892,15 @@ impl<'a> Validator<'a> {
                     .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                     && inner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !valid {
-                    return Err(self.err(path, format!("`{seg}` is not a valid parameter (expected `{{name}}`)")));
+                    return Err(self.err(
+                        path,
+                        format!("`{seg}` is not a valid parameter (expected `{{name}}`)"),
+                    ));
                 }
                 if params.iter().any(|p| p == inner) {
-                    return Err(self.err(path, format!("parameter `{inner}` appears twice in `{t}`")));
+                    return Err(
+                        self.err(path, format!("parameter `{inner}` appears twice in `{t}`"))
+                    );
                 }
                 params.push(inner.to_owned());
                 continue;
@@ -827,29 +912,43 @@ impl<'a> Validator<'a> {
             if bad {
                 return Err(self.err(
                     path,
-                    format!("segment `{seg}` of `{t}` must be a literal, `{{param}}` or a final `**`"),
+                    format!(
+                        "segment `{seg}` of `{t}` must be a literal, `{{param}}` or a final `**`"
+                    ),
                 ));
             }
         }
         Ok(params)
     }
 
-    fn tenancy(&self, rules: &[RawTenancyRule], routes: &[RouteConfig]) -> R<Vec<TenancyRuleConfig>> {
+    fn tenancy(
+        &self,
+        rules: &[RawTenancyRule],
+        routes: &[RouteConfig],
+    ) -> R<Vec<TenancyRuleConfig>> {
         let mut out = Vec::with_capacity(rules.len());
         for (i, t) in rules.iter().enumerate() {
             let p = format!("tenancy[{i}]");
             if t.callers.is_empty() {
-                return Err(self.err(format!("{p}.callers"), "list the caller globs this rule applies to (`[\"*\"]` for all)"));
+                return Err(self.err(
+                    format!("{p}.callers"),
+                    "list the caller globs this rule applies to (`[\"*\"]` for all)",
+                ));
             }
             let callers = t
                 .callers
                 .iter()
                 .enumerate()
-                .map(|(j, c)| self.interp(&format!("{p}.callers[{j}]"), c).map(|c| c.trim().to_owned()))
+                .map(|(j, c)| {
+                    self.interp(&format!("{p}.callers[{j}]"), c)
+                        .map(|c| c.trim().to_owned())
+                })
                 .collect::<R<Vec<_>>>()?;
             for (j, r) in t.routes.iter().enumerate() {
                 if !routes.iter().any(|route| &route.name == r) {
-                    return Err(self.err(format!("{p}.routes[{j}]"), format!("unknown route `{r}`")));
+                    return Err(
+                        self.err(format!("{p}.routes[{j}]"), format!("unknown route `{r}`"))
+                    );
                 }
             }
             let header_values = |key: &str, list: &[String]| -> R<Vec<String>> {
@@ -859,7 +958,10 @@ impl<'a> Validator<'a> {
                         let path = format!("{p}.{key}[{j}]");
                         let v = self.interp(&path, v)?.trim().to_owned();
                         if v.is_empty() || v.contains(',') || HeaderValue::from_str(&v).is_err() {
-                            return Err(self.err(path, "must be a non-empty ID without commas or control characters"));
+                            return Err(self.err(
+                                path,
+                                "must be a non-empty ID without commas or control characters",
+                            ));
                         }
                         Ok(v)
                     })
@@ -875,13 +977,20 @@ impl<'a> Validator<'a> {
                 claims,
                 entity_ids: header_values("entity_ids", &t.entity_ids)?,
                 org_ids: header_values("org_ids", &t.org_ids)?,
-                caller_may_narrow: self.bool(&format!("{p}.caller_may_narrow"), &t.caller_may_narrow, false)?,
+                caller_may_narrow: self.bool(
+                    &format!("{p}.caller_may_narrow"),
+                    &t.caller_may_narrow,
+                    false,
+                )?,
             });
         }
         Ok(out)
     }
 
-    fn rate_limits(&self, limits: &BTreeMap<String, RawRateLimit>) -> R<BTreeMap<String, RateLimitConfig>> {
+    fn rate_limits(
+        &self,
+        limits: &BTreeMap<String, RawRateLimit>,
+    ) -> R<BTreeMap<String, RateLimitConfig>> {
         let mut out = BTreeMap::new();
         for (name, l) in limits {
             let p = format!("rate_limits.{name}");
@@ -897,7 +1006,10 @@ impl<'a> Validator<'a> {
                 .map(|k| match k.trim() {
                     "caller" => Ok(LimitKey::Caller),
                     "global" => Ok(LimitKey::Global),
-                    param if !param.is_empty() && param.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+                    param
+                        if !param.is_empty()
+                            && param.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+                    {
                         Ok(LimitKey::Param(param.to_owned()))
                     }
                     other => Err(self.err(
@@ -913,11 +1025,18 @@ impl<'a> Validator<'a> {
                     format!("expected `N/second`, `N/minute` or `N/hour` with N ≥ 1, got `{rate}`"),
                 )
             })?;
-            let store = match self.opt_string(&format!("{p}.store"), &l.store)?.as_deref().map(str::trim) {
+            let store = match self
+                .opt_string(&format!("{p}.store"), &l.store)?
+                .as_deref()
+                .map(str::trim)
+            {
                 None | Some("local") => LimitStore::Local,
                 Some("redis") => LimitStore::Redis,
                 Some(other) => {
-                    return Err(self.err(format!("{p}.store"), format!("expected `local` or `redis`, got `{other}`")));
+                    return Err(self.err(
+                        format!("{p}.store"),
+                        format!("expected `local` or `redis`, got `{other}`"),
+                    ));
                 }
             };
             let on_store_error = match self
@@ -954,12 +1073,22 @@ impl<'a> Validator<'a> {
     fn redis(&self, r: &RawRedis) -> R<RedisConfig> {
         let url = self.non_empty("redis.url", &r.url)?;
         let url = url.trim();
-        if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://")) {
-            return Err(self.err("redis.url", "must start with redis://, rediss:// or redis+unix://"));
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://"))
+        {
+            return Err(self.err(
+                "redis.url",
+                "must start with redis://, rediss:// or redis+unix://",
+            ));
         }
         Ok(RedisConfig {
             url: Secret::new(url),
-            timeout: self.positive_duration("redis.timeout", &r.timeout, Duration::from_millis(250))?,
+            timeout: self.positive_duration(
+                "redis.timeout",
+                &r.timeout,
+                Duration::from_millis(250),
+            )?,
             key_prefix: self
                 .opt_string("redis.key_prefix", &r.key_prefix)?
                 .unwrap_or_else(|| "zgw:".to_owned()),
@@ -968,7 +1097,9 @@ impl<'a> Validator<'a> {
 
     fn telemetry(&self, t: Option<&RawTelemetry>) -> R<TelemetryConfig> {
         let get = |f: fn(&RawTelemetry) -> &Option<Scalar>| t.and_then(|t| f(t).clone());
-        let otlp_endpoint = match self.opt_string("telemetry.otlp_endpoint", &get(|t| &t.otlp_endpoint))? {
+        let otlp_endpoint = match self
+            .opt_string("telemetry.otlp_endpoint", &get(|t| &t.otlp_endpoint))?
+        {
             Some(s) if !s.trim().is_empty() => Some(self.http_url("telemetry.otlp_endpoint", &s)?),
             _ => None,
         };
@@ -991,9 +1122,12 @@ impl<'a> Validator<'a> {
             Some(Scalar::Int(i)) => i as f64,
             Some(other) => {
                 let s = self.string("telemetry.sampling_ratio", &other)?;
-                s.trim()
-                    .parse()
-                    .map_err(|_| self.err("telemetry.sampling_ratio", format!("expected a number in 0..1, got `{s}`")))?
+                s.trim().parse().map_err(|_| {
+                    self.err(
+                        "telemetry.sampling_ratio",
+                        format!("expected a number in 0..1, got `{s}`"),
+                    )
+                })?
             }
         };
         if !(0.0..=1.0).contains(&sampling_ratio) {
@@ -1007,7 +1141,10 @@ impl<'a> Validator<'a> {
             None | Some("json") => LogFormat::Json,
             Some("text") => LogFormat::Text,
             Some(other) => {
-                return Err(self.err("telemetry.log_format", format!("expected `json` or `text`, got `{other}`")));
+                return Err(self.err(
+                    "telemetry.log_format",
+                    format!("expected `json` or `text`, got `{other}`"),
+                ));
             }
         };
         Ok(TelemetryConfig {
@@ -1017,12 +1154,18 @@ impl<'a> Validator<'a> {
             otlp_endpoint,
             otlp_protocol,
             sampling_ratio,
-            export_queue: self.usize("telemetry.export_queue", &get(|t| &t.export_queue), 2048)?.max(1),
+            export_queue: self
+                .usize("telemetry.export_queue", &get(|t| &t.export_queue), 2048)?
+                .max(1),
             log_format,
             log_level: self
                 .opt_string("telemetry.log_level", &get(|t| &t.log_level))?
                 .unwrap_or_else(|| "info".to_owned()),
-            debug_requests: self.usize("telemetry.debug_requests", &get(|t| &t.debug_requests), 10_000)?,
+            debug_requests: self.usize(
+                "telemetry.debug_requests",
+                &get(|t| &t.debug_requests),
+                10_000,
+            )?,
         })
     }
 }

@@ -12,6 +12,9 @@
 //! - A synchronous refusal returns `Either::Left(ready(Err(..)))`; only layers
 //!   with real async work box their future.
 
+pub mod authn;
+pub mod in_flight;
+pub mod observe;
 pub mod rescue;
 pub mod route;
 

@@ -68,6 +68,7 @@ where
                     route: m.route,
                     params: m.params,
                 });
+                super::observe::ObserveNotes::record(&req);
                 futures_util::future::Either::Right(self.inner.call(req))
             }
             Err(e) => reject(e),

@@ -50,10 +50,17 @@ impl RouteTable {
                 let mut segments = Vec::new();
                 let mut params = Vec::new();
                 let mut tail = false;
-                for seg in r.path.trim_start_matches('/').split('/').filter(|s| !s.is_empty()) {
+                for seg in r
+                    .path
+                    .trim_start_matches('/')
+                    .split('/')
+                    .filter(|s| !s.is_empty())
+                {
                     if seg == "**" {
                         tail = true;
-                    } else if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    } else if let Some(name) =
+                        seg.strip_prefix('{').and_then(|s| s.strip_suffix('}'))
+                    {
                         params.push(Arc::from(name));
                         segments.push(Segment::Param);
                     } else {
@@ -73,7 +80,10 @@ impl RouteTable {
 
     /// Parameter names of route `index`.
     pub fn param_names(&self, index: usize) -> &[Arc<str>] {
-        self.routes.get(index).map(|r| r.params.as_slice()).unwrap_or(&[])
+        self.routes
+            .get(index)
+            .map(|r| r.params.as_slice())
+            .unwrap_or(&[])
     }
 
     /// Number of routes.
@@ -107,13 +117,20 @@ impl RouteTable {
         if path_matched {
             allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             allowed.dedup();
-            let allow = allowed.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
+            let allow = allowed
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
             return Err(GatewayError::MethodNotAllowed {
                 method: method.to_string(),
                 allow,
             });
         }
-        Err(GatewayError::NoRoute(format!("{method} {}", truncate(path, 200))))
+        Err(GatewayError::NoRoute(format!(
+            "{method} {}",
+            truncate(path, 200)
+        )))
     }
 
     fn capture(&self, index: usize, path: &str) -> Matched {
@@ -124,7 +141,10 @@ impl RouteTable {
                 params.push(value.to_owned());
             }
         }
-        Matched { route: index, params }
+        Matched {
+            route: index,
+            params,
+        }
     }
 }
 
@@ -168,37 +188,59 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
         return Err(GatewayError::BadPath("the path must start with `/`"));
     }
     if path.len() > 1 && path.contains("//") {
-        return Err(GatewayError::BadPath("empty path segments (`//`) are not allowed"));
+        return Err(GatewayError::BadPath(
+            "empty path segments (`//`) are not allowed",
+        ));
     }
     let bytes = path.as_bytes();
     for (i, &b) in bytes.iter().enumerate() {
         match b {
-            b'\\' => return Err(GatewayError::BadPath("backslashes are not allowed in the path")),
+            b'\\' => {
+                return Err(GatewayError::BadPath(
+                    "backslashes are not allowed in the path",
+                ));
+            }
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
                 let Some(value) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) else {
-                    return Err(GatewayError::BadPath("invalid percent-encoding in the path"));
+                    return Err(GatewayError::BadPath(
+                        "invalid percent-encoding in the path",
+                    ));
                 };
                 match value {
                     b'/' | b'\\' => {
-                        return Err(GatewayError::BadPath("encoded slashes are not allowed in the path"));
+                        return Err(GatewayError::BadPath(
+                            "encoded slashes are not allowed in the path",
+                        ));
                     }
-                    b'.' => return Err(GatewayError::BadPath("encoded dots are not allowed in the path")),
+                    b'.' => {
+                        return Err(GatewayError::BadPath(
+                            "encoded dots are not allowed in the path",
+                        ));
+                    }
                     0x00..=0x1f | 0x7f..=0xff => {
-                        return Err(GatewayError::BadPath("encoded control or non-ASCII bytes are not allowed in the path"));
+                        return Err(GatewayError::BadPath(
+                            "encoded control or non-ASCII bytes are not allowed in the path",
+                        ));
                     }
                     _ => {}
                 }
             }
             0x00..=0x20 | 0x7f..=0xff => {
-                return Err(GatewayError::BadPath("control, space or non-ASCII characters are not allowed in the path"));
+                return Err(GatewayError::BadPath(
+                    "control, space or non-ASCII characters are not allowed in the path",
+                ));
             }
             _ => {}
         }
     }
     for seg in path.split('/') {
         if seg == "." || seg == ".." {
-            return Err(GatewayError::BadPath("dot segments (`.` / `..`) are not allowed in the path"));
+            return Err(GatewayError::BadPath(
+                "dot segments (`.` / `..`) are not allowed in the path",
+            ));
         }
     }
     Ok(())
@@ -224,8 +266,16 @@ mod tests {
 
     fn table() -> RouteTable {
         RouteTable::new(&[
-            route("stop", Some(vec![Method::PUT]), "/v1/uno/data-backfill/propagation/jobs/{jobId}"),
-            route("read", Some(vec![Method::GET]), "/v1/uno/data-backfill/propagation/jobs/**"),
+            route(
+                "stop",
+                Some(vec![Method::PUT]),
+                "/v1/uno/data-backfill/propagation/jobs/{jobId}",
+            ),
+            route(
+                "read",
+                Some(vec![Method::GET]),
+                "/v1/uno/data-backfill/propagation/jobs/**",
+            ),
             route("any", None, "/v1/anything/{a}/x/{b}"),
         ])
     }
@@ -233,27 +283,60 @@ mod tests {
     #[test]
     fn param_is_exactly_one_segment() {
         let t = table();
-        let m = t.lookup(&Method::PUT, "/v1/uno/data-backfill/propagation/jobs/abc").unwrap();
-        assert_eq!(m, Matched { route: 0, params: vec!["abc".into()] });
-        assert!(t.lookup(&Method::PUT, "/v1/uno/data-backfill/propagation/jobs/abc/def").is_err());
-        assert!(t.lookup(&Method::PUT, "/v1/uno/data-backfill/propagation/jobs").is_err());
+        let m = t
+            .lookup(&Method::PUT, "/v1/uno/data-backfill/propagation/jobs/abc")
+            .unwrap();
+        assert_eq!(
+            m,
+            Matched {
+                route: 0,
+                params: vec!["abc".into()]
+            }
+        );
+        assert!(
+            t.lookup(
+                &Method::PUT,
+                "/v1/uno/data-backfill/propagation/jobs/abc/def"
+            )
+            .is_err()
+        );
+        assert!(
+            t.lookup(&Method::PUT, "/v1/uno/data-backfill/propagation/jobs")
+                .is_err()
+        );
     }
 
     #[test]
     fn double_star_matches_zero_or_more_segments() {
         let t = table();
-        assert_eq!(t.lookup(&Method::GET, "/v1/uno/data-backfill/propagation/jobs").unwrap().route, 1);
-        assert_eq!(t.lookup(&Method::GET, "/v1/uno/data-backfill/propagation/jobs/a/b").unwrap().route, 1);
+        assert_eq!(
+            t.lookup(&Method::GET, "/v1/uno/data-backfill/propagation/jobs")
+                .unwrap()
+                .route,
+            1
+        );
+        assert_eq!(
+            t.lookup(&Method::GET, "/v1/uno/data-backfill/propagation/jobs/a/b")
+                .unwrap()
+                .route,
+            1
+        );
     }
 
     #[test]
     fn wrong_method_is_405_with_allow_and_unknown_path_is_404() {
         let t = table();
-        match t.lookup(&Method::DELETE, "/v1/uno/data-backfill/propagation/jobs/abc") {
+        match t.lookup(
+            &Method::DELETE,
+            "/v1/uno/data-backfill/propagation/jobs/abc",
+        ) {
             Err(GatewayError::MethodNotAllowed { allow, .. }) => assert_eq!(allow, "GET, PUT"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(t.lookup(&Method::GET, "/v1/other"), Err(GatewayError::NoRoute(_))));
+        assert!(matches!(
+            t.lookup(&Method::GET, "/v1/other"),
+            Err(GatewayError::NoRoute(_))
+        ));
     }
 
     #[test]
@@ -283,7 +366,10 @@ mod tests {
         ] {
             assert!(check_path(p).is_err(), "{p} should be refused");
         }
-        assert!(check_path("/v1/uno/data-backfill/propagation/jobs/ff8080818bb300af018bb325fe0c58f3").is_ok());
+        assert!(
+            check_path("/v1/uno/data-backfill/propagation/jobs/ff8080818bb300af018bb325fe0c58f3")
+                .is_ok()
+        );
         assert!(check_path("/v1/a%20b").is_ok());
         assert!(check_path("/").is_ok());
     }

@@ -35,7 +35,9 @@ pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, S
     if let Some(pem) = extra_ca_pem {
         for cert in CertificateDer::pem_slice_iter(pem) {
             let cert = cert.map_err(|e| format!("invalid PEM: {e}"))?;
-            roots.add(cert).map_err(|e| format!("unusable CA certificate: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("unusable CA certificate: {e}"))?;
         }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());

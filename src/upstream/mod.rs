@@ -2,5 +2,8 @@
 //! and the innermost service that forwards a request to Zuora.
 
 pub mod client;
+pub mod forward;
+pub mod headers;
 
 pub use client::{HttpClient, build_client};
+pub use forward::{Forward, Upstream, UpstreamCall, Upstreams};

@@ -1,0 +1,236 @@
+//! The command line: `serve`, `check`, `simulate`, `dev-token`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{CallerAuthConfig, Config, JwtKeyMaterial, UpstreamTarget, Validation};
+
+/// Exit code for configuration errors (EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// zuora-gateway: an authenticating reverse proxy for the Zuora REST API.
+#[derive(Debug, Parser)]
+#[command(name = "zuora-gateway", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Configuration file.
+        #[arg(long, short, default_value = "config/gateway.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print a summary.
+    Check {
+        /// Configuration file.
+        #[arg(long, short, default_value = "config/gateway.yaml")]
+        config: PathBuf,
+    },
+    /// Run the embedded Zuora simulator alone.
+    Simulate {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+    },
+    /// Mint a caller JWT with the config's HS* key (local development only).
+    DevToken {
+        /// Configuration file holding an HS256/384/512 key.
+        #[arg(long, short, default_value = "config/local.yaml")]
+        config: PathBuf,
+        /// The caller identity (the `identity_claim`).
+        #[arg(long)]
+        caller: String,
+        /// Lifetime, e.g. `1h`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Extra claims, `name=value` (repeatable).
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+    },
+}
+
+/// Loads a config or prints why not (naming file and key) and returns the exit code.
+pub fn load_or_report(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// `check`: validate and summarise.
+pub fn check(path: &std::path::Path) -> ExitCode {
+    match load_or_report(path) {
+        Ok(c) => {
+            print!("{}", summary(&c));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// A one-screen summary of a valid config (no secret values).
+pub fn summary(c: &Config) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}: OK", c.source.display());
+    let _ = writeln!(
+        s,
+        "  listen {}  admin {}  max_body_bytes {}",
+        c.server.listen, c.server.admin_listen, c.server.max_body_bytes
+    );
+    for (name, u) in &c.upstreams {
+        let target = match &u.target {
+            UpstreamTarget::Url(uri) => uri.to_string(),
+            UpstreamTarget::Simulator => "embedded simulator".to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "  upstream {name}: {target} (connect {:?}, request {:?}, gzip requests over {} B)",
+            u.connect_timeout, u.request_timeout, u.compress_requests_over
+        );
+    }
+    match &c.callers {
+        CallerAuthConfig::TrustedIdentity(id) => {
+            let _ = writeln!(s, "  callers: trusted identity `{id}` (sidecar mode)");
+        }
+        CallerAuthConfig::Jwt(j) => {
+            let _ = writeln!(
+                s,
+                "  callers: JWT, {} static key(s){}, identity claim `{}`",
+                j.keys.len(),
+                j.jwks_url
+                    .as_ref()
+                    .map(|u| format!(", JWKS {u}"))
+                    .unwrap_or_default(),
+                j.identity_claim
+            );
+        }
+    }
+    let _ = writeln!(s, "  routes ({}):", c.routes.len());
+    for r in &c.routes {
+        let methods = r
+            .methods
+            .as_ref()
+            .map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","))
+            .unwrap_or_else(|| "*".to_owned());
+        let _ = writeln!(
+            s,
+            "    {:<28} {methods:<6} {} -> {}  allow [{}]{}{}",
+            r.name,
+            r.path,
+            r.upstream,
+            r.allow_callers.join(", "),
+            if r.rate_limits.is_empty() {
+                String::new()
+            } else {
+                format!("  limits [{}]", r.rate_limits.join(", "))
+            },
+            if r.validation == Validation::StopJob {
+                "  validate stop_job"
+            } else {
+                ""
+            },
+        );
+    }
+    let _ = writeln!(s, "  tenancy rules: {}", c.tenancy.len());
+    for (name, l) in &c.rate_limits {
+        let _ = writeln!(
+            s,
+            "  rate limit {name}: {}/{:?} burst {} ({:?})",
+            l.count, l.per, l.burst, l.store
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  telemetry: {}{}",
+        c.telemetry.service_name,
+        c.telemetry
+            .otlp_endpoint
+            .as_ref()
+            .map(|u| format!(", OTLP {u}"))
+            .unwrap_or_default()
+    );
+    s
+}
+
+/// `dev-token`: mint a JWT with the config's HMAC key.
+pub fn dev_token(path: &std::path::Path, caller: &str, ttl: &str, claims: &[String]) -> ExitCode {
+    let config = match load_or_report(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(ttl) = crate::config::parse_duration(ttl) else {
+        eprintln!("error: --ttl: expected a duration like 1h");
+        return ExitCode::from(2);
+    };
+    let CallerAuthConfig::Jwt(jwt) = &config.callers else {
+        eprintln!(
+            "error: {}: callers: not JWT (trusted identity needs no token)",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let Some(key) = jwt
+        .keys
+        .iter()
+        .find(|k| matches!(k.material, JwtKeyMaterial::Secret(_)))
+    else {
+        eprintln!(
+            "error: {}: callers.jwt.keys: no HS256/384/512 `secret` key to sign with",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let JwtKeyMaterial::Secret(secret) = &key.material else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    let mut body = serde_json::Map::new();
+    body.insert(jwt.identity_claim.clone(), caller.into());
+    if let Some(iss) = &jwt.issuer {
+        body.insert("iss".into(), iss.clone().into());
+    }
+    if let Some(aud) = jwt.audience.first() {
+        body.insert("aud".into(), aud.clone().into());
+    }
+    body.insert("iat".into(), now.into());
+    body.insert("exp".into(), (now + ttl.as_secs()).into());
+    for c in claims {
+        let Some((k, v)) = c.split_once('=') else {
+            eprintln!("error: --claim `{c}`: expected name=value");
+            return ExitCode::from(2);
+        };
+        body.insert(k.to_owned(), v.into());
+    }
+    let mut header = jsonwebtoken::Header::new(key.alg);
+    header.kid = key.kid.clone();
+    let signing = match jsonwebtoken::EncodingKey::from_secret(secret.expose().as_bytes()) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: unusable HMAC key: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match jsonwebtoken::encode(&header, &body, &signing) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot sign: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Process-level glue for the binary: runtime, logging, signals.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use crate::config::{Config, LogFormat};
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&config.telemetry.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match config.telemetry.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn terminate_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `serve`: run until SIGTERM/SIGINT, then drain and exit 0.
+pub fn serve(config: Config) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        init_logging(&config);
+        let running = match crate::server::start(config).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        terminate_signal().await;
+        tracing::info!("shutdown signal received");
+        running.shutdown().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// `simulate`: run the embedded simulator alone.
+pub fn simulate(listen: SocketAddr) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let sim =
+            match crate::sim::Simulator::start(listen, crate::sim::SimOptions::default()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: cannot listen on {listen}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        println!("Zuora simulator listening on {}", sim.base_url());
+        terminate_signal().await;
+        sim.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}

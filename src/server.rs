@@ -1,0 +1,315 @@
+//! Startup and serving: builds everything from a validated [`Config`], binds
+//! the caller and admin listeners, serves HTTP/1.1 and h2c, and drains on
+//! shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::future::Either;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::registry::Registry;
+use std::future::Ready;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+use tower::util::Oneshot;
+
+use crate::admin::Admin;
+use crate::body::{self, Body};
+use crate::config::{Config, ServerConfig, UpstreamTarget};
+use crate::error::GatewayError;
+use crate::health::Health;
+use crate::layers::rescue::into_response;
+use crate::metrics::RequestMetrics;
+use crate::policy::Policy;
+use crate::sim::{SimHandle, SimOptions, Simulator};
+use crate::stack::{self, GatewayService, StackParts};
+use crate::upstream::{Upstream, build_client};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Which listener.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The embedded simulator could not start.
+    #[error("cannot start the embedded Zuora simulator: {0}")]
+    Simulator(std::io::Error),
+    /// An upstream client could not be built.
+    #[error("{0}")]
+    Upstream(String),
+}
+
+/// A running gateway.
+pub struct Running {
+    /// The caller-facing address actually bound.
+    pub listen_addr: SocketAddr,
+    /// The admin address actually bound.
+    pub admin_addr: SocketAddr,
+    /// The embedded simulator, when `base_url: simulator`.
+    pub simulator: Option<SimHandle>,
+    /// Readiness facts.
+    pub health: Arc<Health>,
+    /// The swappable policy (reload stores into it).
+    pub policy: Arc<ArcSwap<Policy>>,
+    shutdown: watch::Sender<bool>,
+    serving: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Begins shutdown: readiness goes false, listeners stop accepting,
+    /// in-flight requests get `shutdown_grace` to finish. Resolves when done.
+    pub async fn shutdown(self) {
+        self.health.set_draining();
+        let _ = self.shutdown.send(true);
+        let _ = self.serving.await;
+        for task in self.background {
+            task.abort();
+        }
+        if let Some(sim) = self.simulator {
+            sim.shutdown().await;
+        }
+    }
+}
+
+/// Starts the gateway described by `config` (already validated).
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+
+    // The embedded simulator, if any upstream asks for it.
+    let mut simulator = None;
+    let mut upstreams = HashMap::new();
+    for (name, up) in &config.upstreams {
+        let base = match &up.target {
+            UpstreamTarget::Url(uri) => uri.clone(),
+            UpstreamTarget::Simulator => {
+                let sim = match &simulator {
+                    Some(sim) => sim,
+                    None => {
+                        let opts = SimOptions {
+                            client_id: Some(up.oauth.client_id.expose().to_owned()),
+                            client_secret: Some(up.oauth.client_secret.expose().to_owned()),
+                            ..SimOptions::default()
+                        };
+                        let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), opts)
+                            .await
+                            .map_err(StartError::Simulator)?;
+                        tracing::info!(addr = %sim.addr(), "embedded Zuora simulator started");
+                        simulator.insert(sim)
+                    }
+                };
+                sim.base_url()
+                    .parse()
+                    .map_err(|_| StartError::Upstream("simulator address is not a URL".into()))?
+            }
+        };
+        let client = build_client(up).map_err(|e| StartError::Upstream(e.to_string()))?;
+        upstreams.insert(
+            name.clone(),
+            Upstream {
+                config: up.clone(),
+                base,
+                client,
+            },
+        );
+    }
+    let upstreams = Arc::new(upstreams);
+
+    let mut registry = Registry::default();
+    let request_metrics = RequestMetrics::new(&mut registry);
+    let health = Arc::new(Health::new(config.upstreams.keys()));
+    let background = Vec::new();
+    // The token caches will flip these flags; until they exist, upstreams count as ready.
+    for name in config.upstreams.keys() {
+        if let Some(flag) = health.token_flag(name) {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    let policy = Arc::new(ArcSwap::from_pointee(Policy::compile(config.clone())));
+    let service = stack::build(&StackParts {
+        policy: policy.clone(),
+        upstreams: upstreams.clone(),
+        metrics: request_metrics,
+        max_in_flight: config.server.max_in_flight,
+    });
+
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.server.listen,
+            what: "server.listen",
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(config.server.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.server.admin_listen,
+            what: "server.admin_listen",
+            source,
+        })?;
+    let listen_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.server.listen,
+        what: "server.listen",
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.server.admin_listen,
+            what: "server.admin_listen",
+            source,
+        })?;
+
+    let admin = Admin {
+        health: health.clone(),
+        registry: Arc::new(registry),
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server_cfg = config.server.clone();
+    let serving = tokio::spawn(serve(
+        listener,
+        admin_listener,
+        service,
+        admin,
+        server_cfg,
+        shutdown_rx,
+    ));
+    health.set_config_loaded();
+    tracing::info!(listen = %listen_addr, admin = %admin_addr, "zuora-gateway listening");
+    Ok(Running {
+        listen_addr,
+        admin_addr,
+        simulator,
+        health,
+        policy,
+        shutdown: shutdown_tx,
+        serving,
+        background,
+    })
+}
+
+fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_headers(cfg.max_header_count)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(256))
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Adapts hyper to the stack: URI length check, body boxing, no async block.
+#[derive(Clone)]
+struct HyperAdapter {
+    service: GatewayService,
+    max_uri_bytes: usize,
+}
+
+impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
+    type Response = Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = Either<
+        Ready<Result<Response<Body>, std::convert::Infallible>>,
+        Oneshot<GatewayService, Request<Body>>,
+    >;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+        if uri_len > self.max_uri_bytes {
+            return Either::Left(std::future::ready(Ok(into_response(
+                GatewayError::UriTooLong(self.max_uri_bytes),
+            ))));
+        }
+        Either::Right(self.service.clone().oneshot(req.map(body::boxed)))
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    service: GatewayService,
+    admin: Admin,
+    cfg: ServerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let builder = builder(&cfg);
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(cfg.max_connections));
+    let max_uri = cfg.max_uri_bytes;
+    loop {
+        // Beyond max_connections, stop accepting: new connections wait in the kernel backlog.
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let hyper_svc = HyperAdapter { service: service.clone(), max_uri_bytes: max_uri };
+                let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(permit);
+                });
+            }
+            accepted = admin_listener.accept() => {
+                drop(permit);
+                if let Ok((stream, _)) = accepted {
+                    let admin = admin.clone();
+                    let svc = hyper::service::service_fn(move |req| {
+                        let admin = admin.clone();
+                        async move { admin.handle(req).await }
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move { let _ = conn.await; });
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    drop(admin_listener);
+    tracing::info!(grace = ?cfg.shutdown_grace, "draining in-flight requests");
+    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+}

@@ -13,8 +13,10 @@
 //!   with real async work box their future.
 
 pub mod authn;
+pub mod coalesce;
 pub mod in_flight;
 pub mod observe;
+pub mod rate_limit;
 pub mod rescue;
 pub mod route;
 

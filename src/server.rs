@@ -30,6 +30,7 @@ use crate::health::Health;
 use crate::layers::rescue::into_response;
 use crate::metrics::RequestMetrics;
 use crate::policy::Policy;
+use crate::ratelimit::{LimiterRegistry, RateLimitMetrics};
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
 use crate::upstream::{Upstream, build_client};
@@ -133,8 +134,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let mut registry = Registry::default();
     let request_metrics = RequestMetrics::new(&mut registry);
+    let rate_limits = LimiterRegistry::new(RateLimitMetrics::new(&mut registry));
     let health = Arc::new(Health::new(config.upstreams.keys()));
-    let background = Vec::new();
+    // Idle rate-limit keys are evicted every minute (memory stays bounded).
+    let background = vec![rate_limits.spawn_sweeper(Duration::from_secs(60))];
     // The token caches will flip these flags; until they exist, upstreams count as ready.
     for name in config.upstreams.keys() {
         if let Some(flag) = health.token_flag(name) {
@@ -148,6 +151,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         upstreams: upstreams.clone(),
         metrics: request_metrics,
         max_in_flight: config.server.max_in_flight,
+        rate_limits,
     });
 
     let listener = TcpListener::bind(config.server.listen)

@@ -11,12 +11,15 @@ use tower::util::BoxCloneService;
 
 use crate::body::Body;
 use crate::layers::authn::AuthnLayer;
+use crate::layers::coalesce::CoalesceLayer;
 use crate::layers::in_flight::InFlightLimitLayer;
 use crate::layers::observe::ObserveLayer;
+use crate::layers::rate_limit::RateLimitLayer;
 use crate::layers::rescue::RescueLayer;
 use crate::layers::route::RouteLayer;
 use crate::metrics::RequestMetrics;
 use crate::policy::Policy;
+use crate::ratelimit::LimiterRegistry;
 use crate::upstream::{Forward, Upstreams};
 
 /// The whole gateway as one cloneable service; errors are already responses.
@@ -33,6 +36,8 @@ pub struct StackParts {
     pub metrics: RequestMetrics,
     /// `server.max_in_flight`.
     pub max_in_flight: usize,
+    /// Rate-limiter state, kept across reloads.
+    pub rate_limits: Arc<LimiterRegistry>,
 }
 
 /// Builds the request path.
@@ -48,6 +53,10 @@ pub fn build(parts: &StackParts) -> GatewayService {
         .layer(RouteLayer::new(parts.policy.clone()))
         // Authn: who is calling; the caller's Authorization never goes further.
         .layer(AuthnLayer)
+        // Coalesce: a duplicate of an in-flight stop joins it (one Zuora call) and spends no rate budget.
+        .layer(CoalesceLayer::new())
+        // Rate limit: every limit of the route must admit (429 otherwise); Zuora's 429s hold the key.
+        .layer(RateLimitLayer::new(parts.rate_limits.clone()))
         // Forward: the Zuora call itself.
         .service(Forward::new(parts.upstreams.clone()));
     BoxCloneService::new(svc)

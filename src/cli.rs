@@ -41,6 +41,12 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: std::net::SocketAddr,
     },
+    /// Probe an admin endpoint (for container HEALTHCHECKs: no curl needed).
+    Healthcheck {
+        /// URL to GET; exit 0 on 200.
+        #[arg(long, default_value = "http://127.0.0.1:9901/healthz")]
+        url: http::Uri,
+    },
     /// Mint a caller JWT with the config's HS* key (local development only).
     DevToken {
         /// Configuration file holding an HS256/384/512 key.

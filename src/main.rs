@@ -24,5 +24,6 @@ fn main() -> ExitCode {
             zuora_gateway::run::serve(config)
         }
         Command::Simulate { listen } => zuora_gateway::run::simulate(listen),
+        Command::Healthcheck { url } => zuora_gateway::run::healthcheck(url),
     }
 }

@@ -87,3 +87,36 @@ pub fn simulate(listen: SocketAddr) -> ExitCode {
         ExitCode::SUCCESS
     })
 }
+
+/// `healthcheck`: GET `url`, exit 0 on 200 within 2 s.
+pub fn healthcheck(url: http::Uri) -> ExitCode {
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(_) => return ExitCode::FAILURE,
+    };
+    rt.block_on(async move {
+        let client: Client<HttpConnector, Empty<bytes::Bytes>> =
+            Client::builder(hyper_util::rt::TokioExecutor::new()).build(HttpConnector::new());
+        match tokio::time::timeout(std::time::Duration::from_secs(2), client.get(url)).await {
+            Ok(Ok(resp)) if resp.status() == http::StatusCode::OK => ExitCode::SUCCESS,
+            Ok(Ok(resp)) => {
+                eprintln!("unhealthy: {}", resp.status());
+                ExitCode::FAILURE
+            }
+            Ok(Err(e)) => {
+                eprintln!("unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+            Err(_) => {
+                eprintln!("unhealthy: no answer within 2s");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

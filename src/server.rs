@@ -127,6 +127,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 config: up.clone(),
                 base,
                 client,
+                breaker: crate::upstream::breaker::CircuitBreaker::new(&up.circuit_breaker),
             },
         );
     }

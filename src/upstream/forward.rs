@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower::Service;
 
+use super::breaker::{Admission, CircuitBreaker};
 use super::client::HttpClient;
 use super::headers::strip_hop_by_hop;
 use crate::body::{self, Body};
@@ -31,6 +33,8 @@ pub struct Upstream {
     pub base: Uri,
     /// The pooled client.
     pub client: HttpClient,
+    /// Sheds load while Zuora is failing.
+    pub breaker: CircuitBreaker,
 }
 
 impl Upstream {
@@ -136,15 +140,184 @@ impl Forward {
     }
 }
 
+/// Bodies up to this size are buffered so a safe retry can resend them.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Whether a request may be sent again after a failure that may have reached
+/// Zuora: idempotent methods, and POST/PATCH only with an `Idempotency-Key`.
+fn idempotent(parts: &http::request::Parts) -> bool {
+    use http::Method;
+    match parts.method {
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS => true,
+        Method::POST | Method::PATCH => parts.headers.contains_key("idempotency-key"),
+        _ => false,
+    }
+}
+
+/// The request body as bytes when it is small enough to replay.
+async fn buffer_if_small(
+    parts: &http::request::Parts,
+    body: Body,
+) -> Result<Result<Bytes, Body>, GatewayError> {
+    use http_body::Body as _;
+    let hint = body.size_hint();
+    let small = hint.upper().is_some_and(|u| u <= REPLAY_LIMIT)
+        || parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= REPLAY_LIMIT);
+    if !small {
+        return Ok(Err(body));
+    }
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| body_error(&*e))?;
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() as u64 > REPLAY_LIMIT {
+                // Larger than announced: stream what we have plus the rest, no replay.
+                return Ok(Err(concat(body::full(buf.freeze()), body)));
+            }
+        }
+    }
+    Ok(Ok(buf.freeze()))
+}
+
+/// `first` followed by `rest`, as one body.
+fn concat(first: Body, rest: Body) -> Body {
+    use http_body_util::BodyExt;
+    let stream =
+        futures_util::stream::unfold((Some(first), Some(rest)), |(mut a, mut b)| async move {
+            loop {
+                if let Some(body) = a.as_mut() {
+                    match body.frame().await {
+                        Some(f) => return Some((f, (a, b))),
+                        None => a = None,
+                    }
+                } else if let Some(body) = b.as_mut() {
+                    match body.frame().await {
+                        Some(f) => return Some((f, (a, b))),
+                        None => b = None,
+                    }
+                } else {
+                    return None;
+                }
+            }
+        });
+    http_body_util::StreamBody::new(stream).boxed_unsync()
+}
+
+/// A failed caller body: a gateway error inside it (size limit, timeout,
+/// corrupt gzip) is returned as is; anything else means the caller went away.
+fn body_error(e: &(dyn std::error::Error + 'static)) -> GatewayError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(gw) = s.downcast_ref::<GatewayError>() {
+            return gw.clone();
+        }
+        source = s.source();
+    }
+    GatewayError::InvalidValue(format!("the request body could not be read: {e}"))
+}
+
+fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
 async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     let started = Instant::now();
-    let deadline = upstream.config.request_timeout;
-    let result = tokio::time::timeout(deadline, upstream.client.request(req)).await;
-    let resp = match result {
-        Err(_) => return Err(GatewayError::UpstreamTimeout(deadline)),
-        Ok(Err(e)) => return Err(classify_client_error(&e)),
-        Ok(Ok(resp)) => resp,
+    let timeout = upstream.config.request_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let admission = upstream.breaker.admit();
+    if admission == Admission::Open {
+        return Err(GatewayError::CircuitOpen);
+    }
+    let probe = admission == Admission::Probe;
+    let (parts, body) = req.into_parts();
+    let retry = upstream.config.retry;
+    // Without retries there is nothing to buffer for.
+    let mut body = if retry.max_attempts > 1 {
+        buffer_if_small(&parts, body).await?
+    } else {
+        Err(body)
     };
+    let may_resend_after_send = idempotent(&parts);
+    let mut attempt = 1u32;
+    loop {
+        let (req, replayable) = match &mut body {
+            Ok(bytes) => (rebuild(&parts, body::full(bytes.clone())), true),
+            Err(streaming) => (
+                rebuild(&parts, std::mem::replace(streaming, body::empty())),
+                false,
+            ),
+        };
+        let more = attempt < retry.max_attempts && replayable;
+        let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req)).await;
+        let retry_reason = match outcome {
+            Err(_) => {
+                upstream.breaker.failure(probe);
+                return Err(GatewayError::UpstreamTimeout(timeout));
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                let unavailable = matches!(status, 502..=504);
+                if unavailable && more && may_resend_after_send {
+                    upstream.breaker.failure(probe);
+                    format!("Zuora answered {status}")
+                } else {
+                    if unavailable {
+                        upstream.breaker.failure(probe);
+                    } else {
+                        upstream.breaker.success();
+                    }
+                    return Ok(finish(resp, started));
+                }
+            }
+            Ok(Err(e)) => {
+                let err = classify_client_error(&e);
+                let connect = matches!(err, GatewayError::UpstreamConnect(_));
+                if matches!(
+                    err,
+                    GatewayError::UpstreamConnect(_) | GatewayError::BadUpstreamResponse(_)
+                ) {
+                    upstream.breaker.failure(probe);
+                }
+                // A connect error means nothing was sent: always safe to retry.
+                if more
+                    && (connect
+                        || (may_resend_after_send
+                            && matches!(err, GatewayError::BadUpstreamResponse(_))))
+                {
+                    err.to_string()
+                } else {
+                    return Err(err);
+                }
+            }
+        };
+        if probe || upstream.breaker.is_open() {
+            return Err(GatewayError::CircuitOpen);
+        }
+        let backoff = retry.backoff.saturating_mul(1 << (attempt - 1).min(6));
+        let jittered = backoff.mul_f64(0.5 + fastrand::f64());
+        if tokio::time::Instant::now() + jittered >= deadline {
+            return Err(GatewayError::UpstreamTimeout(timeout));
+        }
+        tracing::debug!(attempt, reason = %retry_reason, "retrying the Zuora call");
+        tokio::time::sleep(jittered).await;
+        attempt += 1;
+    }
+}
+
+fn finish(resp: http::Response<hyper::body::Incoming>, started: Instant) -> http::Response<Body> {
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let call = UpstreamCall {
@@ -154,7 +327,7 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     };
     parts.extensions = http::Extensions::new();
     parts.extensions.insert(call);
-    Ok(http::Response::from_parts(parts, body::boxed(incoming)))
+    http::Response::from_parts(parts, body::boxed(incoming))
 }
 
 /// Maps a client error: a gateway error raised by the request body (size

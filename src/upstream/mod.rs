@@ -1,6 +1,7 @@
 //! The upstream side: the pooled rustls client, hop-by-hop header handling
 //! and the innermost service that forwards a request to Zuora.
 
+pub mod breaker;
 pub mod client;
 pub mod forward;
 pub mod headers;

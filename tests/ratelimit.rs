@@ -202,22 +202,24 @@ fn free_port() -> u16 {
 
 async fn spawn_process(yaml_text: &str) -> GatewayProcess {
     let (port, admin) = (free_port(), free_port());
-    let text = yaml_text.replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}")).replace(
-        "admin_listen: 127.0.0.1:0",
-        &format!("admin_listen: 127.0.0.1:{admin}"),
-    );
+    let text = yaml_text
+        .replace("admin_listen: 127.0.0.1:0", &format!("admin_listen: 127.0.0.1:{admin}"))
+        .replace("  listen: 127.0.0.1:0", &format!("  listen: 127.0.0.1:{port}"));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.yaml");
     std::fs::write(&path, text).unwrap();
+    let log = dir.path().join("gateway.log");
+    let out = std::fs::File::create(&log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_zuora-gateway"))
         .arg("serve")
         .arg("--config")
         .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
         .spawn()
         .expect("start zuora-gateway");
-    let p = GatewayProcess {
+    let mut p = GatewayProcess {
         child,
         addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         _dir: dir,
@@ -229,7 +231,12 @@ async fn spawn_process(yaml_text: &str) -> GatewayProcess {
         {
             return p;
         }
-        assert!(tokio::time::Instant::now() < deadline, "gateway process not ready");
+        let exited = p.child.try_wait().unwrap().is_some();
+        assert!(
+            !exited && tokio::time::Instant::now() < deadline,
+            "gateway process not ready; its output:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -36,7 +36,13 @@ fn redis() -> RedisServer {
 
 /// A sidecar gateway config (caller `identity`) with a stop route limited by
 /// `route_limits`, a read route limited by `read_limits`, and `rest` appended.
-fn yaml(sim: &SimHandle, identity: &str, route_limits: &str, read_limits: &str, rest: &str) -> String {
+fn yaml(
+    sim: &SimHandle,
+    identity: &str,
+    route_limits: &str,
+    read_limits: &str,
+    rest: &str,
+) -> String {
     format!(
         "{SERVER_YAML}{}callers:\n  trusted_identity: {identity}\nroutes:\n  - name: stop\n    method: PUT\n    path: /v1/uno/data-backfill/propagation/jobs/{{jobId}}\n    upstream: zuora\n    allow_callers: [\"*\"]\n    rate_limits: [{route_limits}]\n  - name: read\n    method: GET\n    path: /v1/uno/data-backfill/propagation/jobs/**\n    upstream: zuora\n    allow_callers: [\"*\"]\n    rate_limits: [{read_limits}]\n{rest}",
         upstream_yaml(sim)
@@ -52,7 +58,14 @@ async fn started(yaml: &str) -> Gateway {
 #[tokio::test]
 async fn second_stop_of_the_same_job_is_429_and_another_job_is_200() {
     let sim = simulator().await;
-    let g = started(&yaml(&sim, "billing-a", "per-job", "", "rate_limits:\n  per-job: { key: jobId, rate: 1/minute }\n")).await;
+    let g = started(&yaml(
+        &sim,
+        "billing-a",
+        "per-job",
+        "",
+        "rate_limits:\n  per-job: { key: jobId, rate: 1/minute }\n",
+    ))
+    .await;
 
     let r = send(stop(&g, JOB, &[])).await.unwrap();
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -65,22 +78,44 @@ async fn second_stop_of_the_same_job_is_429_and_another_job_is_200() {
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
     let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
-    assert_eq!(r.code(), "99000670", "rate-limit component, Zuora category 70");
+    assert_eq!(
+        r.code(),
+        "99000670",
+        "rate-limit component, Zuora category 70"
+    );
     assert!(r.text().contains("per-job"));
     assert_eq!(r.headers["ratelimit-remaining"], "0");
-    assert_eq!(sim.control().api_requests(), before, "the refusal never reached Zuora");
+    assert_eq!(
+        sim.control().api_requests(),
+        before,
+        "the refusal never reached Zuora"
+    );
 
     let r = send(stop(&g, JOB2, &[])).await.unwrap();
-    assert_eq!(r.status, StatusCode::OK, "another job has its own budget: {}", r.text());
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "another job has its own budget: {}",
+        r.text()
+    );
     g.shutdown().await;
 }
 
 #[tokio::test]
 async fn routes_without_limits_are_not_limited() {
     let sim = simulator().await;
-    let g = started(&yaml(&sim, "billing-a", "per-job", "", "rate_limits:\n  per-job: { key: jobId, rate: 1/minute }\n")).await;
+    let g = started(&yaml(
+        &sim,
+        "billing-a",
+        "per-job",
+        "",
+        "rate_limits:\n  per-job: { key: jobId, rate: 1/minute }\n",
+    ))
+    .await;
     for _ in 0..5 {
-        let r = get(&g.url(&format!("/v1/uno/data-backfill/propagation/jobs/{JOB}"))).await.unwrap();
+        let r = get(&g.url(&format!("/v1/uno/data-backfill/propagation/jobs/{JOB}")))
+            .await
+            .unwrap();
         assert_ne!(r.status, StatusCode::TOO_MANY_REQUESTS);
     }
     g.shutdown().await;
@@ -101,8 +136,15 @@ async fn zuora_429_is_passed_on_and_the_next_request_is_answered_locally() {
     sim.control().inject_status(429, 1, Some(3));
     let r = send(stop(&g, JOB, &[])).await.unwrap();
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
-    assert_eq!(r.headers["retry-after"], "3", "Zuora's Retry-After is passed on");
-    assert!(!r.code().starts_with("99"), "Zuora's own error body: {}", r.text());
+    assert_eq!(
+        r.headers["retry-after"], "3",
+        "Zuora's Retry-After is passed on"
+    );
+    assert!(
+        !r.code().starts_with("99"),
+        "Zuora's own error body: {}",
+        r.text()
+    );
 
     let before = sim.control().api_requests();
     // Another job, same caller: held locally until Zuora's Retry-After has passed.
@@ -112,7 +154,11 @@ async fn zuora_429_is_passed_on_and_the_next_request_is_answered_locally() {
     assert!(r.text().contains("Zuora rate limit"), "{}", r.text());
     let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=3).contains(&retry), "Retry-After {retry}");
-    assert_eq!(sim.control().api_requests(), before, "answered without calling Zuora");
+    assert_eq!(
+        sim.control().api_requests(),
+        before,
+        "answered without calling Zuora"
+    );
 
     tokio::time::sleep(Duration::from_millis(3100)).await;
     let r = send(stop(&g, JOB2, &[])).await.unwrap();
@@ -124,7 +170,14 @@ async fn zuora_429_is_passed_on_and_the_next_request_is_answered_locally() {
 #[tokio::test]
 async fn concurrent_duplicate_stops_make_one_zuora_call_and_all_succeed() {
     let sim = simulator().await;
-    let g = started(&yaml(&sim, "billing-a", "per-job", "", "rate_limits:\n  per-job: { key: jobId, rate: 1/minute }\n")).await;
+    let g = started(&yaml(
+        &sim,
+        "billing-a",
+        "per-job",
+        "",
+        "rate_limits:\n  per-job: { key: jobId, rate: 1/minute }\n",
+    ))
+    .await;
     sim.control().set_latency(Duration::from_millis(300));
     let before = sim.control().api_requests();
     let replies = futures_util::future::join_all((0..6).map(|_| send(stop(&g, JOB, &[])))).await;
@@ -133,27 +186,54 @@ async fn concurrent_duplicate_stops_make_one_zuora_call_and_all_succeed() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
         assert_eq!(r.json()["success"], true);
     }
-    assert_eq!(sim.control().api_requests(), before + 1, "one upstream call for six identical stops");
+    assert_eq!(
+        sim.control().api_requests(),
+        before + 1,
+        "one upstream call for six identical stops"
+    );
     g.shutdown().await;
 }
 
 #[tokio::test]
 async fn reload_does_not_refill_buckets() {
     let sim = simulator().await;
-    let text = yaml(&sim, "billing-a", "per-job", "", "rate_limits:\n  per-job: { key: jobId, rate: 1/minute }\n");
+    let text = yaml(
+        &sim,
+        "billing-a",
+        "per-job",
+        "",
+        "rate_limits:\n  per-job: { key: jobId, rate: 1/minute }\n",
+    );
     let g = started(&text).await;
-    assert_eq!(send(stop(&g, JOB, &[])).await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        send(stop(&g, JOB, &[])).await.unwrap().status,
+        StatusCode::OK
+    );
 
     // What a reload does: compile the (unchanged) file again and swap the policy.
     let policy = g.running.as_ref().unwrap().policy.clone();
     policy.store(Arc::new(Policy::compile(Arc::new(config(&text)))));
     let r = send(stop(&g, JOB, &[])).await.unwrap();
-    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "the reload refilled the bucket: {}", r.text());
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the reload refilled the bucket: {}",
+        r.text()
+    );
 
     // A changed definition is a new limit with fresh buckets.
-    let changed = yaml(&sim, "billing-a", "per-job", "", "rate_limits:\n  per-job: { key: jobId, rate: 2/minute }\n");
+    let changed = yaml(
+        &sim,
+        "billing-a",
+        "per-job",
+        "",
+        "rate_limits:\n  per-job: { key: jobId, rate: 2/minute }\n",
+    );
     policy.store(Arc::new(Policy::compile(Arc::new(config(&changed)))));
-    assert_eq!(send(stop(&g, JOB, &[])).await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        send(stop(&g, JOB, &[])).await.unwrap().status,
+        StatusCode::OK
+    );
     g.shutdown().await;
 }
 
@@ -170,13 +250,31 @@ async fn per_caller_budgets_are_separate_and_shared_across_gateways() {
     let alice2 = started(&yaml(&sim, "alice", "per-caller", "", &limits)).await;
     let bob = started(&yaml(&sim, "bob", "per-caller", "", &limits)).await;
 
-    assert_eq!(send(stop(&alice1, &job(1), &[])).await.unwrap().status, StatusCode::OK);
-    assert_eq!(send(stop(&alice2, &job(2), &[])).await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        send(stop(&alice1, &job(1), &[])).await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(stop(&alice2, &job(2), &[])).await.unwrap().status,
+        StatusCode::OK
+    );
     let r = send(stop(&alice1, &job(3), &[])).await.unwrap();
-    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "alice's budget is spent on both replicas");
-    assert_eq!(send(stop(&alice2, &job(4), &[])).await.unwrap().status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "alice's budget is spent on both replicas"
+    );
+    assert_eq!(
+        send(stop(&alice2, &job(4), &[])).await.unwrap().status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
     let r = send(stop(&bob, &job(5), &[])).await.unwrap();
-    assert_eq!(r.status, StatusCode::OK, "bob's budget is his own: {}", r.text());
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "bob's budget is his own: {}",
+        r.text()
+    );
     for g in [alice1, alice2, bob] {
         g.shutdown().await;
     }
@@ -197,14 +295,24 @@ impl Drop for GatewayProcess {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn spawn_process(yaml_text: &str) -> GatewayProcess {
     let (port, admin) = (free_port(), free_port());
     let text = yaml_text
-        .replace("admin_listen: 127.0.0.1:0", &format!("admin_listen: 127.0.0.1:{admin}"))
-        .replace("  listen: 127.0.0.1:0", &format!("  listen: 127.0.0.1:{port}"));
+        .replace(
+            "admin_listen: 127.0.0.1:0",
+            &format!("admin_listen: 127.0.0.1:{admin}"),
+        )
+        .replace(
+            "  listen: 127.0.0.1:0",
+            &format!("  listen: 127.0.0.1:{port}"),
+        );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.yaml");
     std::fs::write(&path, text).unwrap();
@@ -259,8 +367,16 @@ async fn two_gateway_processes_sharing_one_redis_admit_exactly_the_shared_budget
     let before = sim.control().api_requests();
     let sends = (0..24).map(|i| {
         let addr = if i % 2 == 0 { a.addr } else { b.addr };
-        let url = format!("http://{addr}/v1/uno/data-backfill/propagation/jobs/{}", job(100 + i));
-        send(request(Method::PUT, &url, &[("content-type", "application/json")], r#"{"status":"Stopping"}"#))
+        let url = format!(
+            "http://{addr}/v1/uno/data-backfill/propagation/jobs/{}",
+            job(100 + i)
+        );
+        send(request(
+            Method::PUT,
+            &url,
+            &[("content-type", "application/json")],
+            r#"{"status":"Stopping"}"#,
+        ))
     });
     let replies = futures_util::future::join_all(sends).await;
     let mut ok = 0;
@@ -272,7 +388,10 @@ async fn two_gateway_processes_sharing_one_redis_admit_exactly_the_shared_budget
             other => panic!("unexpected {other}: {}", r.text()),
         }
     }
-    assert_eq!(ok, 5, "the two processes admitted exactly the shared budget");
+    assert_eq!(
+        ok, 5,
+        "the two processes admitted exactly the shared budget"
+    );
     assert_eq!(sim.control().api_requests(), before + 5);
 }
 
@@ -291,7 +410,10 @@ async fn redis_down_with_deny_policy_answers_503() {
         ),
     ))
     .await;
-    assert_eq!(send(stop(&g, JOB, &[])).await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        send(stop(&g, JOB, &[])).await.unwrap().status,
+        StatusCode::OK
+    );
     server.stop();
     let before = sim.control().api_requests();
     let r = send(stop(&g, JOB2, &[])).await.unwrap();
@@ -300,8 +422,16 @@ async fn redis_down_with_deny_policy_answers_503() {
     assert_eq!(r.headers["retry-after"], "1");
     assert_eq!(sim.control().api_requests(), before);
     let metrics = get(&g.admin_url("/metrics")).await.unwrap().text();
-    assert!(metrics.contains(r#"gateway_rate_limit_decisions_total{limit="shared",decision="store_error_denied"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"gateway_rate_limit_store_errors_total{limit="shared"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"gateway_rate_limit_decisions_total{limit="shared",decision="store_error_denied"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"gateway_rate_limit_store_errors_total{limit="shared"} 1"#),
+        "{metrics}"
+    );
     g.shutdown().await;
 }
 
@@ -320,14 +450,29 @@ async fn redis_down_with_local_policy_falls_back_to_a_local_limiter() {
         ),
     ))
     .await;
-    assert_eq!(send(stop(&g, JOB, &[])).await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        send(stop(&g, JOB, &[])).await.unwrap().status,
+        StatusCode::OK
+    );
     server.stop();
     // The fallback limits at the same rate, with its own state.
-    assert_eq!(send(stop(&g, JOB2, &[])).await.unwrap().status, StatusCode::OK);
-    assert_eq!(send(stop(&g, JOB2, &[])).await.unwrap().status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(stop(&g, JOB2, &[])).await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(stop(&g, JOB2, &[])).await.unwrap().status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
     let metrics = get(&g.admin_url("/metrics")).await.unwrap().text();
-    assert!(metrics.contains(r#"gateway_rate_limit_fallbacks_total{limit="shared"} 2"#), "{metrics}");
-    assert!(!metrics.contains("redis://"), "the Redis URL is never exposed");
+    assert!(
+        metrics.contains(r#"gateway_rate_limit_fallbacks_total{limit="shared"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("redis://"),
+        "the Redis URL is never exposed"
+    );
     g.shutdown().await;
 }
 
@@ -348,7 +493,11 @@ async fn redis_down_with_allow_policy_admits() {
     .await;
     let url = g.url("/v1/uno/data-backfill/propagation/jobs");
     assert_eq!(get(&url).await.unwrap().status, StatusCode::OK);
-    assert_eq!(get(&url).await.unwrap().status, StatusCode::TOO_MANY_REQUESTS, "Redis limits while it is up");
+    assert_eq!(
+        get(&url).await.unwrap().status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "Redis limits while it is up"
+    );
     server.stop();
     for _ in 0..3 {
         let r = get(&url).await.unwrap();

@@ -22,7 +22,9 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use futures_util::future::Either;
-use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{
+    ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use tokio::sync::watch;
@@ -98,8 +100,15 @@ struct Leader {
 
 impl Leader {
     fn unregister(&self) {
-        let mut stops = self.inflight.stops.lock().unwrap_or_else(PoisonError::into_inner);
-        if stops.get(&self.key).is_some_and(|rx| rx.same_channel(&self.tx.subscribe())) {
+        let mut stops = self
+            .inflight
+            .stops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if stops
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+        {
             stops.remove(&self.key);
         }
     }
@@ -198,22 +207,32 @@ where
     let body = match read_bounded(body, MAX_STOP_BODY).await {
         Ok(b) => b,
         // Not a stop body anyone else sends: forward it as it is, alone.
-        Err(ReadError::TooLarge(body)) => return call_boxed(&mut inner, Request::from_parts(parts, body)).await,
+        Err(ReadError::TooLarge(body)) => {
+            return call_boxed(&mut inner, Request::from_parts(parts, body)).await;
+        }
         Err(ReadError::Failed(_)) => {
-            return Err(GatewayError::InvalidValue("the request body could not be read".into()));
+            return Err(GatewayError::InvalidValue(
+                "the request body could not be read".into(),
+            ));
         }
     };
     let key = StopKey {
         caller: parts.extensions.get::<Caller>().map(|c| c.identity.clone()),
         method: parts.method.clone(),
-        target: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
+        target: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
         scope: std::array::from_fn(|i| parts.headers.get(&SCOPE_HEADERS[i]).cloned()),
         body: body.clone(),
     };
     let track_id = parts.extensions.get::<TrackId>().map(|t| t.0.clone());
     loop {
         let role = {
-            let mut stops = inflight.stops.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut stops = inflight
+                .stops
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             match stops.get(&key) {
                 Some(rx) => Err(rx.clone()),
                 None => {
@@ -228,7 +247,9 @@ where
             }
         };
         match role {
-            Ok(leader) => return lead(&mut inner, leader, Request::from_parts(parts, full(body))).await,
+            Ok(leader) => {
+                return lead(&mut inner, leader, Request::from_parts(parts, full(body))).await;
+            }
             Err(mut rx) => {
                 let outcome = match rx.wait_for(Option::is_some).await {
                     Ok(o) => o.clone(),
@@ -236,9 +257,12 @@ where
                     Err(_) => continue,
                 };
                 match outcome {
-                    Some(Outcome::Response(shared)) => return Ok(follower_response(&shared, track_id)),
+                    Some(Outcome::Response(shared)) => {
+                        return Ok(follower_response(&shared, track_id));
+                    }
                     Some(Outcome::Unshareable) | None => {
-                        return call_boxed(&mut inner, Request::from_parts(parts, full(body))).await;
+                        return call_boxed(&mut inner, Request::from_parts(parts, full(body)))
+                            .await;
                     }
                 }
             }
@@ -361,7 +385,10 @@ async fn read_bounded(mut body: Body, max: usize) -> Result<Bytes, ReadError> {
 
 fn prefixed(head: Bytes, rest: Body) -> Body {
     let head = http_body_util::Full::new(head).map_err(|never| match never {});
-    boxed(Chain { head: Some(head), rest })
+    boxed(Chain {
+        head: Some(head),
+        rest,
+    })
 }
 
 fn with_trailers(data: Bytes, trailers: HeaderMap) -> Body {
@@ -404,11 +431,16 @@ where
                 Poll::Ready(None) => this.head.set(None),
             }
         }
-        this.rest.poll_frame(cx).map(|o| o.map(|r| r.map_err(Into::into)))
+        this.rest
+            .poll_frame(cx)
+            .map(|o| o.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.as_ref().is_none_or(http_body::Body::is_end_stream) && self.rest.is_end_stream()
+        self.head
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+            && self.rest.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -440,7 +472,8 @@ mod tests {
 
     fn policy() -> Arc<Policy> {
         let yaml = "server: { listen: 127.0.0.1:8080 }\nupstreams: { zuora: { base_url: simulator } }\ncallers: { trusted_identity: svc }\nroutes:\n  - { name: stop, method: PUT, path: '/v1/uno/data-backfill/propagation/jobs/{jobId}', upstream: zuora, allow_callers: ['*'] }\n  - { name: other, path: '/v1/other/{id}', upstream: zuora, allow_callers: ['*'] }\n";
-        let c = Config::from_yaml(yaml, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
+        let c =
+            Config::from_yaml(yaml, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
         let p = Arc::new(Policy::compile(Arc::new(c)));
         assert_eq!(p.config.routes[0].validation, Validation::StopJob);
         p
@@ -457,7 +490,8 @@ mod tests {
             params: vec![job.to_owned()],
         });
         r.extensions_mut().insert(Caller::named(caller));
-        r.extensions_mut().insert(TrackId(HeaderValue::from_str(track).unwrap()));
+        r.extensions_mut()
+            .insert(TrackId(HeaderValue::from_str(track).unwrap()));
         r
     }
 
@@ -467,13 +501,20 @@ mod tests {
         calls: Arc<AtomicUsize>,
         delay: Duration,
         body_len: usize,
-    ) -> impl Service<Req, Response = Resp, Error = GatewayError, Future = impl Send> + Clone + Send + 'static {
+    ) -> impl Service<Req, Response = Resp, Error = GatewayError, Future = impl Send>
+    + Clone
+    + Send
+    + 'static {
         tower::service_fn(move |req: Req| {
             let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
             let track = req.extensions().get::<TrackId>().map(|t| t.0.clone());
             async move {
                 tokio::time::sleep(delay).await;
-                let body = if body_len == 0 { format!("{{\"call\":{n}}}") } else { "x".repeat(body_len) };
+                let body = if body_len == 0 {
+                    format!("{{\"call\":{n}}}")
+                } else {
+                    "x".repeat(body_len)
+                };
                 let mut r = http::Response::new(full(body));
                 if let Some(t) = track {
                     r.headers_mut().insert(ZUORA_TRACK_ID.clone(), t);
@@ -495,14 +536,21 @@ mod tests {
             .service(upstream(calls.clone(), Duration::from_millis(100), 0));
         let p = policy();
         let body = r#"{"status":"Stopping"}"#;
-        let reqs = (0..8).map(|i| svc.clone().oneshot(stop(&p, JOB, "alice", &format!("track-{i}"), body)));
+        let reqs = (0..8).map(|i| {
+            svc.clone()
+                .oneshot(stop(&p, JOB, "alice", &format!("track-{i}"), body))
+        });
         let resps = futures_util::future::join_all(reqs).await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         let mut followers = 0;
         for (i, r) in resps.into_iter().enumerate() {
             let r = r.unwrap();
             assert_eq!(r.status(), StatusCode::OK);
-            assert_eq!(r.headers()["zuora-track-id"], format!("track-{i}").as_str(), "each caller keeps its track id");
+            assert_eq!(
+                r.headers()["zuora-track-id"],
+                format!("track-{i}").as_str(),
+                "each caller keeps its track id"
+            );
             followers += usize::from(r.extensions().get::<Coalesced>().is_some());
             assert_eq!(text(r).await, r#"{"call":1}"#);
         }
@@ -519,9 +567,13 @@ mod tests {
         let other_job = "ff8080818bb300af018bb325fe0c58f4";
         let body = r#"{"status":"Stopping"}"#;
         let a = svc.clone().oneshot(stop(&p, JOB, "alice", "t1", body));
-        let b = svc.clone().oneshot(stop(&p, other_job, "alice", "t2", body));
+        let b = svc
+            .clone()
+            .oneshot(stop(&p, other_job, "alice", "t2", body));
         let c = svc.clone().oneshot(stop(&p, JOB, "bob", "t3", body));
-        let d = svc.clone().oneshot(stop(&p, JOB, "alice", "t4", r#"{"status": "Stopping"}"#));
+        let d = svc
+            .clone()
+            .oneshot(stop(&p, JOB, "alice", "t4", r#"{"status": "Stopping"}"#));
         let (a, b, c, d) = tokio::join!(a, b, c, d);
         for r in [a, b, c, d] {
             assert!(r.unwrap().extensions().get::<Coalesced>().is_none());
@@ -537,7 +589,10 @@ mod tests {
             .service(upstream(calls.clone(), Duration::ZERO, 0));
         let p = policy();
         for _ in 0..3 {
-            svc.clone().oneshot(stop(&p, JOB, "alice", "t", "{}")).await.unwrap();
+            svc.clone()
+                .oneshot(stop(&p, JOB, "alice", "t", "{}"))
+                .await
+                .unwrap();
         }
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
@@ -575,7 +630,9 @@ mod tests {
                 Err::<Resp, _>(GatewayError::UpstreamTimeout(Duration::from_secs(1)))
             }
         });
-        let svc = ServiceBuilder::new().layer(CoalesceLayer::new()).service(failing);
+        let svc = ServiceBuilder::new()
+            .layer(CoalesceLayer::new())
+            .service(failing);
         let p = policy();
         let (a, b) = tokio::join!(
             svc.clone().oneshot(stop(&p, JOB, "alice", "t1", "{}")),
@@ -588,7 +645,10 @@ mod tests {
         };
         assert!(matches!(err, GatewayError::UpstreamTimeout(_)));
         assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(resp.extensions().get::<RescuedError>().unwrap().kind, "upstream_timeout");
+        assert_eq!(
+            resp.extensions().get::<RescuedError>().unwrap().kind,
+            "upstream_timeout"
+        );
         assert!(text(resp).await.contains("\"success\":false"));
     }
 
@@ -597,15 +657,27 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let svc = ServiceBuilder::new()
             .layer(CoalesceLayer::new())
-            .service(upstream(calls.clone(), Duration::from_millis(50), MAX_SHARED_RESPONSE + 1));
+            .service(upstream(
+                calls.clone(),
+                Duration::from_millis(50),
+                MAX_SHARED_RESPONSE + 1,
+            ));
         let p = policy();
         let (a, b) = tokio::join!(
             svc.clone().oneshot(stop(&p, JOB, "alice", "t1", "{}")),
             svc.clone().oneshot(stop(&p, JOB, "alice", "t2", "{}"))
         );
-        assert_eq!(text(a.unwrap()).await.len(), MAX_SHARED_RESPONSE + 1, "the leader's body is intact");
+        assert_eq!(
+            text(a.unwrap()).await.len(),
+            MAX_SHARED_RESPONSE + 1,
+            "the leader's body is intact"
+        );
         assert_eq!(text(b.unwrap()).await.len(), MAX_SHARED_RESPONSE + 1);
-        assert_eq!(calls.load(Ordering::SeqCst), 2, "the follower made its own call");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "the follower made its own call"
+        );
     }
 
     #[tokio::test]
@@ -620,7 +692,11 @@ mod tests {
         let follower = tokio::spawn(svc.clone().oneshot(stop(&p, JOB, "alice", "t2", "{}")));
         tokio::time::sleep(Duration::from_millis(20)).await;
         leader.abort();
-        let r = tokio::time::timeout(Duration::from_secs(2), follower).await.unwrap().unwrap().unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), follower)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
@@ -638,7 +714,9 @@ mod tests {
                 Ok::<_, GatewayError>(http::Response::new(empty()))
             }
         });
-        let svc = ServiceBuilder::new().layer(CoalesceLayer::new()).service(echo);
+        let svc = ServiceBuilder::new()
+            .layer(CoalesceLayer::new())
+            .service(echo);
         let p = policy();
         let big: &'static str = Box::leak("x".repeat(MAX_STOP_BODY + 1).into_boxed_str());
         let (a, b) = tokio::join!(

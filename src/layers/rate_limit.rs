@@ -20,8 +20,8 @@ use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::StatusCode;
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use tower::{Layer, Service};
 
 use super::{GwResult, Req, Resp};
@@ -40,7 +40,8 @@ pub static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-rese
 
 /// Header values for small numbers, built once: cloning one shares its bytes
 /// instead of formatting (and allocating) per response.
-static SMALL_NUMBERS: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| (0..=4096u32).map(HeaderValue::from).collect());
+static SMALL_NUMBERS: LazyLock<Vec<HeaderValue>> =
+    LazyLock::new(|| (0..=4096u32).map(HeaderValue::from).collect());
 
 fn number(n: u64) -> HeaderValue {
     usize::try_from(n)
@@ -133,7 +134,9 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let Some(route) = req.extensions().get::<RouteMatch>() else {
-            return RateLimitFuture::refuse(GatewayError::Internal("rate limiting before routing".into()));
+            return RateLimitFuture::refuse(GatewayError::Internal(
+                "rate limiting before routing".into(),
+            ));
         };
         let limits = self.registry.route_limits(route);
         if limits.is_empty() {
@@ -220,7 +223,9 @@ where
                 Poll::Ready(Ok(a)) => a,
             };
             let Some((mut inner, req)) = next.take() else {
-                return Poll::Ready(Err(GatewayError::Internal("rate limit future polled after completion".into())));
+                return Poll::Ready(Err(GatewayError::Internal(
+                    "rate limit future polled after completion".into(),
+                )));
             };
             let fut = inner.call(req);
             self.set(RateLimitFuture::Inner {
@@ -229,10 +234,12 @@ where
             });
         }
         match self.project() {
-            Proj::Deciding { .. } => Poll::Ready(Err(GatewayError::Internal("rate limit future in an impossible state".into()))),
-            Proj::Refused { error } => Poll::Ready(Err(error
-                .take()
-                .unwrap_or_else(|| GatewayError::Internal("rate limit future polled after completion".into())))),
+            Proj::Deciding { .. } => Poll::Ready(Err(GatewayError::Internal(
+                "rate limit future in an impossible state".into(),
+            ))),
+            Proj::Refused { error } => Poll::Ready(Err(error.take().unwrap_or_else(|| {
+                GatewayError::Internal("rate limit future polled after completion".into())
+            }))),
             Proj::Inner { fut, admitted } => match fut.poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(resp)) => Poll::Ready(Ok(match admitted.take() {
@@ -260,16 +267,23 @@ mod tests {
 
     fn policy() -> Arc<Policy> {
         let yaml = "server: { listen: 127.0.0.1:8080 }\nupstreams: { zuora: { base_url: simulator } }\ncallers: { trusted_identity: svc }\nroutes:\n  - { name: stop, method: PUT, path: '/v1/jobs/{jobId}', upstream: zuora, allow_callers: ['*'], rate_limits: [per-caller, per-job] }\n  - { name: open, path: '/v1/open', upstream: zuora, allow_callers: ['*'] }\nrate_limits:\n  per-caller: { key: caller, rate: 30/minute, burst: 5 }\n  per-job: { key: jobId, rate: 1/minute }\n";
-        let c = Config::from_yaml(yaml, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
+        let c =
+            Config::from_yaml(yaml, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
         Arc::new(Policy::compile(Arc::new(c)))
     }
 
     fn req(p: &Arc<Policy>, route: usize, job: &str, caller: &str) -> Req {
-        let mut r = http::Request::put(format!("/v1/jobs/{job}")).body(empty()).unwrap();
+        let mut r = http::Request::put(format!("/v1/jobs/{job}"))
+            .body(empty())
+            .unwrap();
         r.extensions_mut().insert(RouteMatch {
             policy: p.clone(),
             route,
-            params: if route == 0 { vec![job.to_owned()] } else { vec![] },
+            params: if route == 0 {
+                vec![job.to_owned()]
+            } else {
+                vec![]
+            },
         });
         r.extensions_mut().insert(Caller::named(caller));
         r
@@ -279,14 +293,18 @@ mod tests {
     fn upstream(
         status: StatusCode,
         calls: Arc<AtomicUsize>,
-    ) -> impl Service<Req, Response = Resp, Error = GatewayError, Future = impl Send> + Clone + Send + 'static {
+    ) -> impl Service<Req, Response = Resp, Error = GatewayError, Future = impl Send>
+    + Clone
+    + Send
+    + 'static {
         tower::service_fn(move |_req: Req| {
             calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 let mut r = http::Response::new(full("{}"));
                 *r.status_mut() = status;
                 if status == StatusCode::TOO_MANY_REQUESTS {
-                    r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("7"));
+                    r.headers_mut()
+                        .insert(RETRY_AFTER, HeaderValue::from_static("7"));
                 }
                 Ok::<_, GatewayError>(r)
             }
@@ -295,7 +313,10 @@ mod tests {
 
     fn registry() -> (Arc<LimiterRegistry>, ManualClock) {
         let clock = ManualClock::new();
-        (LimiterRegistry::with_clock(RateLimitMetrics::default(), Arc::new(clock.clone())), clock)
+        (
+            LimiterRegistry::with_clock(RateLimitMetrics::default(), Arc::new(clock.clone())),
+            clock,
+        )
     }
 
     #[tokio::test]
@@ -311,11 +332,19 @@ mod tests {
         assert_eq!(r.headers()["ratelimit-limit"], "1");
         assert_eq!(r.headers()["ratelimit-remaining"], "0");
         assert_eq!(r.headers()["ratelimit-reset"], "60");
-        let e = svc.clone().oneshot(req(&p, 0, "A", "alice")).await.unwrap_err();
+        let e = svc
+            .clone()
+            .oneshot(req(&p, 0, "A", "alice"))
+            .await
+            .unwrap_err();
         let resp = e.to_response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(resp.headers()[RETRY_AFTER], "60");
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "the refusal never reached upstream");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the refusal never reached upstream"
+        );
     }
 
     #[tokio::test]
@@ -341,14 +370,31 @@ mod tests {
             .layer(RateLimitLayer::new(reg.clone()))
             .service(upstream(StatusCode::TOO_MANY_REQUESTS, calls.clone()));
         let p = policy();
-        let r = limited.clone().oneshot(req(&p, 0, "A", "alice")).await.unwrap();
+        let r = limited
+            .clone()
+            .oneshot(req(&p, 0, "A", "alice"))
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(r.headers()[RETRY_AFTER], "7", "Zuora's Retry-After is passed on");
-        assert!(r.headers().get("ratelimit-remaining").is_none(), "no gateway quota on Zuora's 429");
+        assert_eq!(
+            r.headers()[RETRY_AFTER],
+            "7",
+            "Zuora's Retry-After is passed on"
+        );
+        assert!(
+            r.headers().get("ratelimit-remaining").is_none(),
+            "no gateway quota on Zuora's 429"
+        );
         // alice is held (per-caller key) even for another job, without calling Zuora.
-        let e = limited.clone().oneshot(req(&p, 0, "B", "alice")).await.unwrap_err();
+        let e = limited
+            .clone()
+            .oneshot(req(&p, 0, "B", "alice"))
+            .await
+            .unwrap_err();
         match e {
-            GatewayError::UpstreamRateLimited { retry_after } => assert_eq!(retry_after, Duration::from_secs(7)),
+            GatewayError::UpstreamRateLimited { retry_after } => {
+                assert_eq!(retry_after, Duration::from_secs(7))
+            }
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -356,7 +402,10 @@ mod tests {
         let ok = ServiceBuilder::new()
             .layer(RateLimitLayer::new(reg))
             .service(upstream(StatusCode::OK, calls.clone()));
-        assert_eq!(ok.oneshot(req(&p, 0, "B", "alice")).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            ok.oneshot(req(&p, 0, "B", "alice")).await.unwrap().status(),
+            StatusCode::OK
+        );
     }
 
     #[tokio::test]
@@ -366,7 +415,10 @@ mod tests {
             .layer(RateLimitLayer::new(reg))
             .service(upstream(StatusCode::OK, Arc::new(AtomicUsize::new(0))));
         let r = http::Request::put("/x").body(empty()).unwrap();
-        assert!(matches!(svc.oneshot(r).await.unwrap_err(), GatewayError::Internal(_)));
+        assert!(matches!(
+            svc.oneshot(r).await.unwrap_err(),
+            GatewayError::Internal(_)
+        ));
     }
 
     #[test]

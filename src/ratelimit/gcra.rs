@@ -44,7 +44,9 @@ impl Rate {
 
     /// One request per `interval`, bursts of up to `burst`.
     pub fn new(interval: Duration, burst: u32) -> Rate {
-        let interval = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let interval = u64::try_from(interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let burst = burst.max(1);
         Rate {
             interval,
@@ -94,7 +96,9 @@ pub struct Quota {
 impl Quota {
     /// The more restrictive of two quotas (fewer remaining; then later reset).
     pub fn tighter(self, other: Quota) -> Quota {
-        if (other.remaining, std::cmp::Reverse(other.reset)) < (self.remaining, std::cmp::Reverse(self.reset)) {
+        if (other.remaining, std::cmp::Reverse(other.reset))
+            < (self.remaining, std::cmp::Reverse(self.reset))
+        {
             other
         } else {
             self
@@ -112,19 +116,40 @@ struct Shard {
 pub struct KeyedGcra {
     rate: Rate,
     shards: Box<[Shard]>,
-    hasher: RandomState,
+    seed: u64,
+}
+
+/// Multiply-rotate hash over 8-byte words (the shard index only).
+fn shard_hash(seed: u64, bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(K);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K).rotate_left(29);
+    }
+    let mut w = [0u8; 8];
+    w[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K);
+    h ^ (h >> 32)
 }
 
 impl std::fmt::Debug for KeyedGcra {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyedGcra").field("rate", &self.rate).field("keys", &self.len()).finish()
+        f.debug_struct("KeyedGcra")
+            .field("rate", &self.rate)
+            .field("keys", &self.len())
+            .finish()
     }
 }
 
 impl KeyedGcra {
     /// An empty limiter (every key starts with a full bucket).
     pub fn new(rate: Rate) -> Self {
-        let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(4);
+        let cores = std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(4);
         let n = (cores * 4).next_power_of_two().clamp(8, 256);
         let shards = (0..n)
             .map(|_| Shard {
@@ -135,7 +160,7 @@ impl KeyedGcra {
         KeyedGcra {
             rate,
             shards,
-            hasher: RandomState::new(),
+            seed: RandomState::new().hash_one(0u64),
         }
     }
 
@@ -145,18 +170,26 @@ impl KeyedGcra {
     }
 
     fn shard(&self, key: &str) -> &Shard {
-        // The shard count is a power of two.
-        let h = self.hasher.hash_one(key) as usize;
+        // A cheap keyed hash picks the shard; the shard's map hashes again
+        // with SipHash (DoS-resistant). Keys steered into one shard only
+        // cost that shard's lock contention. The shard count is a power of two.
+        let h = shard_hash(self.seed, key.as_bytes()) as usize;
         &self.shards[h & (self.shards.len() - 1)]
     }
 
     /// Whether a request for `key` at `now` would be admitted; changes nothing.
     pub fn check(&self, key: &str, now: u64) -> Result<Quota, Duration> {
         let tat = {
-            let map = self.shard(key).map.read().unwrap_or_else(PoisonError::into_inner);
+            let map = self
+                .shard(key)
+                .map
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
             map.get(key).map_or(0, |t| t.load(Ordering::Acquire))
         };
-        self.rate.evaluate(tat, now).map(|new| self.rate.quota_after(new, now))
+        self.rate
+            .evaluate(tat, now)
+            .map(|new| self.rate.quota_after(new, now))
     }
 
     /// Admits a request for `key` at `now` (consuming budget) or says how long
@@ -170,16 +203,16 @@ impl KeyedGcra {
             }
         }
         // Refuse before taking the write lock: a refused request creates no key.
-        if let Err(wait) = self.rate.evaluate(0, now) {
-            return Err(wait);
-        }
+        self.rate.evaluate(0, now)?;
         let mut map = shard.map.write().unwrap_or_else(PoisonError::into_inner);
         if !map.contains_key(key) {
             let at = shard.sweep_at.load(Ordering::Relaxed);
             if map.len() >= at {
                 map.retain(|_, tat| tat.load(Ordering::Acquire) > now);
                 map.shrink_to_fit();
-                shard.sweep_at.store((map.len() * 2).max(MIN_INLINE_SWEEP), Ordering::Relaxed);
+                shard
+                    .sweep_at
+                    .store((map.len() * 2).max(MIN_INLINE_SWEEP), Ordering::Relaxed);
             }
             map.insert(key.to_owned(), AtomicU64::new(0));
         }
@@ -202,10 +235,16 @@ impl KeyedGcra {
 
     /// Gives back one admission of `key` (after a later limit refused the request).
     pub fn refund(&self, key: &str) {
-        let map = self.shard(key).map.read().unwrap_or_else(PoisonError::into_inner);
+        let map = self
+            .shard(key)
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(tat) = map.get(key) {
             let interval = self.rate.interval;
-            let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_sub(interval)));
+            let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                Some(t.saturating_sub(interval))
+            });
         }
     }
 
@@ -219,7 +258,9 @@ impl KeyedGcra {
             map.retain(|_, tat| tat.load(Ordering::Acquire) > now);
             map.shrink_to_fit();
             removed += before - map.len();
-            shard.sweep_at.store((map.len() * 2).max(MIN_INLINE_SWEEP), Ordering::Relaxed);
+            shard
+                .sweep_at
+                .store((map.len() * 2).max(MIN_INLINE_SWEEP), Ordering::Relaxed);
         }
         removed
     }
@@ -258,8 +299,20 @@ where
     I::IntoIter: Clone,
 {
     let limits = limits.into_iter();
+    let mut rest = limits.clone();
+    if let (Some((gcra, key)), None) = (rest.next(), rest.next()) {
+        // One limit: a refusal consumes nothing anyway.
+        return gcra
+            .admit(key, now)
+            .map(Some)
+            .map_err(|retry_after| Refusal {
+                index: 0,
+                retry_after,
+            });
+    }
     for (index, (gcra, key)) in limits.clone().enumerate() {
-        gcra.check(key, now).map_err(|retry_after| Refusal { index, retry_after })?;
+        gcra.check(key, now)
+            .map_err(|retry_after| Refusal { index, retry_after })?;
     }
     let mut tightest: Option<Quota> = None;
     for (index, (gcra, key)) in limits.clone().enumerate() {
@@ -296,7 +349,10 @@ mod tests {
         let wait = g.admit("k", clock.now_nanos()).unwrap_err();
         assert_eq!(wait, SEC);
         clock.advance(Duration::from_millis(999));
-        assert_eq!(g.admit("k", clock.now_nanos()).unwrap_err(), Duration::from_millis(1));
+        assert_eq!(
+            g.admit("k", clock.now_nanos()).unwrap_err(),
+            Duration::from_millis(1)
+        );
         clock.advance(Duration::from_millis(1));
         assert!(g.admit("k", clock.now_nanos()).is_ok());
         assert!(g.admit("k", clock.now_nanos()).is_err());
@@ -323,12 +379,28 @@ mod tests {
         let clock = ManualClock::new();
         let g = KeyedGcra::new(Rate::new(Duration::from_secs(12), 5));
         let q = g.admit("k", clock.now_nanos()).unwrap();
-        assert_eq!((q.limit, q.remaining, q.reset), (5, 4, Duration::from_secs(12)));
+        assert_eq!(
+            (q.limit, q.remaining, q.reset),
+            (5, 4, Duration::from_secs(12))
+        );
         let q = g.admit("k", clock.now_nanos()).unwrap();
         assert_eq!((q.remaining, q.reset), (3, Duration::from_secs(24)));
         clock.advance(Duration::from_secs(12));
         let q = g.check("k", clock.now_nanos()).unwrap();
-        assert_eq!((q.remaining, q.reset), (3, Duration::from_secs(24)), "check is what admit would report");
+        assert_eq!(
+            (q.remaining, q.reset),
+            (3, Duration::from_secs(24)),
+            "check is what admit would report"
+        );
+    }
+
+    #[test]
+    fn shard_hash_spreads_similar_keys() {
+        let mut seen = [0usize; 16];
+        for i in 0..16_000u32 {
+            seen[(shard_hash(7, format!("{i:032x}").as_bytes()) & 15) as usize] += 1;
+        }
+        assert!(seen.iter().all(|n| (700..1300).contains(n)), "{seen:?}");
     }
 
     #[test]
@@ -356,7 +428,11 @@ mod tests {
             g.admit(&format!("job-{i}"), clock.now_nanos()).unwrap();
         }
         assert_eq!(g.len(), 100);
-        assert_eq!(g.sweep(clock.now_nanos()), 0, "buckets still refilling are kept");
+        assert_eq!(
+            g.sweep(clock.now_nanos()),
+            0,
+            "buckets still refilling are kept"
+        );
         clock.advance(SEC);
         assert_eq!(g.sweep(clock.now_nanos()), 100);
         assert!(g.is_empty());
@@ -408,7 +484,9 @@ mod tests {
             assert_eq!(r.retry_after, Duration::from_secs(60));
         }
         // The refusals above did not touch alice's budget.
-        let q = admit_all([(&per_caller, "alice"), (&per_job, "B")], 0).unwrap().unwrap();
+        let q = admit_all([(&per_caller, "alice"), (&per_job, "B")], 0)
+            .unwrap()
+            .unwrap();
         assert_eq!(q.remaining, 0);
         assert!(admit_all([(&per_caller, "alice"), (&per_job, "C")], 0).is_err());
     }

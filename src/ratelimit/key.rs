@@ -12,21 +12,31 @@ use crate::context::{Caller, RouteMatch};
 use crate::error::GatewayError;
 
 /// The value of one key part for this request.
-fn part<'a>(part: &'a LimitKey, caller: Option<&'a Caller>, route: &'a RouteMatch) -> Result<&'a str, GatewayError> {
+fn part<'a>(
+    part: &'a LimitKey,
+    caller: Option<&'a Caller>,
+    route: &'a RouteMatch,
+) -> Result<&'a str, GatewayError> {
     match part {
         LimitKey::Global => Ok(""),
         // Missing facts mean the stack is assembled in the wrong order; refuse rather than share a bucket.
-        LimitKey::Caller => caller
-            .map(|c| &*c.identity)
-            .ok_or_else(|| GatewayError::Internal("rate limit keyed by caller runs before authentication".into())),
+        LimitKey::Caller => caller.map(|c| &*c.identity).ok_or_else(|| {
+            GatewayError::Internal("rate limit keyed by caller runs before authentication".into())
+        }),
         LimitKey::Param(name) => route.param(name).ok_or_else(|| {
-            GatewayError::Internal(format!("rate limit keyed by path parameter `{name}` on a route without it"))
+            GatewayError::Internal(format!(
+                "rate limit keyed by path parameter `{name}` on a route without it"
+            ))
         }),
     }
 }
 
 /// Builds the key of `parts` for a request.
-pub fn build_key(parts: &[LimitKey], caller: Option<&Caller>, route: &RouteMatch) -> Result<String, GatewayError> {
+pub fn build_key(
+    parts: &[LimitKey],
+    caller: Option<&Caller>,
+    route: &RouteMatch,
+) -> Result<String, GatewayError> {
     match parts {
         [one] => Ok(part(one, caller, route)?.to_owned()),
         many => {
@@ -54,7 +64,8 @@ mod tests {
         let yaml = format!(
             "server: {{ listen: 127.0.0.1:8080 }}\nupstreams: {{ zuora: {{ base_url: simulator }} }}\ncallers: {{ trusted_identity: svc }}\nroutes:\n  - {{ name: r, method: PUT, path: '{path}', upstream: zuora }}\n"
         );
-        let config = Config::from_yaml(&yaml, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
+        let config =
+            Config::from_yaml(&yaml, Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
         RouteMatch {
             policy: Arc::new(Policy::compile(Arc::new(config))),
             route: 0,
@@ -66,9 +77,15 @@ mod tests {
     fn single_part_keys_are_the_value_itself() {
         let r = route("/v1/jobs/{jobId}", &["ff80"]);
         let alice = Caller::named("alice");
-        assert_eq!(build_key(&[LimitKey::Caller], Some(&alice), &r).unwrap(), "alice");
+        assert_eq!(
+            build_key(&[LimitKey::Caller], Some(&alice), &r).unwrap(),
+            "alice"
+        );
         assert_eq!(build_key(&[LimitKey::Global], None, &r).unwrap(), "");
-        assert_eq!(build_key(&[LimitKey::Param("jobId".into())], None, &r).unwrap(), "ff80");
+        assert_eq!(
+            build_key(&[LimitKey::Param("jobId".into())], None, &r).unwrap(),
+            "ff80"
+        );
     }
 
     #[test]

@@ -121,7 +121,9 @@ impl LimitCounters {
                 })
                 .clone()
         };
-        let l = LimitLabels { limit: limit.to_owned() };
+        let l = LimitLabels {
+            limit: limit.to_owned(),
+        };
         LimitCounters {
             admitted: d("admitted"),
             limited: d("limited"),
@@ -148,7 +150,9 @@ impl Holds {
             return None;
         }
         let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
-        map.get(key).filter(|until| **until > now).map(|until| Duration::from_nanos(until - now))
+        map.get(key)
+            .filter(|until| **until > now)
+            .map(|until| Duration::from_nanos(until - now))
     }
 
     fn hold(&self, key: &str, until: u64) {
@@ -269,18 +273,25 @@ impl LimiterRegistry {
     /// The limits of the matched route, in the route's order.
     pub fn route_limits(&self, route: &RouteMatch) -> Arc<[RouteLimit]> {
         let resolved = self.resolve(&route.policy);
-        resolved.routes.get(route.route).cloned().unwrap_or_else(|| Arc::from(Vec::new()))
+        resolved
+            .routes
+            .get(route.route)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(Vec::new()))
     }
 
     fn resolve(&self, policy: &Arc<Policy>) -> Arc<Resolved> {
         // Comparing with a `Weak` is ABA-safe: it keeps the allocation alive.
-        if let Some(r) = &*self.current.load() {
-            if std::ptr::eq(r.policy.as_ptr(), Arc::as_ptr(policy)) {
-                return r.clone();
-            }
+        if let Some(r) = &*self.current.load()
+            && std::ptr::eq(r.policy.as_ptr(), Arc::as_ptr(policy))
+        {
+            return r.clone();
         }
         let mut list = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
-        let found = list.iter().find(|r| std::ptr::eq(r.policy.as_ptr(), Arc::as_ptr(policy))).cloned();
+        let found = list
+            .iter()
+            .find(|r| std::ptr::eq(r.policy.as_ptr(), Arc::as_ptr(policy)))
+            .cloned();
         let r = match found {
             Some(r) => r,
             None => {
@@ -298,7 +309,11 @@ impl LimiterRegistry {
 
     fn build(&self, policy: &Arc<Policy>) -> Resolved {
         let config = &policy.config;
-        let store = if config.rate_limits.values().any(|l| l.store == LimitStore::Redis) {
+        let store = if config
+            .rate_limits
+            .values()
+            .any(|l| l.store == LimitStore::Redis)
+        {
             config.redis.as_ref().map(|rc| {
                 let mut cur = self.store.lock().unwrap_or_else(PoisonError::into_inner);
                 match &*cur {
@@ -354,7 +369,12 @@ impl LimiterRegistry {
     }
 
     /// Refuses if any key is held after a Zuora 429.
-    fn check_holds(&self, limits: &[RouteLimit], keys: &[String], now: u64) -> Result<(), GatewayError> {
+    fn check_holds(
+        &self,
+        limits: &[RouteLimit],
+        keys: &[String],
+        now: u64,
+    ) -> Result<(), GatewayError> {
         for (l, k) in limits.iter().zip(keys) {
             if let Some(retry_after) = l.limiter.holds.remaining(k, now) {
                 l.limiter.counters.held.inc();
@@ -367,7 +387,11 @@ impl LimiterRegistry {
     /// Decides a request against limits that are all `store: local`
     /// (synchronous; see [`RouteLimit::is_shared`]). `keys[i]` is the
     /// request's key for `limits[i]`. Returns the tightest quota left.
-    pub fn decide_local(&self, limits: &[RouteLimit], keys: &[String]) -> Result<Option<Quota>, GatewayError> {
+    pub fn decide_local(
+        &self,
+        limits: &[RouteLimit],
+        keys: &[String],
+    ) -> Result<Option<Quota>, GatewayError> {
         let now = self.now();
         self.check_holds(limits, keys, now)?;
         self.admit_locally(limits.iter().zip(keys), now)
@@ -378,7 +402,10 @@ impl LimiterRegistry {
         pairs: impl Iterator<Item = (&'a RouteLimit, &'a String)> + Clone,
         now: u64,
     ) -> Result<Option<Quota>, GatewayError> {
-        match admit_all(pairs.clone().map(|(l, k)| (&l.limiter.local, k.as_str())), now) {
+        match admit_all(
+            pairs.clone().map(|(l, k)| (&l.limiter.local, k.as_str())),
+            now,
+        ) {
             Ok(q) => {
                 for (l, _) in pairs {
                     l.limiter.counters.admitted.inc();
@@ -387,7 +414,9 @@ impl LimiterRegistry {
             }
             Err(refusal) => {
                 let Some((l, _)) = pairs.clone().nth(refusal.index) else {
-                    return Err(GatewayError::Internal("rate limit refusal index out of range".into()));
+                    return Err(GatewayError::Internal(
+                        "rate limit refusal index out of range".into(),
+                    ));
                 };
                 l.limiter.counters.limited.inc();
                 Err(limited(l, refusal.retry_after))
@@ -403,7 +432,11 @@ impl LimiterRegistry {
     /// except in one race: a local limit that admitted on check and refuses
     /// on commit after Redis already admitted (the Redis slot is then spent;
     /// the gateway never over-admits).
-    pub async fn decide(&self, limits: &[RouteLimit], keys: &[String]) -> Result<Option<Quota>, GatewayError> {
+    pub async fn decide(
+        &self,
+        limits: &[RouteLimit],
+        keys: &[String],
+    ) -> Result<Option<Quota>, GatewayError> {
         let Some(store) = limits.iter().find_map(|l| l.store.clone()) else {
             return self.decide_local(limits, keys);
         };
@@ -434,7 +467,9 @@ impl LimiterRegistry {
         let redis_limits: Vec<RedisLimit<'_>> = shared.iter().map(|(_, r)| *r).collect();
         let mut quota: Option<Quota> = None;
         // Indexes (into `limits`) decided locally: local limits, plus shared ones falling back.
-        let mut local_set: Vec<usize> = (0..limits.len()).filter(|i| limits[*i].store.is_none()).collect();
+        let mut local_set: Vec<usize> = (0..limits.len())
+            .filter(|i| limits[*i].store.is_none())
+            .collect();
         match store.decide(&redis_limits).await {
             Ok(RedisVerdict::Admitted(q)) => {
                 for (i, _) in &shared {
@@ -445,7 +480,9 @@ impl LimiterRegistry {
             Ok(RedisVerdict::Refused(r)) => {
                 let l = shared.get(r.index).map(|(i, _)| &limits[*i]);
                 let Some(l) = l else {
-                    return Err(GatewayError::Internal("rate limit refusal index out of range".into()));
+                    return Err(GatewayError::Internal(
+                        "rate limit refusal index out of range".into(),
+                    ));
                 };
                 l.limiter.counters.limited.inc();
                 return Err(limited(l, r.retry_after));
@@ -547,7 +584,9 @@ impl LimiterRegistry {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let Some(registry) = weak.upgrade() else { break };
+                let Some(registry) = weak.upgrade() else {
+                    break;
+                };
                 let removed = registry.sweep();
                 tracing::debug!(removed, "rate-limit sweep");
             }

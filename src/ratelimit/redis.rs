@@ -141,7 +141,10 @@ impl RedisStore {
         let client = match redis::Client::open(config.url.expose()) {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::error!(kind = kind(&e), "redis.url cannot be used; `store: redis` limits use their on_store_error policy");
+                tracing::error!(
+                    kind = kind(&e),
+                    "redis.url cannot be used; `store: redis` limits use their on_store_error policy"
+                );
                 None
             }
         };
@@ -179,12 +182,16 @@ impl RedisStore {
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(timeout);
         // Lazy: nothing is awaited here; the first command connects.
-        let m = ConnectionManager::new_lazy_with_config(client.clone(), cfg).map_err(|e| StoreError::Redis(kind(&e)))?;
+        let m = ConnectionManager::new_lazy_with_config(client.clone(), cfg)
+            .map_err(|e| StoreError::Redis(kind(&e)))?;
         Ok(self.manager.get_or_init(|| m).clone())
     }
 
     fn failed(&self, e: StoreError) -> StoreError {
-        let until = self.clock.now_nanos().saturating_add(u64::try_from(BACKOFF.as_nanos()).unwrap_or(u64::MAX));
+        let until = self
+            .clock
+            .now_nanos()
+            .saturating_add(u64::try_from(BACKOFF.as_nanos()).unwrap_or(u64::MAX));
         self.down_until.store(until, Ordering::Relaxed);
         e
     }
@@ -213,20 +220,25 @@ impl RedisStore {
         }
         for l in limits {
             let interval = micros_ceil(l.rate.interval);
-            inv.arg(interval).arg(interval.saturating_mul(u64::from(l.rate.burst - 1)));
+            inv.arg(interval)
+                .arg(interval.saturating_mul(u64::from(l.rate.burst - 1)));
         }
-        let reply: Vec<i64> = match tokio::time::timeout(self.config.timeout, inv.invoke_async(&mut conn)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(self.failed(StoreError::Redis(kind(&e)))),
-            Err(_) => return Err(self.failed(StoreError::Timeout)),
-        };
-        parse_reply(&reply, limits).ok_or_else(|| self.failed(StoreError::Redis("unexpected reply")))
+        let reply: Vec<i64> =
+            match tokio::time::timeout(self.config.timeout, inv.invoke_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.failed(StoreError::Redis(kind(&e)))),
+                Err(_) => return Err(self.failed(StoreError::Timeout)),
+            };
+        parse_reply(&reply, limits)
+            .ok_or_else(|| self.failed(StoreError::Redis("unexpected reply")))
     }
 
     /// Holds `key` of limit `name` for `duration` on every replica.
     pub async fn hold(&self, name: &str, key: &str, duration: Duration) -> Result<(), StoreError> {
         let mut conn = self.connection()?;
-        let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = u64::try_from(duration.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.hold_key(name, key)).arg(1).arg("PX").arg(ms);
         match tokio::time::timeout(self.config.timeout, cmd.query_async::<()>(&mut conn)).await {
@@ -243,7 +255,12 @@ fn micros_ceil(nanos: u64) -> u64 {
 
 fn parse_reply(reply: &[i64], limits: &[RedisLimit<'_>]) -> Option<RedisVerdict> {
     let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-    let index = |v: i64| usize::try_from(v).ok().and_then(|i| i.checked_sub(1)).filter(|i| *i < limits.len());
+    let index = |v: i64| {
+        usize::try_from(v)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .filter(|i| *i < limits.len())
+    };
     match reply {
         [1, rest @ ..] if rest.len() == 2 * limits.len() => {
             let mut tightest: Option<Quota> = None;

@@ -28,7 +28,9 @@ impl RedisServer {
     /// Starts `redis-server` on a free port (no persistence) and waits until
     /// it accepts connections.
     pub fn start() -> io::Result<RedisServer> {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port();
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port();
         Self::start_on(port)
     }
 
@@ -45,12 +47,18 @@ impl RedisServer {
                     format!("cannot run redis-server ({e}); install it (apt-get install -y redis-server): the Redis tests need a real server"),
                 )
             })?;
-        let server = RedisServer { child: Some(child), port };
+        let server = RedisServer {
+            child: Some(child),
+            port,
+        };
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
             if Instant::now() > deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "redis-server did not start within 10 s"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "redis-server did not start within 10 s",
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -10,7 +10,13 @@ use crate::context::RouteMatch;
 const BASE: &str = "server: { listen: 127.0.0.1:8080 }\nupstreams: { zuora: { base_url: simulator } }\ncallers: { trusted_identity: svc }\n";
 
 fn policy(yaml: &str) -> Arc<Policy> {
-    let config = Config::from_yaml(&format!("{BASE}{yaml}"), Path::new("t.yaml"), Path::new("."), &|_: &str| None).unwrap();
+    let config = Config::from_yaml(
+        &format!("{BASE}{yaml}"),
+        Path::new("t.yaml"),
+        Path::new("."),
+        &|_: &str| None,
+    )
+    .unwrap();
     Arc::new(Policy::compile(Arc::new(config)))
 }
 
@@ -54,7 +60,10 @@ fn keys(limits: &[RouteLimit], caller: &str, job: &str) -> Vec<String> {
 
 fn local_registry() -> (Arc<LimiterRegistry>, ManualClock) {
     let clock = ManualClock::new();
-    (LimiterRegistry::with_clock(RateLimitMetrics::default(), Arc::new(clock.clone())), clock)
+    (
+        LimiterRegistry::with_clock(RateLimitMetrics::default(), Arc::new(clock.clone())),
+        clock,
+    )
 }
 
 fn redis_server() -> RedisServer {
@@ -74,14 +83,22 @@ fn second_stop_of_the_same_job_is_refused_until_the_interval_passes() {
     let q = reg.decide_local(&limits, &k).unwrap().unwrap();
     assert_eq!((q.limit, q.remaining), (1, 0));
     match reg.decide_local(&limits, &k).unwrap_err() {
-        GatewayError::RateLimited { limit, retry_after, quota } => {
+        GatewayError::RateLimited {
+            limit,
+            retry_after,
+            quota,
+        } => {
             assert_eq!(limit, "per-job");
             assert_eq!(retry_after, Duration::from_secs(60));
             assert_eq!(quota, Some(1));
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(reg.decide_local(&limits, &keys(&limits, "alice", "B")).is_ok(), "another job has its own bucket");
+    assert!(
+        reg.decide_local(&limits, &keys(&limits, "alice", "B"))
+            .is_ok(),
+        "another job has its own bucket"
+    );
     clock.advance(Duration::from_secs(59));
     assert!(reg.decide_local(&limits, &k).is_err());
     clock.advance(Duration::from_secs(1));
@@ -91,17 +108,32 @@ fn second_stop_of_the_same_job_is_refused_until_the_interval_passes() {
 #[test]
 fn denied_request_consumes_no_budget_of_the_other_limits() {
     let (reg, _clock) = local_registry();
-    let p = stop_policy("  per-caller: { key: caller, rate: 2/minute, burst: 2 }\n  per-job: { key: jobId, rate: 1/minute }\n", "");
+    let p = stop_policy(
+        "  per-caller: { key: caller, rate: 2/minute, burst: 2 }\n  per-job: { key: jobId, rate: 1/minute }\n",
+        "",
+    );
     let limits = reg.route_limits(&route(&p, "A"));
-    reg.decide_local(&limits, &keys(&limits, "alice", "A")).unwrap();
+    reg.decide_local(&limits, &keys(&limits, "alice", "A"))
+        .unwrap();
     for _ in 0..10 {
-        let e = reg.decide_local(&limits, &keys(&limits, "alice", "A")).unwrap_err();
-        assert!(matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-job"), "{e:?}");
+        let e = reg
+            .decide_local(&limits, &keys(&limits, "alice", "A"))
+            .unwrap_err();
+        assert!(
+            matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-job"),
+            "{e:?}"
+        );
     }
     // alice still has her second slot: ten refusals on job A took nothing from it.
-    reg.decide_local(&limits, &keys(&limits, "alice", "B")).unwrap();
-    let e = reg.decide_local(&limits, &keys(&limits, "alice", "C")).unwrap_err();
-    assert!(matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-caller"), "{e:?}");
+    reg.decide_local(&limits, &keys(&limits, "alice", "B"))
+        .unwrap();
+    let e = reg
+        .decide_local(&limits, &keys(&limits, "alice", "C"))
+        .unwrap_err();
+    assert!(
+        matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-caller"),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -115,43 +147,70 @@ fn reload_with_an_unchanged_limit_keeps_its_buckets() {
     let p2 = stop_policy(limits_yaml, "");
     drop((l1, p1));
     let l2 = reg.route_limits(&route(&p2, "A"));
-    assert!(reg.decide_local(&l2, &keys(&l2, "alice", "A")).is_err(), "the reload refilled job A's bucket");
+    assert!(
+        reg.decide_local(&l2, &keys(&l2, "alice", "A")).is_err(),
+        "the reload refilled job A's bucket"
+    );
 }
 
 #[test]
 fn reload_with_a_changed_limit_starts_it_fresh_and_keeps_the_others() {
     let (reg, _clock) = local_registry();
-    let p1 = stop_policy("  per-job: { key: jobId, rate: 1/minute }\n  per-caller: { key: caller, rate: 2/minute, burst: 2 }\n", "");
+    let p1 = stop_policy(
+        "  per-job: { key: jobId, rate: 1/minute }\n  per-caller: { key: caller, rate: 2/minute, burst: 2 }\n",
+        "",
+    );
     let l1 = reg.route_limits(&route(&p1, "A"));
     reg.decide_local(&l1, &keys(&l1, "alice", "A")).unwrap();
     reg.decide_local(&l1, &keys(&l1, "alice", "B")).unwrap();
-    let p2 = stop_policy("  per-job: { key: jobId, rate: 2/minute }\n  per-caller: { key: caller, rate: 2/minute, burst: 2 }\n", "");
+    let p2 = stop_policy(
+        "  per-job: { key: jobId, rate: 2/minute }\n  per-caller: { key: caller, rate: 2/minute, burst: 2 }\n",
+        "",
+    );
     let l2 = reg.route_limits(&route(&p2, "A"));
     // per-job changed (fresh), per-caller did not: alice's two slots are still spent.
     let e = reg.decide_local(&l2, &keys(&l2, "alice", "A")).unwrap_err();
-    assert!(matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-caller"), "{e:?}");
+    assert!(
+        matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-caller"),
+        "{e:?}"
+    );
     drop((l1, p1));
     let _ = reg.route_limits(&route(&p2, "A"));
     let old = crate::config::RateLimitConfig {
         count: 1,
         ..l2[0].config().clone()
     };
-    let _ = reg.route_limits(&route(&stop_policy("  x: { key: caller, rate: 1/second }\n", ""), "A"));
-    assert!(reg.limiter(&old).is_none(), "a definition no policy uses is released");
+    let _ = reg.route_limits(&route(
+        &stop_policy("  x: { key: caller, rate: 1/second }\n", ""),
+        "A",
+    ));
+    assert!(
+        reg.limiter(&old).is_none(),
+        "a definition no policy uses is released"
+    );
 }
 
 #[test]
 fn upstream_hold_answers_locally_until_retry_after_passes() {
     let (reg, clock) = local_registry();
-    let p = stop_policy("  per-caller: { key: caller, rate: 100/second, burst: 100 }\n", "");
+    let p = stop_policy(
+        "  per-caller: { key: caller, rate: 100/second, burst: 100 }\n",
+        "",
+    );
     let limits = reg.route_limits(&route(&p, "A"));
     let k = keys(&limits, "alice", "A");
     reg.hold_upstream(&limits, &k, Duration::from_secs(3));
     match reg.decide_local(&limits, &k).unwrap_err() {
-        GatewayError::UpstreamRateLimited { retry_after } => assert_eq!(retry_after, Duration::from_secs(3)),
+        GatewayError::UpstreamRateLimited { retry_after } => {
+            assert_eq!(retry_after, Duration::from_secs(3))
+        }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(reg.decide_local(&limits, &keys(&limits, "bob", "A")).is_ok(), "other callers are not held");
+    assert!(
+        reg.decide_local(&limits, &keys(&limits, "bob", "A"))
+            .is_ok(),
+        "other callers are not held"
+    );
     clock.advance(Duration::from_secs(3));
     assert!(reg.decide_local(&limits, &k).is_ok());
 }
@@ -164,7 +223,9 @@ fn upstream_hold_is_capped() {
     let k = keys(&limits, "alice", "A");
     reg.hold_upstream(&limits, &k, Duration::from_secs(86_400 * 30));
     match reg.decide_local(&limits, &k).unwrap_err() {
-        GatewayError::UpstreamRateLimited { retry_after } => assert_eq!(retry_after, MAX_UPSTREAM_HOLD),
+        GatewayError::UpstreamRateLimited { retry_after } => {
+            assert_eq!(retry_after, MAX_UPSTREAM_HOLD)
+        }
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -198,13 +259,25 @@ fn metrics_count_decisions_by_limit() {
     reg.decide_local(&limits, &["A".to_owned()]).unwrap_err();
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    assert!(text.contains(r#"gateway_rate_limit_decisions_total{limit="per-job",decision="admitted"} 1"#), "{text}");
-    assert!(text.contains(r#"gateway_rate_limit_decisions_total{limit="per-job",decision="limited"} 1"#), "{text}");
+    assert!(
+        text.contains(
+            r#"gateway_rate_limit_decisions_total{limit="per-job",decision="admitted"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"gateway_rate_limit_decisions_total{limit="per-job",decision="limited"} 1"#
+        ),
+        "{text}"
+    );
 }
 
 fn redis_yaml(url: &str, on_error: &str, rate: &str) -> Arc<Policy> {
     stop_policy(
-        &format!("  shared: {{ key: jobId, rate: {rate}, store: redis, on_store_error: {on_error} }}\n"),
+        &format!(
+            "  shared: {{ key: jobId, rate: {rate}, store: redis, on_store_error: {on_error} }}\n"
+        ),
         &format!("redis: {{ url: '{url}', timeout: 200ms, key_prefix: 'test:' }}\n"),
     )
 }
@@ -213,7 +286,9 @@ fn redis_yaml(url: &str, on_error: &str, rate: &str) -> Arc<Policy> {
 async fn redis_replicas_share_one_budget_exactly() {
     let server = redis_server();
     // Two registries = two gateway replicas (separate processes in tests/ratelimit.rs).
-    let replicas: Vec<Arc<LimiterRegistry>> = (0..2).map(|_| LimiterRegistry::new(RateLimitMetrics::default())).collect();
+    let replicas: Vec<Arc<LimiterRegistry>> = (0..2)
+        .map(|_| LimiterRegistry::new(RateLimitMetrics::default()))
+        .collect();
     let p = redis_yaml(&server.url(), "deny", "10/minute");
     // Budget of 10: burst 10 at 10/minute.
     let p = {
@@ -254,7 +329,10 @@ async fn redis_refill_follows_the_rate() {
     assert_eq!((q.limit, q.remaining), (1, 0));
     match reg.decide(&limits, &k).await.unwrap_err() {
         GatewayError::RateLimited { retry_after, .. } => {
-            assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_millis(50), "{retry_after:?}")
+            assert!(
+                retry_after > Duration::ZERO && retry_after <= Duration::from_millis(50),
+                "{retry_after:?}"
+            )
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -271,29 +349,54 @@ async fn redis_refusal_consumes_no_budget_of_the_other_limits() {
         &format!("redis: {{ url: '{}' }}\n", server.url()),
     );
     let limits = reg.route_limits(&route(&p, "A"));
-    reg.decide(&limits, &keys(&limits, "alice", "A")).await.unwrap();
+    reg.decide(&limits, &keys(&limits, "alice", "A"))
+        .await
+        .unwrap();
     for _ in 0..5 {
-        let e = reg.decide(&limits, &keys(&limits, "alice", "A")).await.unwrap_err();
-        assert!(matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-job"), "{e:?}");
+        let e = reg
+            .decide(&limits, &keys(&limits, "alice", "A"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-job"),
+            "{e:?}"
+        );
     }
-    reg.decide(&limits, &keys(&limits, "alice", "B")).await.unwrap();
-    let e = reg.decide(&limits, &keys(&limits, "alice", "C")).await.unwrap_err();
-    assert!(matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-caller"), "{e:?}");
+    reg.decide(&limits, &keys(&limits, "alice", "B"))
+        .await
+        .unwrap();
+    let e = reg
+        .decide(&limits, &keys(&limits, "alice", "C"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, GatewayError::RateLimited { ref limit, .. } if limit == "per-caller"),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
 async fn redis_hold_from_one_replica_holds_the_other() {
     let server = redis_server();
-    let (a, b) = (LimiterRegistry::new(RateLimitMetrics::default()), LimiterRegistry::new(RateLimitMetrics::default()));
+    let (a, b) = (
+        LimiterRegistry::new(RateLimitMetrics::default()),
+        LimiterRegistry::new(RateLimitMetrics::default()),
+    );
     let p = redis_yaml(&server.url(), "deny", "100/second");
-    let (la, lb) = (a.route_limits(&route(&p, "J")), b.route_limits(&route(&p, "J")));
+    let (la, lb) = (
+        a.route_limits(&route(&p, "J")),
+        b.route_limits(&route(&p, "J")),
+    );
     let k = ["J".to_owned()];
     a.hold_upstream(&la, &k, Duration::from_secs(5));
     // The hold is written in the background.
     let mut held = false;
     for _ in 0..50 {
         if let Err(GatewayError::UpstreamRateLimited { retry_after }) = b.decide(&lb, &k).await {
-            assert!(retry_after > Duration::from_secs(4) && retry_after <= Duration::from_secs(5), "{retry_after:?}");
+            assert!(
+                retry_after > Duration::from_secs(4) && retry_after <= Duration::from_secs(5),
+                "{retry_after:?}"
+            );
             held = true;
             break;
         }
@@ -316,7 +419,9 @@ async fn redis_down_with_local_policy_falls_back_to_a_local_limiter() {
     reg.decide(&limits, &["K".to_owned()]).await.unwrap();
     let e = reg.decide(&limits, &["K".to_owned()]).await.unwrap_err();
     assert!(matches!(e, GatewayError::RateLimited { .. }), "{e:?}");
-    let labels = LimitLabels { limit: "shared".into() };
+    let labels = LimitLabels {
+        limit: "shared".into(),
+    };
     assert_eq!(metrics.fallbacks.get_or_create(&labels).get(), 2);
     assert!(metrics.store_errors.get_or_create(&labels).get() >= 1);
 }
@@ -345,8 +450,14 @@ async fn redis_down_with_deny_policy_refuses_with_503() {
     let started = std::time::Instant::now();
     let e = reg.decide(&limits, &["J".to_owned()]).await.unwrap_err();
     assert!(matches!(e, GatewayError::LimiterUnavailable), "{e:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "bounded by redis.timeout");
-    assert_eq!(e.to_response().status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "bounded by redis.timeout"
+    );
+    assert_eq!(
+        e.to_response().status(),
+        http::StatusCode::SERVICE_UNAVAILABLE
+    );
 }
 
 #[tokio::test]
@@ -373,9 +484,17 @@ async fn redis_recovers_after_a_restart() {
 
 #[tokio::test]
 async fn redis_unreachable_at_start_does_not_block_startup() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let reg = LimiterRegistry::new(RateLimitMetrics::default());
-    let p = redis_yaml(&format!("redis://:hunter2@127.0.0.1:{port}"), "local", "1/minute");
+    let p = redis_yaml(
+        &format!("redis://:hunter2@127.0.0.1:{port}"),
+        "local",
+        "1/minute",
+    );
     let limits = reg.route_limits(&route(&p, "J"));
     assert!(reg.decide(&limits, &["J".to_owned()]).await.is_ok());
     let store = limits[0].store.as_ref().unwrap();

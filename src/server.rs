@@ -29,10 +29,12 @@ use crate::error::GatewayError;
 use crate::health::Health;
 use crate::layers::rescue::into_response;
 use crate::metrics::RequestMetrics;
+use crate::oauth::{OAuthMetrics, TokenCache};
 use crate::policy::Policy;
 use crate::ratelimit::{LimiterRegistry, RateLimitMetrics};
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
+use crate::telemetry::Telemetry;
 use crate::upstream::{Upstream, build_client};
 
 /// Why the gateway could not start.
@@ -70,6 +72,7 @@ pub struct Running {
     pub policy: Arc<ArcSwap<Policy>>,
     shutdown: watch::Sender<bool>,
     serving: JoinHandle<()>,
+    telemetry: Telemetry,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -86,11 +89,23 @@ impl Running {
         if let Some(sim) = self.simulator {
             sim.shutdown().await;
         }
+        // Last: export the spans of the drained requests.
+        self.telemetry.shutdown(Duration::from_secs(5)).await;
     }
 }
 
-/// Starts the gateway described by `config` (already validated).
+/// Starts the gateway described by `config` (already validated), without a
+/// global log subscriber or span export (in-process tests, tools).
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    let telemetry = Telemetry::detached(&config.telemetry);
+    start_with_telemetry(config, telemetry).await
+}
+
+/// Starts the gateway with telemetry already installed ([`Telemetry::init`]).
+pub async fn start_with_telemetry(
+    config: Config,
+    telemetry: Telemetry,
+) -> Result<Running, StartError> {
     let config = Arc::new(config);
 
     // The embedded simulator, if any upstream asks for it.
@@ -135,22 +150,41 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let mut registry = Registry::default();
     let request_metrics = RequestMetrics::new(&mut registry);
+    telemetry.register_metrics(&mut registry);
     let rate_limits = LimiterRegistry::new(RateLimitMetrics::new(&mut registry));
     let health = Arc::new(Health::new(config.upstreams.keys()));
     // Idle rate-limit keys are evicted every minute (memory stays bounded).
-    let background = vec![rate_limits.spawn_sweeper(Duration::from_secs(60))];
-    // The token caches will flip these flags; until they exist, upstreams count as ready.
-    for name in config.upstreams.keys() {
-        if let Some(flag) = health.token_flag(name) {
-            flag.store(true, std::sync::atomic::Ordering::Release);
-        }
+    let mut background = vec![rate_limits.spawn_sweeper(Duration::from_secs(60))];
+    // One token cache per upstream: fetches now (readiness waits for it),
+    // refreshes ahead of expiry, never fails startup if Zuora is unreachable.
+    let oauth_metrics = OAuthMetrics::new(&mut registry);
+    let mut tokens = HashMap::new();
+    for (name, up) in upstreams.iter() {
+        let token_url = up
+            .token_url()
+            .map_err(|e| StartError::Upstream(format!("upstream `{name}`: {e}")))?;
+        let ready = health.token_flag(name).unwrap_or_default();
+        let cache = TokenCache::new(
+            &up.config,
+            token_url,
+            up.client.clone(),
+            ready,
+            oauth_metrics.clone(),
+        );
+        background.push(cache.start());
+        tokens.insert(name.clone(), cache);
     }
 
     let policy = Arc::new(ArcSwap::from_pointee(Policy::compile(config.clone())));
+    // JWKS keys at startup (a failure is retried in the background, never fatal).
+    policy.load().authn.start().await;
+    let reload_metrics = crate::reload::ReloadMetrics::new(&mut registry);
     let service = stack::build(&StackParts {
         policy: policy.clone(),
         upstreams: upstreams.clone(),
+        tokens: Arc::new(tokens),
         metrics: request_metrics,
+        debug_ring: telemetry.debug_ring(),
         max_in_flight: config.server.max_in_flight,
         rate_limits,
     });
@@ -185,8 +219,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin = Admin {
         health: health.clone(),
         registry: Arc::new(registry),
+        debug_ring: telemetry.debug_ring(),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Hot reload: SIGHUP or a change to the file swaps the policy; a broken file keeps the old one.
+    let mut reload_shutdown = shutdown_rx.clone();
+    background.push(
+        crate::reload::Reloader::new(config.source.clone(), policy.clone())
+            .with_metrics(reload_metrics)
+            .spawn(async move {
+                let _ = reload_shutdown.changed().await;
+            }),
+    );
     let server_cfg = config.server.clone();
     let serving = tokio::spawn(serve(
         listener,
@@ -207,6 +251,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown: shutdown_tx,
         serving,
         background,
+        telemetry,
     })
 }
 

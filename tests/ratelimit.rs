@@ -280,6 +280,65 @@ async fn per_caller_budgets_are_separate_and_shared_across_gateways() {
     }
 }
 
+/// An HS256 caller token for `sub`.
+fn jwt(sub: &str) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({ "sub": sub, "exp": exp }),
+        &EncodingKey::from_secret(HS_KEY.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn per_caller_budget_is_per_jwt_caller() {
+    let sim = simulator().await;
+    let text = yaml(
+        &sim,
+        "unused",
+        "per-caller",
+        "",
+        "rate_limits:\n  per-caller: { key: caller, rate: 2/minute, burst: 2 }\n",
+    )
+    .replace(
+        "callers:\n  trusted_identity: unused\n",
+        &format!("callers:\n  jwt:\n    keys:\n      - {{ alg: HS256, secret: \"{HS_KEY}\" }}\n"),
+    );
+    let g = started(&text).await;
+    let (alice, bob) = (
+        format!("Bearer {}", jwt("alice")),
+        format!("Bearer {}", jwt("bob")),
+    );
+    for n in 1..=2 {
+        let r = send(stop(&g, &job(n), &[("authorization", &alice)]))
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    let r = send(stop(&g, &job(3), &[("authorization", &alice)]))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    assert!(r.text().contains("per-caller"));
+    let r = send(stop(&g, &job(4), &[("authorization", &bob)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "bob's budget is his own: {}",
+        r.text()
+    );
+    assert_eq!(r.headers["ratelimit-remaining"], "1");
+    g.shutdown().await;
+}
+
 /// A gateway running as its own OS process (`zuora-gateway serve`).
 struct GatewayProcess {
     child: Child,

@@ -13,12 +13,18 @@
 //!   with real async work box their future.
 
 pub mod authn;
+pub mod authorize;
 pub mod coalesce;
 pub mod in_flight;
 pub mod observe;
 pub mod rate_limit;
 pub mod rescue;
 pub mod route;
+pub mod tenancy;
+pub mod token;
+pub mod trace;
+pub mod track_id;
+pub mod validate;
 
 use std::future::Ready;
 

@@ -8,14 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
-use std::future::Ready;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -25,9 +23,7 @@ use tower::util::Oneshot;
 use crate::admin::Admin;
 use crate::body::{self, Body};
 use crate::config::{Config, ServerConfig, UpstreamTarget};
-use crate::error::GatewayError;
 use crate::health::Health;
-use crate::layers::rescue::into_response;
 use crate::metrics::RequestMetrics;
 use crate::oauth::{OAuthMetrics, TokenCache};
 use crate::policy::Policy;
@@ -187,6 +183,7 @@ pub async fn start_with_telemetry(
         debug_ring: telemetry.debug_ring(),
         max_in_flight: config.server.max_in_flight,
         rate_limits,
+        body_metrics: crate::compression::BodyMetrics::new(&mut registry),
     });
 
     let listener = TcpListener::bind(config.server.listen)
@@ -274,29 +271,20 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Adapts hyper to the stack: URI length check, body boxing, no async block.
+/// Adapts hyper to the stack: body boxing, no async block. Every check
+/// happens inside the stack, so every refusal gets a track ID and a log line.
 #[derive(Clone)]
 struct HyperAdapter {
     service: GatewayService,
-    max_uri_bytes: usize,
 }
 
 impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
     type Response = Response<Body>;
     type Error = std::convert::Infallible;
-    type Future = Either<
-        Ready<Result<Response<Body>, std::convert::Infallible>>,
-        Oneshot<GatewayService, Request<Body>>,
-    >;
+    type Future = Oneshot<GatewayService, Request<Body>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
-        if uri_len > self.max_uri_bytes {
-            return Either::Left(std::future::ready(Ok(into_response(
-                GatewayError::UriTooLong(self.max_uri_bytes),
-            ))));
-        }
-        Either::Right(self.service.clone().oneshot(req.map(body::boxed)))
+        self.service.clone().oneshot(req.map(body::boxed))
     }
 }
 
@@ -311,7 +299,6 @@ async fn serve(
     let builder = builder(&cfg);
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
-    let max_uri = cfg.max_uri_bytes;
     loop {
         // Beyond max_connections, stop accepting: new connections wait in the kernel backlog.
         let permit = tokio::select! {
@@ -329,7 +316,7 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let hyper_svc = HyperAdapter { service: service.clone(), max_uri_bytes: max_uri };
+                let hyper_svc = HyperAdapter { service: service.clone() };
                 let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

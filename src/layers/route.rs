@@ -56,11 +56,15 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
+        let policy = self.policy.load_full();
+        let max_uri = policy.config.server.max_uri_bytes;
+        if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > max_uri {
+            return reject(GatewayError::UriTooLong(max_uri));
+        }
         let path = req.uri().path();
         if let Err(e) = check_path(path) {
             return reject(e);
         }
-        let policy = self.policy.load_full();
         match policy.routes.lookup(req.method(), path) {
             Ok(m) => {
                 req.extensions_mut().insert(RouteMatch {
@@ -68,7 +72,6 @@ where
                     route: m.route,
                     params: m.params,
                 });
-                super::observe::ObserveNotes::record(&req);
                 futures_util::future::Either::Right(self.inner.call(req))
             }
             Err(e) => reject(e),

@@ -7,10 +7,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower::Service;
@@ -51,17 +50,6 @@ impl Upstream {
 
 /// Upstreams by name.
 pub type Upstreams = Arc<HashMap<String, Upstream>>;
-
-/// What the Zuora call looked like, attached to the response for logs and metrics.
-#[derive(Debug, Clone)]
-pub struct UpstreamCall {
-    /// Zuora's status.
-    pub status: u16,
-    /// Zuora's `Zuora-Request-Id`, if any.
-    pub request_id: Option<HeaderValue>,
-    /// Time to response headers.
-    pub elapsed: std::time::Duration,
-}
 
 /// Builds `base` + `path` (+ `?query`), keeping a path prefix of `base`.
 fn join(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
@@ -177,7 +165,7 @@ async fn buffer_if_small(
     let mut body = body;
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| body_error(&*e))?;
+        let frame = frame.map_err(|e| body::body_error(&*e))?;
         if let Ok(data) = frame.into_data() {
             buf.extend_from_slice(&data);
             if buf.len() as u64 > REPLAY_LIMIT {
@@ -213,19 +201,6 @@ fn concat(first: Body, rest: Body) -> Body {
     http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
-/// A failed caller body: a gateway error inside it (size limit, timeout,
-/// corrupt gzip) is returned as is; anything else means the caller went away.
-fn body_error(e: &(dyn std::error::Error + 'static)) -> GatewayError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(gw) = s.downcast_ref::<GatewayError>() {
-            return gw.clone();
-        }
-        source = s.source();
-    }
-    GatewayError::InvalidValue(format!("the request body could not be read: {e}"))
-}
-
 fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
@@ -236,7 +211,6 @@ fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
 }
 
 async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
-    let started = Instant::now();
     let timeout = upstream.config.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let admission = upstream.breaker.admit();
@@ -290,7 +264,7 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
                     } else {
                         upstream.breaker.success();
                     }
-                    return Ok(finish(resp, started));
+                    return Ok(finish(resp));
                 }
             }
             Ok(Err(e)) => {
@@ -328,16 +302,10 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     }
 }
 
-fn finish(resp: http::Response<hyper::body::Incoming>, started: Instant) -> http::Response<Body> {
+fn finish(resp: http::Response<hyper::body::Incoming>) -> http::Response<Body> {
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let call = UpstreamCall {
-        status: parts.status.as_u16(),
-        request_id: parts.headers.get("zuora-request-id").cloned(),
-        elapsed: started.elapsed(),
-    };
     parts.extensions = http::Extensions::new();
-    parts.extensions.insert(call);
     http::Response::from_parts(parts, body::boxed(incoming))
 }
 

@@ -27,6 +27,7 @@ use crate::health::Health;
 use crate::metrics::RequestMetrics;
 use crate::oauth::{OAuthMetrics, TokenCache};
 use crate::policy::Policy;
+use crate::ratelimit::{LimiterRegistry, RateLimitMetrics};
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
 use crate::telemetry::Telemetry;
@@ -146,8 +147,10 @@ pub async fn start_with_telemetry(
     let mut registry = Registry::default();
     let request_metrics = RequestMetrics::new(&mut registry);
     telemetry.register_metrics(&mut registry);
+    let rate_limits = LimiterRegistry::new(RateLimitMetrics::new(&mut registry));
     let health = Arc::new(Health::new(config.upstreams.keys()));
-    let mut background = Vec::new();
+    // Idle rate-limit keys are evicted every minute (memory stays bounded).
+    let mut background = vec![rate_limits.spawn_sweeper(Duration::from_secs(60))];
     // One token cache per upstream: fetches now (readiness waits for it),
     // refreshes ahead of expiry, never fails startup if Zuora is unreachable.
     let oauth_metrics = OAuthMetrics::new(&mut registry);
@@ -179,6 +182,7 @@ pub async fn start_with_telemetry(
         metrics: request_metrics,
         debug_ring: telemetry.debug_ring(),
         max_in_flight: config.server.max_in_flight,
+        rate_limits,
         body_metrics: crate::compression::BodyMetrics::new(&mut registry),
     });
 
@@ -294,6 +298,16 @@ async fn serve(
 ) {
     let builder = builder(&cfg);
     let graceful = GracefulShutdown::new();
+    // The admin port has its own accept loop: outside the caller connection
+    // limit (probes work at capacity) and open until draining ends (so
+    // /readyz answers 503 while in-flight requests finish).
+    let (admin_stop, admin_stopped) = watch::channel(false);
+    let admin_task = tokio::spawn(serve_admin(
+        admin_listener,
+        admin,
+        builder.clone(),
+        admin_stopped,
+    ));
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
         // Beyond max_connections, stop accepting: new connections wait in the kernel backlog.
@@ -320,29 +334,42 @@ async fn serve(
                     drop(permit);
                 });
             }
-            accepted = admin_listener.accept() => {
-                drop(permit);
-                if let Ok((stream, _)) = accepted {
-                    let admin = admin.clone();
-                    let svc = hyper::service::service_fn(move |req| {
-                        let admin = admin.clone();
-                        async move { admin.handle(req).await }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move { let _ = conn.await; });
-                }
-            }
             _ = shutdown.changed() => break,
         }
     }
     drop(listener);
-    drop(admin_listener);
     tracing::info!(grace = ?cfg.shutdown_grace, "draining in-flight requests");
     if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+    let _ = admin_stop.send(true);
+    let _ = admin_task.await;
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    admin: Admin,
+    builder: auto::Builder<TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let admin = admin.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { admin.handle(req).await }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = stop.changed() => break,
+        }
     }
 }

@@ -14,9 +14,11 @@ use crate::body::Body;
 use crate::compression::BodyMetrics;
 use crate::layers::authn::AuthnLayer;
 use crate::layers::authorize::AuthorizeLayer;
+use crate::layers::coalesce::CoalesceLayer;
 use crate::layers::compression::CompressionLayer;
 use crate::layers::in_flight::InFlightLimitLayer;
 use crate::layers::local_token::LocalTokenLayer;
+use crate::layers::rate_limit::RateLimitLayer;
 use crate::layers::request_body::RequestBodyLayer;
 use crate::layers::rescue::RescueLayer;
 use crate::layers::route::RouteLayer;
@@ -28,6 +30,7 @@ use crate::layers::validate::ValidateLayer;
 use crate::metrics::RequestMetrics;
 use crate::oauth::TokenCache;
 use crate::policy::Policy;
+use crate::ratelimit::LimiterRegistry;
 use crate::telemetry::{DebugRing, Recorder};
 use crate::upstream::{Forward, Upstreams};
 
@@ -49,6 +52,8 @@ pub struct StackParts {
     pub debug_ring: Arc<DebugRing>,
     /// `server.max_in_flight`.
     pub max_in_flight: usize,
+    /// Rate-limiter state, kept across reloads.
+    pub rate_limits: Arc<LimiterRegistry>,
     /// Wire-byte counters of both sides (`gateway_body_bytes_total`).
     pub body_metrics: BodyMetrics,
 }
@@ -86,6 +91,10 @@ pub fn build(parts: &StackParts) -> GatewayService {
         .layer(TenancyLayer)
         // Validate: stop-job requests are checked (job ID, body) so nothing invalid reaches Zuora.
         .layer(ValidateLayer)
+        // Coalesce: a duplicate of an in-flight stop joins it (one Zuora call) and spends no rate budget.
+        .layer(CoalesceLayer::new())
+        // Rate limit: every limit of the route must admit (429, never reaching Zuora); Zuora's 429s hold the key.
+        .layer(RateLimitLayer::new(parts.rate_limits.clone()))
         // Compression: gzip towards Zuora always, only for requests that will be sent; the caller gets the encoding it asked for.
         .layer(CompressionLayer::new(parts.body_metrics.clone()))
         // Token: innermost, so a 401 replay re-sends exactly what Forward sent, with a new Zuora token.

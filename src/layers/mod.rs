@@ -14,9 +14,11 @@
 
 pub mod authn;
 pub mod authorize;
+pub mod coalesce;
 pub mod compression;
 pub mod in_flight;
 pub mod local_token;
+pub mod rate_limit;
 pub mod request_body;
 pub mod rescue;
 pub mod route;

@@ -34,7 +34,10 @@ fn template(i: usize) -> (String, &'static str) {
         0 => (format!("/v1/family{i}/jobs/{{jobId}}"), "PUT"),
         1 => (format!("/v1/family{i}/jobs/**"), "GET"),
         2 => (format!("/v1/family{i}/jobs"), "POST"),
-        3 => (format!("/v1/object/account{i}/{{id}}/items/{{item}}"), "GET"),
+        3 => (
+            format!("/v1/object/account{i}/{{id}}/items/{{item}}"),
+            "GET",
+        ),
         _ => (format!("/v1/settings/family{i}"), "GET"),
     }
 }
@@ -118,7 +121,10 @@ fn route_match(c: &mut Criterion) {
     let exact: HashMap<(Method, String), usize> = (0..ROUTES)
         .map(|i| {
             (
-                (Method::PUT, format!("/v1/uno/data-backfill/propagation/jobs/{i}")),
+                (
+                    Method::PUT,
+                    format!("/v1/uno/data-backfill/propagation/jobs/{i}"),
+                ),
                 i,
             )
         })
@@ -142,13 +148,25 @@ fn route_match(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("route_match_50");
     g.bench_function("route_table/first", |b| {
-        b.iter(|| policy.routes.lookup(black_box(&Method::PUT), black_box(&first)))
+        b.iter(|| {
+            policy
+                .routes
+                .lookup(black_box(&Method::PUT), black_box(&first))
+        })
     });
     g.bench_function("route_table/last", |b| {
-        b.iter(|| policy.routes.lookup(black_box(&Method::PUT), black_box(&last)))
+        b.iter(|| {
+            policy
+                .routes
+                .lookup(black_box(&Method::PUT), black_box(&last))
+        })
     });
     g.bench_function("route_table/miss_404", |b| {
-        b.iter(|| policy.routes.lookup(black_box(&Method::GET), black_box(miss)))
+        b.iter(|| {
+            policy
+                .routes
+                .lookup(black_box(&Method::GET), black_box(miss))
+        })
     });
     g.bench_function("baseline_naive_split/last", |b| {
         b.iter(|| naive.lookup(black_box(&Method::PUT), black_box(&last)))
@@ -220,9 +238,10 @@ fn request_headers() -> HeaderMap {
         "zuora-track-id",
         HeaderValue::from_static("a1b2c3d4-e5f6-4711-8899-aabbccddeeff"),
     );
-    h.insert("traceparent", HeaderValue::from_static(
-        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-    ));
+    h.insert(
+        "traceparent",
+        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    );
     h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
     h
 }
@@ -416,9 +435,7 @@ fn jwt(c: &mut Criterion) {
     v.set_issuer(&[ISSUER]);
     v.set_audience(&[AUDIENCE]);
     g.bench_function("baseline_jsonwebtoken_decode_hs256", |b| {
-        b.iter(|| {
-            jsonwebtoken::decode::<serde_json::Value>(black_box(&hs), &key, &v).is_ok()
-        })
+        b.iter(|| jsonwebtoken::decode::<serde_json::Value>(black_box(&hs), &key, &v).is_ok())
     });
     g.finish();
 }

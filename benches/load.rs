@@ -283,7 +283,10 @@ fn ensure_tool(cmd: &str, packages: &[&str]) -> bool {
         return true;
     }
     let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false);
     if !root || !have("apt-get") {
         eprintln!("`{cmd}` is missing; install {packages:?} (apt-get) to include it");
@@ -405,8 +408,16 @@ impl Env {
     fn proxy_pids(&self, t: Target) -> Vec<u32> {
         match t {
             Target::Direct => vec![],
-            Target::Nginx => self.nginx.as_ref().map(|n| family(n.0.pid())).unwrap_or_default(),
-            Target::Gateway => self.gateway.as_ref().map(|g| vec![g.0.pid()]).unwrap_or_default(),
+            Target::Nginx => self
+                .nginx
+                .as_ref()
+                .map(|n| family(n.0.pid()))
+                .unwrap_or_default(),
+            Target::Gateway => self
+                .gateway
+                .as_ref()
+                .map(|g| vec![g.0.pid()])
+                .unwrap_or_default(),
         }
     }
 }
@@ -422,8 +433,8 @@ fn mint_jwt() -> R<String> {
     });
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     header.kid = Some("bench".into());
-    let key = jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes())
-        .map_err(|e| e.to_string())?;
+    let key =
+        jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()).map_err(|e| e.to_string())?;
     jsonwebtoken::encode(&header, &claims, &key).map_err(|e| e.to_string())
 }
 
@@ -681,8 +692,10 @@ fn request(
     if body.is_some() {
         b = b.header(http::header::CONTENT_TYPE, "application/json");
     }
-    b.body(Full::new(body.map_or_else(Bytes::new, |s| Bytes::from_static(s.as_bytes()))))
-        .map_err(|e| e.to_string())
+    b.body(Full::new(
+        body.map_or_else(Bytes::new, |s| Bytes::from_static(s.as_bytes())),
+    ))
+    .map_err(|e| e.to_string())
 }
 
 async fn send(sender: &mut Sender, req: Request<Full<Bytes>>) -> R<(StatusCode, Bytes)> {
@@ -809,7 +822,14 @@ fn run_wrk(
     ))
 }
 
-fn closed_loop(env: &Env, t: Target, script: &Path, o: &Opts, secs: u64, conns: u32) -> R<WrkResult> {
+fn closed_loop(
+    env: &Env,
+    t: Target,
+    script: &Path,
+    o: &Opts,
+    secs: u64,
+    conns: u32,
+) -> R<WrkResult> {
     let addr = env.addr(t).ok_or("target not running")?;
     let tck = clk_tck();
     let proxy = env.proxy_pids(t);
@@ -848,7 +868,13 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 /// connections take them in order. Latency runs from the *intended* send
 /// time to the last body byte, so queueing behind a slow response counts
 /// (no coordinated omission).
-async fn fixed_rate(addr: SocketAddr, jwt: &str, rate: u64, secs: u64, conns: usize) -> R<FixedResult> {
+async fn fixed_rate(
+    addr: SocketAddr,
+    jwt: &str,
+    rate: u64,
+    secs: u64,
+    conns: usize,
+) -> R<FixedResult> {
     let total = rate * secs;
     let mut senders = Vec::with_capacity(conns);
     for _ in 0..conns {
@@ -883,7 +909,8 @@ async fn fixed_rate(addr: SocketAddr, jwt: &str, rate: u64, secs: u64, conns: us
                 *req.method_mut() = spec.method().clone();
                 *req.uri_mut() = spec.uri().clone();
                 *req.headers_mut() = spec.headers().clone();
-                let res = tokio::time::timeout(Duration::from_secs(5), send(&mut sender, req)).await;
+                let res =
+                    tokio::time::timeout(Duration::from_secs(5), send(&mut sender, req)).await;
                 match res {
                     Ok(Ok((StatusCode::OK, _))) => lat.push(intended.elapsed().as_nanos() as u64),
                     Ok(Ok(_)) => errors += 1,
@@ -1010,7 +1037,12 @@ async fn run(o: Opts) -> R<()> {
     let sim_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let sim = Proc::spawn(
         "simulator",
-        Command::new(GATEWAY_BIN).args(["simulate", "--fixed-answer", "--listen", &sim_addr.to_string()]),
+        Command::new(GATEWAY_BIN).args([
+            "simulate",
+            "--fixed-answer",
+            "--listen",
+            &sim_addr.to_string(),
+        ]),
         &d.join("sim.log"),
         false,
     )?;
@@ -1033,7 +1065,8 @@ async fn run(o: Opts) -> R<()> {
             std::fs::create_dir_all(d.join(sub)).map_err(|e| e.to_string())?;
         }
         let conf = d.join("nginx.conf");
-        std::fs::write(&conf, nginx_conf(&d, port, sim_addr, workers, o.access_log)).map_err(|e| e.to_string())?;
+        std::fs::write(&conf, nginx_conf(&d, port, sim_addr, workers, o.access_log))
+            .map_err(|e| e.to_string())?;
         let p = Proc::spawn(
             "nginx",
             Command::new("nginx")
@@ -1074,7 +1107,11 @@ async fn run(o: Opts) -> R<()> {
             .env("TOKIO_WORKER_THREADS", workers.to_string())
             .env(
                 "RUST_LOG",
-                if o.access_log { "warn" } else { "warn,access=off" },
+                if o.access_log {
+                    "warn"
+                } else {
+                    "warn,access=off"
+                },
             ),
         // The access log (stdout, one line per request) goes to /dev/null, like nginx's.
         &d.join("gateway.log"),
@@ -1100,7 +1137,12 @@ async fn run(o: Opts) -> R<()> {
             check_target(t, addr, &env.jwt).await?;
         }
     }
-    let targets: Vec<Target> = o.targets.iter().copied().filter(|&t| env.addr(t).is_some()).collect();
+    let targets: Vec<Target> = o
+        .targets
+        .iter()
+        .copied()
+        .filter(|&t| env.addr(t).is_some())
+        .collect();
 
     let mut report = String::new();
     let _ = writeln!(report, "\n## zuora-gateway load bench\n");
@@ -1119,10 +1161,17 @@ async fn run(o: Opts) -> R<()> {
         },
         match (o.otlp, o.sampling) {
             (false, _) => "no OTLP endpoint (spans not exported)".to_owned(),
-            (true, None) => "OTLP/HTTP to a dummy collector in the bench process, default sampling_ratio (1.0)".to_owned(),
-            (true, Some(r)) => format!("OTLP/HTTP to a dummy collector in the bench process, sampling_ratio {r}"),
+            (true, None) =>
+                "OTLP/HTTP to a dummy collector in the bench process, default sampling_ratio (1.0)"
+                    .to_owned(),
+            (true, Some(r)) =>
+                format!("OTLP/HTTP to a dummy collector in the bench process, sampling_ratio {r}"),
         },
-        if o.access_log { "on, to /dev/null" } else { "off" }
+        if o.access_log {
+            "on, to /dev/null"
+        } else {
+            "off"
+        }
     );
     if let Some(n) = o.debug_requests {
         let _ = writeln!(report, "gateway telemetry.debug_requests: {n}");
@@ -1135,7 +1184,13 @@ async fn run(o: Opts) -> R<()> {
     for round in 0..o.rounds {
         for &t in &targets {
             let tb = tokio::task::block_in_place(|| -> R<WrkResult> {
-                let _ = run_wrk(env.addr(t).ok_or("down")?, &script, o.threads, o.conns, o.warmup_secs)?;
+                let _ = run_wrk(
+                    env.addr(t).ok_or("down")?,
+                    &script,
+                    o.threads,
+                    o.conns,
+                    o.warmup_secs,
+                )?;
                 closed_loop(&env, t, &script, &o, o.secs, o.conns)
             })?;
             eprintln!(
@@ -1169,7 +1224,12 @@ async fn run(o: Opts) -> R<()> {
             let hwm = family_kib(&pids, "VmHWM:");
             let rounds = all
                 .get(t)
-                .map(|v| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" / "))
+                .map(|v| {
+                    v.iter()
+                        .map(|x| format!("{x:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                })
                 .unwrap_or_default();
             let _ = writeln!(
                 report,
@@ -1180,7 +1240,11 @@ async fn run(o: Opts) -> R<()> {
                 r.p50_us,
                 r.p99_us,
                 r.p999_us,
-                if pids.is_empty() { "–".to_owned() } else { format!("{:.1} MiB", mib(hwm)) },
+                if pids.is_empty() {
+                    "–".to_owned()
+                } else {
+                    format!("{:.1} MiB", mib(hwm))
+                },
                 if pids.is_empty() {
                     "–".to_owned()
                 } else {
@@ -1190,7 +1254,10 @@ async fn run(o: Opts) -> R<()> {
                 r.errors
             );
         }
-        if best.get(&Target::Nginx).is_some_and(|r| r.proxy_cpu_s > 0.0) {
+        if best
+            .get(&Target::Nginx)
+            .is_some_and(|r| r.proxy_cpu_s > 0.0)
+        {
             let _ = writeln!(
                 report,
                 "\n(nginx RSS is the sum over master + {workers} workers; shared pages are counted once per process.)"
@@ -1221,7 +1288,10 @@ async fn run(o: Opts) -> R<()> {
         }
         let errs: u64 = best.values().map(|r| r.errors).sum();
         if errs > 0 {
-            let _ = writeln!(report, "\n**WARNING: {errs} non-2xx or socket errors: ratios are not comparable.**");
+            let _ = writeln!(
+                report,
+                "\n**WARNING: {errs} non-2xx or socket errors: ratios are not comparable.**"
+            );
         }
     }
 
@@ -1240,7 +1310,10 @@ async fn run(o: Opts) -> R<()> {
             .map(|(_, b)| b.rps())
             .fold(f64::INFINITY, f64::min);
         if slowest.is_finite() && (r as f64) > slowest * 0.5 {
-            rates.push((((slowest * 0.25) as u64).max(100), "25% of the slowest proxy's saturation"));
+            rates.push((
+                ((slowest * 0.25) as u64).max(100),
+                "25% of the slowest proxy's saturation",
+            ));
         }
     }
     for (rate, why) in rates {
@@ -1282,9 +1355,17 @@ async fn run(o: Opts) -> R<()> {
             otlp.exports.load(Ordering::Relaxed)
         );
     }
-    let _ = writeln!(report, "loadavg at end: {}; wall time {:.0} s", loadavg(), started.elapsed().as_secs_f64());
+    let _ = writeln!(
+        report,
+        "loadavg at end: {}; wall time {:.0} s",
+        loadavg(),
+        started.elapsed().as_secs_f64()
+    );
     println!("{report}");
-    let _ = std::fs::write(Path::new(env!("CARGO_TARGET_TMPDIR")).join("load-report.md"), &report);
+    let _ = std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("load-report.md"),
+        &report,
+    );
     drop(env);
     Ok(())
 }
@@ -1327,7 +1408,11 @@ async fn fixed_rate_section(
             report,
             "| {}{} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {} |",
             t.name(),
-            if overloaded { " (rate ≥ 90% of its max: queueing)" } else { "" },
+            if overloaded {
+                " (rate ≥ 90% of its max: queueing)"
+            } else {
+                ""
+            },
             r.ok as f64 / r.secs.max(1e-9),
             r.p50_us,
             r.p99_us,
@@ -1357,7 +1442,9 @@ async fn fixed_rate_section(
             "p99 gateway − nginx = {:.0} µs; p50 gateway − nginx = {:.0} µs; p99 nginx − direct = {:.0} µs",
             g.p99_us - n.p99_us,
             g.p50_us - n.p50_us,
-            fixed.get(&Target::Direct).map_or(0.0, |d| n.p99_us - d.p99_us)
+            fixed
+                .get(&Target::Direct)
+                .map_or(0.0, |d| n.p99_us - d.p99_us)
         );
     }
     Ok(())

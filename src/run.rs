@@ -72,14 +72,13 @@ pub fn simulate(listen: SocketAddr, fixed_answer: bool) -> ExitCode {
             fixed_answer,
             ..crate::sim::SimOptions::default()
         };
-        let sim =
-            match crate::sim::Simulator::start(listen, opts).await {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("error: cannot listen on {listen}: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+        let sim = match crate::sim::Simulator::start(listen, opts).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: cannot listen on {listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         println!("Zuora simulator listening on {}", sim.base_url());
         terminate_signal().await;
         sim.shutdown().await;

@@ -77,7 +77,9 @@ fn join(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, GatewayError
 /// clone; no re-parse, no allocation on the hot path).
 fn rebase(base: &Uri, uri: &Uri) -> Result<Uri, GatewayError> {
     match uri.path_and_query() {
-        Some(pq) if pq.as_str().starts_with('/') && base.path().trim_end_matches('/').is_empty() => {
+        Some(pq)
+            if pq.as_str().starts_with('/') && base.path().trim_end_matches('/').is_empty() =>
+        {
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(base.scheme().cloned().unwrap_or(Scheme::HTTPS));
             parts.authority = base.authority().cloned();

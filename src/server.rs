@@ -2,9 +2,12 @@
 //! the caller and admin listeners, serves HTTP/1.1 and h2c, and drains on
 //! shutdown.
 
+pub mod h1_guard;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -32,6 +35,7 @@ use crate::metrics::RequestMetrics;
 use crate::policy::Policy;
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
+use crate::upstream::headers::strip_hop_by_hop;
 use crate::upstream::{Upstream, build_client};
 
 /// Why the gateway could not start.
@@ -225,11 +229,17 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Adapts hyper to the stack: URI length check, body boxing, no async block.
+/// Adapts hyper to the stack: edge checks on what hyper parsed (URI length,
+/// request-target form, header bytes), hop-by-hop headers removed on arrival,
+/// body boxing, no async block.
 #[derive(Clone)]
 struct HyperAdapter {
     service: GatewayService,
     max_uri_bytes: usize,
+    /// Set on the first request of the connection (see `serve`).
+    first_request: Arc<AtomicBool>,
+    /// What the connection's framing guard refused, if anything.
+    framing: Arc<h1_guard::Verdict>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
@@ -240,15 +250,65 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         Oneshot<GatewayService, Request<Body>>,
     >;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
-        if uri_len > self.max_uri_bytes {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        self.first_request.store(true, Ordering::Relaxed);
+        if let Some(violation) = self.framing.refused()
+            && req.uri().path() == h1_guard::REFUSAL_TARGET
+        {
+            // The stand-in for a head the framing guard refused.
             return Either::Left(std::future::ready(Ok(into_response(
-                GatewayError::UriTooLong(self.max_uri_bytes),
+                GatewayError::InvalidValue(violation.message().to_owned()),
             ))));
         }
-        Either::Right(self.service.clone().oneshot(req.map(body::boxed)))
+        if let Err(e) = edge_check(&req, self.max_uri_bytes) {
+            return Either::Left(std::future::ready(Ok(into_response(e))));
+        }
+        // Hop-by-hop headers (and those the caller names in `Connection`) end
+        // here, before any layer adds headers of its own: a caller cannot use
+        // `Connection: authorization, zuora-entity-ids` to strip what the
+        // gateway sets later.
+        strip_hop_by_hop(req.headers_mut());
+        Either::Right(self.service.clone().oneshot(req.map(caller_body)))
     }
+}
+
+/// Refusals decided on the request head alone, before the stack runs.
+fn edge_check<B>(req: &Request<B>, max_uri_bytes: usize) -> Result<(), GatewayError> {
+    let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if uri_len > max_uri_bytes {
+        return Err(GatewayError::UriTooLong(max_uri_bytes));
+    }
+    // HTTP/1 absolute-form (`PUT http://evil/...`) is for forward proxies; the
+    // gateway is not one. (HTTP/2 always carries scheme and authority.)
+    if req.version() < http::Version::HTTP_2
+        && (req.uri().scheme().is_some() || req.uri().authority().is_some())
+    {
+        return Err(GatewayError::BadPath(
+            "only origin-form request targets (`/path?query`) are accepted",
+        ));
+    }
+    // Header values must be visible ASCII (RFC 9110 allows obs-text; Zuora
+    // and the gateway have no use for it, and it hides injection attempts).
+    for (name, value) in req.headers() {
+        if value.to_str().is_err() {
+            return Err(GatewayError::InvalidValue(format!(
+                "header `{name}` has a value that is not visible ASCII"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Boxes the caller's body; a read failure (bad chunk framing, the caller
+/// going away) becomes a caller error, never "Zuora failed".
+fn caller_body(body: Incoming) -> Body {
+    use http_body_util::BodyExt;
+    body.map_err(|e| {
+        body::BoxError::from(GatewayError::InvalidValue(format!(
+            "the request body could not be read: {e}"
+        )))
+    })
+    .boxed_unsync()
 }
 
 async fn serve(
@@ -263,6 +323,7 @@ async fn serve(
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
     let max_uri = cfg.max_uri_bytes;
+    let first_request_timeout = cfg.header_read_timeout;
     loop {
         // Beyond max_connections, stop accepting: new connections wait in the kernel backlog.
         let permit = tokio::select! {
@@ -280,11 +341,33 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let hyper_svc = HyperAdapter { service: service.clone(), max_uri_bytes: max_uri };
-                let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc).into_owned();
+                let first_request = Arc::new(AtomicBool::new(false));
+                let framing = Arc::new(h1_guard::Verdict::default());
+                let hyper_svc = HyperAdapter {
+                    service: service.clone(),
+                    max_uri_bytes: max_uri,
+                    first_request: first_request.clone(),
+                    framing: framing.clone(),
+                };
+                // Strict HTTP/1.1 framing checks on the raw bytes, before hyper parses them.
+                let io = h1_guard::H1Guard::new(stream, framing);
+                let conn = builder.serve_connection(TokioIo::new(io), hyper_svc).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let mut conn = std::pin::pin!(conn);
+                    // hyper's header_read_timeout starts only once the HTTP/1
+                    // parser runs; protocol detection (h1 vs h2c) comes first
+                    // and would wait forever on a silent socket. A connection
+                    // that has not produced a request by then is closed, so idle
+                    // sockets cannot hold every max_connections slot.
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        () = tokio::time::sleep(first_request_timeout) => {
+                            if first_request.load(Ordering::Relaxed) {
+                                let _ = conn.await;
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }

@@ -64,7 +64,7 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
-        self.metrics.in_flight.inc();
+        let in_flight = InFlightGauge::enter(&self.metrics.in_flight);
         let notes = ObserveNotes(Arc::new(Mutex::new(Seen::default())));
         req.extensions_mut().insert(notes.clone());
         ObserveFuture {
@@ -72,7 +72,26 @@ where
             started: Instant::now(),
             metrics: self.metrics.clone(),
             notes,
+            _in_flight: in_flight,
         }
+    }
+}
+
+/// One request counted in the in-flight gauge until dropped: a caller that
+/// disconnects drops the future without it completing, and the gauge must
+/// still come back down.
+struct InFlightGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlightGauge {
+    fn enter(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        InFlightGauge(gauge.clone())
+    }
+}
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -84,6 +103,7 @@ pin_project_lite::pin_project! {
         started: Instant,
         metrics: RequestMetrics,
         notes: ObserveNotes,
+        _in_flight: InFlightGauge,
     }
 }
 
@@ -97,7 +117,6 @@ where
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
         let metrics = &*this.metrics;
-        metrics.in_flight.dec();
         if let Ok(resp) = &out {
             let seen = this.notes.0.lock().map(|s| s.clone()).unwrap_or_default();
             let route = seen.route.unwrap_or_else(|| "none".to_owned());

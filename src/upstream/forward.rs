@@ -161,14 +161,18 @@ async fn buffer_if_small(
 ) -> Result<Result<Bytes, Body>, GatewayError> {
     use http_body::Body as _;
     let hint = body.size_hint();
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let small = hint.upper().is_some_and(|u| u <= REPLAY_LIMIT)
-        || parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n <= REPLAY_LIMIT);
-    if !small {
+        || announced.is_some_and(|n| n <= REPLAY_LIMIT);
+    // A chunked body of unknown size is read up to the replay limit too: most
+    // are small, and a framing error in one is then found before any byte of
+    // the request has gone to Zuora.
+    let unknown = hint.upper().is_none() && announced.is_none();
+    if !small && !unknown {
         return Ok(Err(body));
     }
     use http_body_util::BodyExt;

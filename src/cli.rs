@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`, `simulate`, `dev-token`.
+//! The command line: `serve`, `check`, `explain`, `simulate`, `dev-token`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +34,23 @@ pub enum Command {
         /// Configuration file.
         #[arg(long, short, default_value = "config/gateway.yaml")]
         config: PathBuf,
+    },
+    /// Explain the decision a request would get: route, access, tenancy
+    /// headers, validation and rate limits (no request is sent).
+    Explain {
+        /// Configuration file.
+        #[arg(long, short, default_value = "config/gateway.yaml")]
+        config: PathBuf,
+        /// The caller identity (as authentication would establish it).
+        #[arg(long)]
+        caller: String,
+        /// A claim of the caller's token, `name=value` (repeatable).
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+        /// HTTP method, e.g. `PUT`.
+        method: String,
+        /// Request path, e.g. `/v1/uno/data-backfill/propagation/jobs/<jobId>`.
+        path: String,
     },
     /// Run the embedded Zuora simulator alone.
     Simulate {
@@ -166,6 +183,48 @@ pub fn summary(c: &Config) -> String {
             .unwrap_or_default()
     );
     s
+}
+
+/// `explain`: print the decision for `method path` from `caller`. Exit 0
+/// whenever it could be evaluated (allowed or denied), 2 for bad arguments,
+/// 78 for an invalid configuration.
+pub fn explain(
+    path: &std::path::Path,
+    caller: &str,
+    claims: &[String],
+    method: &str,
+    request_path: &str,
+) -> ExitCode {
+    let config = match load_or_report(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Ok(method) = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
+        eprintln!("error: `{method}` is not an HTTP method");
+        return ExitCode::from(2);
+    };
+    if !request_path.starts_with('/') {
+        eprintln!("error: the path must start with `/`");
+        return ExitCode::from(2);
+    }
+    let mut map = serde_json::Map::new();
+    for c in claims {
+        let Some((k, v)) = c.split_once('=') else {
+            eprintln!("error: --claim `{c}`: expected name=value");
+            return ExitCode::from(2);
+        };
+        map.insert(k.to_owned(), v.into());
+    }
+    let caller = crate::context::Caller {
+        identity: caller.into(),
+        claims: std::sync::Arc::new(map),
+    };
+    let policy = crate::policy::Policy::compile(std::sync::Arc::new(config));
+    print!(
+        "{}",
+        crate::policy::explain(&policy, &caller, &method, request_path)
+    );
+    ExitCode::SUCCESS
 }
 
 /// `dev-token`: mint a JWT with the config's HMAC key.

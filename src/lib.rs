@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authn;
 pub mod body;
 pub mod cli;
 pub mod compression;
@@ -15,7 +16,9 @@ pub mod error;
 pub mod health;
 pub mod layers;
 pub mod metrics;
+pub mod oauth;
 pub mod policy;
+pub mod reload;
 pub mod run;
 pub mod secret;
 pub mod server;

@@ -23,6 +23,13 @@ fn main() -> ExitCode {
             };
             zuora_gateway::run::serve(config)
         }
+        Command::Explain {
+            config,
+            caller,
+            claims,
+            method,
+            path,
+        } => cli::explain(&config, &caller, &claims, &method, &path),
         Command::Simulate { listen } => zuora_gateway::run::simulate(listen),
         Command::Healthcheck { url } => zuora_gateway::run::healthcheck(url),
     }

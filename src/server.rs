@@ -32,6 +32,7 @@ use crate::error::GatewayError;
 use crate::health::Health;
 use crate::layers::rescue::into_response;
 use crate::metrics::RequestMetrics;
+use crate::oauth::{OAuthMetrics, TokenCache};
 use crate::policy::Policy;
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
@@ -139,18 +140,32 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut registry = Registry::default();
     let request_metrics = RequestMetrics::new(&mut registry);
     let health = Arc::new(Health::new(config.upstreams.keys()));
-    let background = Vec::new();
-    // The token caches will flip these flags; until they exist, upstreams count as ready.
-    for name in config.upstreams.keys() {
-        if let Some(flag) = health.token_flag(name) {
-            flag.store(true, std::sync::atomic::Ordering::Release);
-        }
+    let mut background = Vec::new();
+    // One token cache per upstream: fetches now (readiness waits for it),
+    // refreshes ahead of expiry, never fails startup if Zuora is unreachable.
+    let oauth_metrics = OAuthMetrics::new(&mut registry);
+    let mut tokens = HashMap::new();
+    for (name, up) in upstreams.iter() {
+        let token_url = up
+            .token_url()
+            .map_err(|e| StartError::Upstream(format!("upstream `{name}`: {e}")))?;
+        let ready = health.token_flag(name).unwrap_or_default();
+        let cache = TokenCache::new(
+            &up.config,
+            token_url,
+            up.client.clone(),
+            ready,
+            oauth_metrics.clone(),
+        );
+        background.push(cache.start());
+        tokens.insert(name.clone(), cache);
     }
 
     let policy = Arc::new(ArcSwap::from_pointee(Policy::compile(config.clone())));
     let service = stack::build(&StackParts {
         policy: policy.clone(),
         upstreams: upstreams.clone(),
+        tokens: Arc::new(tokens),
         metrics: request_metrics,
         max_in_flight: config.server.max_in_flight,
     });

@@ -1,6 +1,7 @@
 //! The request path, assembled in one place. Order matters: each layer's
 //! comment says why it sits where it does. Outermost first.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -11,11 +12,16 @@ use tower::util::BoxCloneService;
 
 use crate::body::Body;
 use crate::layers::authn::AuthnLayer;
+use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::in_flight::InFlightLimitLayer;
 use crate::layers::observe::ObserveLayer;
 use crate::layers::rescue::RescueLayer;
 use crate::layers::route::RouteLayer;
+use crate::layers::tenancy::TenancyLayer;
+use crate::layers::token::TokenLayer;
+use crate::layers::validate::ValidateLayer;
 use crate::metrics::RequestMetrics;
+use crate::oauth::TokenCache;
 use crate::policy::Policy;
 use crate::upstream::{Forward, Upstreams};
 
@@ -29,6 +35,8 @@ pub struct StackParts {
     pub policy: Arc<ArcSwap<Policy>>,
     /// Running upstreams by name.
     pub upstreams: Upstreams,
+    /// The Zuora token cache of each upstream, by upstream name.
+    pub tokens: Arc<HashMap<String, TokenCache>>,
     /// Request metrics.
     pub metrics: RequestMetrics,
     /// `server.max_in_flight`.
@@ -48,6 +56,14 @@ pub fn build(parts: &StackParts) -> GatewayService {
         .layer(RouteLayer::new(parts.policy.clone()))
         // Authn: who is calling; the caller's Authorization never goes further.
         .layer(AuthnLayer)
+        // Authorize: the route's allow_callers must admit the caller (403 otherwise, deny by default).
+        .layer(AuthorizeLayer)
+        // Tenancy: Zuora-Entity-Ids / Zuora-Org-Ids from the first matching rule; the caller's are removed.
+        .layer(TenancyLayer)
+        // Validate: stop-job requests are checked (job ID, body) so nothing invalid reaches Zuora.
+        .layer(ValidateLayer)
+        // Token: innermost, so a 401 replay re-sends exactly what Forward sent, with a new Zuora token.
+        .layer(TokenLayer::new(parts.tokens.clone()))
         // Forward: the Zuora call itself.
         .service(Forward::new(parts.upstreams.clone()));
     BoxCloneService::new(svc)

@@ -13,10 +13,14 @@
 //!   with real async work box their future.
 
 pub mod authn;
+pub mod authorize;
 pub mod in_flight;
 pub mod observe;
 pub mod rescue;
 pub mod route;
+pub mod tenancy;
+pub mod token;
+pub mod validate;
 
 use std::future::Ready;
 

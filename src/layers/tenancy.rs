@@ -1,0 +1,63 @@
+//! Tenancy: sets `Zuora-Entity-Ids` / `Zuora-Org-Ids` from the first
+//! matching tenancy rule, with header values built at config load. The
+//! caller's own values are always removed — unless the rule says
+//! `caller_may_narrow`, in which case a subset of the rule's IDs is kept and
+//! anything else is `Forbidden` (403).
+
+use std::task::{Context, Poll};
+
+use futures_util::future::Either;
+use http::Request;
+use tower::{Layer, Service};
+
+use super::{RejectOr, Req, Resp, reject};
+use crate::context::{Caller, RouteMatch};
+use crate::error::GatewayError;
+
+/// Builds [`Tenancy`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TenancyLayer;
+
+impl<S> Layer<S> for TenancyLayer {
+    type Service = Tenancy<S>;
+    fn layer(&self, inner: S) -> Tenancy<S> {
+        Tenancy { inner }
+    }
+}
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct Tenancy<S> {
+    inner: S,
+}
+
+impl<S> Service<Req> for Tenancy<S>
+where
+    S: Service<Req, Response = Resp, Error = GatewayError>,
+{
+    type Response = Resp;
+    type Error = GatewayError;
+    type Future = RejectOr<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        // Split so the headers can be rewritten while the extensions are read.
+        let (mut parts, body) = req.into_parts();
+        let outcome = match (
+            parts.extensions.get::<RouteMatch>(),
+            parts.extensions.get::<Caller>(),
+        ) {
+            (Some(m), Some(caller)) => m.policy.tenancy.apply(&mut parts.headers, caller, m.route),
+            _ => Err(GatewayError::Internal(
+                "tenancy layer reached without a route match and a caller".to_owned(),
+            )),
+        };
+        match outcome {
+            Ok(()) => Either::Right(self.inner.call(Request::from_parts(parts, body))),
+            Err(e) => reject(e),
+        }
+    }
+}

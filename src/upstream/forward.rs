@@ -278,12 +278,20 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
                     upstream.breaker.failure(probe);
                     format!("Zuora answered {status}")
                 } else {
+                    let elapsed = started.elapsed();
+                    let resp = match read_response(resp, deadline, timeout).await {
+                        Ok(resp) => resp,
+                        Err(e) => {
+                            upstream.breaker.failure(probe);
+                            return Err(e);
+                        }
+                    };
                     if unavailable {
                         upstream.breaker.failure(probe);
                     } else {
                         upstream.breaker.success();
                     }
-                    return Ok(finish(resp, started));
+                    return Ok(finish(resp, elapsed));
                 }
             }
             Ok(Err(e)) => {
@@ -321,17 +329,112 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     }
 }
 
-fn finish(resp: http::Response<hyper::body::Incoming>, started: Instant) -> http::Response<Body> {
-    let (mut parts, incoming) = resp.into_parts();
+fn finish(resp: http::Response<Body>, elapsed: std::time::Duration) -> http::Response<Body> {
+    let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let call = UpstreamCall {
         status: parts.status.as_u16(),
         request_id: parts.headers.get("zuora-request-id").cloned(),
-        elapsed: started.elapsed(),
+        elapsed,
     };
     parts.extensions = http::Extensions::new();
     parts.extensions.insert(call);
-    http::Response::from_parts(parts, body::boxed(incoming))
+    http::Response::from_parts(parts, body)
+}
+
+/// Responses announcing at most this many bytes are read whole before the
+/// caller sees anything.
+const RESPONSE_BUFFER_LIMIT: u64 = 256 * 1024;
+
+/// Reads Zuora's response body within the request deadline. A small body
+/// (every JSON answer of the API) is read whole first, so a reset mid-body, a
+/// body that trickles past the deadline or a corrupt gzip stream becomes a
+/// Zuora-shaped 502/504 instead of a truncated 200. A larger or unsized body
+/// is streamed, and fails if it is not finished by the deadline.
+async fn read_response(
+    resp: http::Response<hyper::body::Incoming>,
+    deadline: tokio::time::Instant,
+    timeout: std::time::Duration,
+) -> Result<http::Response<Body>, GatewayError> {
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    let (parts, incoming) = resp.into_parts();
+    let small = incoming
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= RESPONSE_BUFFER_LIMIT);
+    if !small {
+        let body = DeadlineBody {
+            inner: body::boxed(incoming),
+            sleep: tokio::time::sleep_until(deadline),
+            timeout,
+        };
+        return Ok(http::Response::from_parts(parts, body.boxed_unsync()));
+    }
+    let bytes = tokio::time::timeout_at(deadline, incoming.collect())
+        .await
+        .map_err(|_| GatewayError::UpstreamTimeout(timeout))?
+        .map_err(|e| {
+            GatewayError::BadUpstreamResponse(format!(
+                "the response body broke off: {}",
+                root_cause(&e)
+            ))
+        })?
+        .to_bytes();
+    let gzipped = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    if gzipped
+        && let Err(GatewayError::InvalidValue(_)) =
+            crate::compression::gunzip_bounded(&bytes, 16 * RESPONSE_BUFFER_LIMIT)
+    {
+        return Err(GatewayError::BadUpstreamResponse(
+            "Zuora sent a corrupt gzip body".into(),
+        ));
+    }
+    Ok(http::Response::from_parts(parts, body::full(bytes)))
+}
+
+pin_project_lite::pin_project! {
+    /// A streamed upstream body that fails with a timeout at the request deadline.
+    struct DeadlineBody {
+        #[pin]
+        inner: Body,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        timeout: std::time::Duration,
+    }
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, body::BoxError>>> {
+        use std::future::Future;
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.sleep.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(GatewayError::UpstreamTimeout(
+                *this.timeout,
+            )))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Maps a client error: a gateway error raised by the request body (size

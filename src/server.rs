@@ -162,6 +162,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
 
     let policy = Arc::new(ArcSwap::from_pointee(Policy::compile(config.clone())));
+    // JWKS keys at startup (a failure is retried in the background, never fatal).
+    policy.load().authn.start().await;
+    let reload_metrics = crate::reload::ReloadMetrics::new(&mut registry);
     let service = stack::build(&StackParts {
         policy: policy.clone(),
         upstreams: upstreams.clone(),
@@ -202,6 +205,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         registry: Arc::new(registry),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Hot reload: SIGHUP or a change to the file swaps the policy; a broken file keeps the old one.
+    let mut reload_shutdown = shutdown_rx.clone();
+    background.push(
+        crate::reload::Reloader::new(config.source.clone(), policy.clone())
+            .with_metrics(reload_metrics)
+            .spawn(async move {
+                let _ = reload_shutdown.changed().await;
+            }),
+    );
     let server_cfg = config.server.clone();
     let serving = tokio::spawn(serve(
         listener,

@@ -351,6 +351,8 @@ async fn serve(
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
     let max_uri = cfg.max_uri_bytes;
     let first_request_timeout = cfg.header_read_timeout;
+    // The same bound as hyper's read buffer (see `builder`).
+    let head_limit = cfg.max_header_bytes.max(8192);
     loop {
         // Beyond max_connections, stop accepting: new connections wait in the kernel backlog.
         let permit = tokio::select! {
@@ -377,7 +379,7 @@ async fn serve(
                     framing: framing.clone(),
                 };
                 // Strict HTTP/1.1 framing checks on the raw bytes, before hyper parses them.
-                let io = h1_guard::H1Guard::new(stream, framing);
+                let io = h1_guard::H1Guard::new(stream, framing, head_limit);
                 let conn = builder.serve_connection(TokioIo::new(io), hyper_svc).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

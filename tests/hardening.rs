@@ -586,7 +586,7 @@ async fn path_tricks_never_reach_zuora_outside_the_routed_templates() {
         format!("{STOP_PATH}/."),
         format!("{STOP_PATH}/.."),
         format!("http://evil.example{STOP_PATH}/{JOB}"),
-        format!("http://evil.example/../oauth/token"),
+        "http://evil.example/../oauth/token".to_owned(),
         "*".to_owned(),
     ];
     for target in &targets {

@@ -35,8 +35,10 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Heads larger than this are passed to hyper unchecked (hyper refuses them
-/// with 431 at `server.max_header_bytes`, which is far smaller by default).
+/// Heads larger than the limit are passed to hyper unchecked, and hyper
+/// refuses them (431). The server uses hyper's own read-buffer limit, so the
+/// guard never holds more per connection than hyper would; this is the
+/// default for [`Scanner::default`].
 pub const HEAD_LIMIT: usize = 64 * 1024;
 
 /// The request target of the internal request that stands in for a refused
@@ -147,6 +149,8 @@ pub struct Scanner {
     head_line_start: usize,
     /// Whether the head has a non-empty line yet (the request line).
     head_seen_line: bool,
+    /// Largest head held back.
+    head_limit: usize,
 }
 
 impl Default for Scanner {
@@ -156,11 +160,20 @@ impl Default for Scanner {
             line: Vec::new(),
             head_line_start: 0,
             head_seen_line: false,
+            head_limit: HEAD_LIMIT,
         }
     }
 }
 
 impl Scanner {
+    /// A scanner that holds back at most `head_limit` bytes of a head.
+    pub fn with_head_limit(head_limit: usize) -> Self {
+        Scanner {
+            head_limit,
+            ..Scanner::default()
+        }
+    }
+
     /// Whether the scanner has stopped checking.
     pub fn is_passthrough(&self) -> bool {
         matches!(self.state, State::Passthrough)
@@ -276,7 +289,7 @@ impl Scanner {
                 }
                 self.head_line_start = i + 1;
             }
-            if self.line.len() > HEAD_LIMIT {
+            if self.line.len() > self.head_limit {
                 out.extend_from_slice(&self.line);
                 out.extend_from_slice(&input[k + 1..]);
                 self.line = Vec::new();
@@ -457,11 +470,12 @@ pub struct H1Guard<T> {
 }
 
 impl<T> H1Guard<T> {
-    /// Guards `inner`; head refusals are reported in `verdict`.
-    pub fn new(inner: T, verdict: Arc<Verdict>) -> Self {
+    /// Guards `inner`; head refusals are reported in `verdict`; heads over
+    /// `head_limit` bytes go to hyper unchecked (for it to refuse).
+    pub fn new(inner: T, verdict: Arc<Verdict>, head_limit: usize) -> Self {
         H1Guard {
             inner,
-            scanner: Scanner::default(),
+            scanner: Scanner::with_head_limit(head_limit),
             ready: BytesMut::new(),
             eof_after_ready: false,
             refused: false,

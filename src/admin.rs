@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (live), `/readyz` (ready to serve),
-//! `/metrics` (Prometheus text). Never exposed to callers' port.
+//! `/metrics` (Prometheus text), `/debug/requests` (recent decision trails).
+//! Never exposed to callers' port.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use prometheus_client::registry::Registry;
 
 use crate::body::{Body, full};
 use crate::health::Health;
+use crate::telemetry::DebugRing;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -18,6 +20,8 @@ pub struct Admin {
     pub health: Arc<Health>,
     /// The metrics registry (frozen after startup).
     pub registry: Arc<Registry>,
+    /// The last requests' decision trails (`/debug/requests`).
+    pub debug_ring: Arc<DebugRing>,
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -64,6 +68,9 @@ impl Admin {
                         "encoding failed\n",
                     ),
                 }
+            }
+            "/debug/requests" => {
+                crate::telemetry::debug_requests_response(&self.debug_ring, req.uri().query())
             }
             _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         };

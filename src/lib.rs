@@ -24,4 +24,5 @@ pub mod secret;
 pub mod server;
 pub mod sim;
 pub mod stack;
+pub mod telemetry;
 pub mod upstream;

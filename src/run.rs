@@ -3,25 +3,12 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-}
-
-fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&config.telemetry.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
-    let _ = match config.telemetry.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -47,8 +34,15 @@ pub fn serve(config: Config) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        init_logging(&config);
-        let running = match crate::server::start(config).await {
+        // Logs, access log and (when configured) OTLP export; inside the runtime.
+        let telemetry = match crate::telemetry::Telemetry::init(&config.telemetry) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let running = match crate::server::start_with_telemetry(config, telemetry).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -36,6 +36,7 @@ use crate::oauth::{OAuthMetrics, TokenCache};
 use crate::policy::Policy;
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
+use crate::telemetry::Telemetry;
 use crate::upstream::headers::strip_hop_by_hop;
 use crate::upstream::{Upstream, build_client};
 
@@ -74,6 +75,7 @@ pub struct Running {
     pub policy: Arc<ArcSwap<Policy>>,
     shutdown: watch::Sender<bool>,
     serving: JoinHandle<()>,
+    telemetry: Telemetry,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -90,11 +92,23 @@ impl Running {
         if let Some(sim) = self.simulator {
             sim.shutdown().await;
         }
+        // Last: export the spans of the drained requests.
+        self.telemetry.shutdown(Duration::from_secs(5)).await;
     }
 }
 
-/// Starts the gateway described by `config` (already validated).
+/// Starts the gateway described by `config` (already validated), without a
+/// global log subscriber or span export (in-process tests, tools).
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    let telemetry = Telemetry::detached(&config.telemetry);
+    start_with_telemetry(config, telemetry).await
+}
+
+/// Starts the gateway with telemetry already installed ([`Telemetry::init`]).
+pub async fn start_with_telemetry(
+    config: Config,
+    telemetry: Telemetry,
+) -> Result<Running, StartError> {
     let config = Arc::new(config);
 
     // The embedded simulator, if any upstream asks for it.
@@ -139,6 +153,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let mut registry = Registry::default();
     let request_metrics = RequestMetrics::new(&mut registry);
+    telemetry.register_metrics(&mut registry);
     let health = Arc::new(Health::new(config.upstreams.keys()));
     let mut background = Vec::new();
     // One token cache per upstream: fetches now (readiness waits for it),
@@ -170,6 +185,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         upstreams: upstreams.clone(),
         tokens: Arc::new(tokens),
         metrics: request_metrics,
+        debug_ring: telemetry.debug_ring(),
         max_in_flight: config.server.max_in_flight,
     });
 
@@ -203,6 +219,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin = Admin {
         health: health.clone(),
         registry: Arc::new(registry),
+        debug_ring: telemetry.debug_ring(),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Hot reload: SIGHUP or a change to the file swaps the policy; a broken file keeps the old one.
@@ -234,6 +251,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown: shutdown_tx,
         serving,
         background,
+        telemetry,
     })
 }
 
@@ -256,9 +274,8 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Adapts hyper to the stack: edge checks on what hyper parsed (URI length,
-/// request-target form, header bytes), hop-by-hop headers removed on arrival,
-/// body boxing, no async block.
+/// Adapts hyper to the stack: the framing guard's refusals, URI length,
+/// hop-by-hop headers removed on arrival, body boxing, no async block.
 #[derive(Clone)]
 struct HyperAdapter {
     service: GatewayService,
@@ -299,29 +316,12 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
     }
 }
 
-/// Refusals decided on the request head alone, before the stack runs.
+/// Refusals decided before the stack runs (the route layer checks the
+/// request target and header bytes, where refusals are logged and counted).
 fn edge_check<B>(req: &Request<B>, max_uri_bytes: usize) -> Result<(), GatewayError> {
     let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
     if uri_len > max_uri_bytes {
         return Err(GatewayError::UriTooLong(max_uri_bytes));
-    }
-    // HTTP/1 absolute-form (`PUT http://evil/...`) is for forward proxies; the
-    // gateway is not one. (HTTP/2 always carries scheme and authority.)
-    if req.version() < http::Version::HTTP_2
-        && (req.uri().scheme().is_some() || req.uri().authority().is_some())
-    {
-        return Err(GatewayError::BadPath(
-            "only origin-form request targets (`/path?query`) are accepted",
-        ));
-    }
-    // Header values must be visible ASCII (RFC 9110 allows obs-text; Zuora
-    // and the gateway have no use for it, and it hides injection attempts).
-    for (name, value) in req.headers() {
-        if value.to_str().is_err() {
-            return Err(GatewayError::InvalidValue(format!(
-                "header `{name}` has a value that is not visible ASCII"
-            )));
-        }
     }
     Ok(())
 }

@@ -14,15 +14,17 @@ use crate::body::Body;
 use crate::layers::authn::AuthnLayer;
 use crate::layers::authorize::AuthorizeLayer;
 use crate::layers::in_flight::InFlightLimitLayer;
-use crate::layers::observe::ObserveLayer;
 use crate::layers::rescue::RescueLayer;
 use crate::layers::route::RouteLayer;
 use crate::layers::tenancy::TenancyLayer;
 use crate::layers::token::TokenLayer;
+use crate::layers::trace::{RecordContextLayer, TraceLayer};
+use crate::layers::track_id::TrackIdLayer;
 use crate::layers::validate::ValidateLayer;
 use crate::metrics::RequestMetrics;
 use crate::oauth::TokenCache;
 use crate::policy::Policy;
+use crate::telemetry::{DebugRing, Recorder};
 use crate::upstream::{Forward, Upstreams};
 
 /// The whole gateway as one cloneable service; errors are already responses.
@@ -39,23 +41,35 @@ pub struct StackParts {
     pub tokens: Arc<HashMap<String, TokenCache>>,
     /// Request metrics.
     pub metrics: RequestMetrics,
+    /// The `/debug/requests` ring (shared with the admin listener).
+    pub debug_ring: Arc<DebugRing>,
     /// `server.max_in_flight`.
     pub max_in_flight: usize,
 }
 
 /// Builds the request path.
 pub fn build(parts: &StackParts) -> GatewayService {
+    let recorder = Arc::new(Recorder::new(
+        parts.debug_ring.clone(),
+        Some(parts.metrics.clone()),
+    ));
     let svc = ServiceBuilder::new()
-        // Observe: outside rescue so refusals are counted with their status too.
-        .layer(ObserveLayer::new(parts.metrics.clone()))
+        // Track ID: outermost, so every response (even a refusal) carries it and every log line has it.
+        .layer(TrackIdLayer::new(recorder.clone()))
+        // Trace: span, metrics, access log, debug ring; outside rescue so it sees every status.
+        .layer(TraceLayer::new(recorder))
         // Rescue: the one edge where GatewayError becomes a Zuora-shaped response.
         .layer(RescueLayer)
         // In-flight limit: shed load with 503 before doing any work.
         .layer(InFlightLimitLayer::new(parts.max_in_flight))
         // Route: refuse unsafe paths, match (deny by default), pin the policy snapshot.
         .layer(RouteLayer::new(parts.policy.clone()))
+        // Record context: the route into the decision trail, even if authn refuses next.
+        .layer(RecordContextLayer)
         // Authn: who is calling; the caller's Authorization never goes further.
         .layer(AuthnLayer)
+        // Record context: the caller into the decision trail, before any later refusal.
+        .layer(RecordContextLayer)
         // Authorize: the route's allow_callers must admit the caller (403 otherwise, deny by default).
         .layer(AuthorizeLayer)
         // Tenancy: Zuora-Entity-Ids / Zuora-Org-Ids from the first matching rule; the caller's are removed.

@@ -20,6 +20,8 @@ pub mod rescue;
 pub mod route;
 pub mod tenancy;
 pub mod token;
+pub mod trace;
+pub mod track_id;
 pub mod validate;
 
 use std::future::Ready;

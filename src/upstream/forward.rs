@@ -14,6 +14,7 @@ use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower::Service;
+use tracing::Instrument as _;
 
 use super::breaker::{Admission, CircuitBreaker};
 use super::client::HttpClient;
@@ -23,6 +24,7 @@ use crate::config::UpstreamConfig;
 use crate::context::RouteMatch;
 use crate::error::GatewayError;
 use crate::layers::{GwResult, LayerFuture, Req};
+use crate::telemetry::upstream::CallTrace;
 
 /// One upstream, ready to receive requests.
 #[derive(Clone, Debug)]
@@ -257,7 +259,7 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     let may_resend_after_send = idempotent(&parts);
     let mut attempt = 1u32;
     loop {
-        let (req, replayable) = match &mut body {
+        let (mut req, replayable) = match &mut body {
             Ok(bytes) => (rebuild(&parts, body::full(bytes.clone())), true),
             Err(streaming) => (
                 rebuild(&parts, std::mem::replace(streaming, body::empty())),
@@ -265,7 +267,16 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
             ),
         };
         let more = attempt < retry.max_attempts && replayable;
-        let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req)).await;
+        // Telemetry: this attempt's `zuora.call` span, trace headers, decision-trail entry.
+        let call = CallTrace::start(
+            &mut req,
+            &parts.extensions,
+            upstream.config.forward_traceparent,
+        );
+        let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req))
+            .instrument(call.span().clone())
+            .await;
+        call.finish_attempt(&outcome);
         let retry_reason = match outcome {
             Err(_) => {
                 upstream.breaker.failure(probe);

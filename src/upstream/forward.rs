@@ -354,11 +354,11 @@ fn finish(resp: http::Response<Body>, elapsed: std::time::Duration) -> http::Res
 }
 
 /// Responses announcing at most this many bytes are read whole before the
-/// caller sees anything.
-const RESPONSE_BUFFER_LIMIT: u64 = 256 * 1024;
+/// caller sees anything (at most `max_in_flight` times this in memory).
+const RESPONSE_BUFFER_LIMIT: u64 = 64 * 1024;
 
 /// Reads Zuora's response body within the request deadline. A small body
-/// (every JSON answer of the API) is read whole first, so a reset mid-body, a
+/// (the JSON answers of the job API) is read whole first, so a reset mid-body, a
 /// body that trickles past the deadline or a corrupt gzip stream becomes a
 /// Zuora-shaped 502/504 instead of a truncated 200. A larger or unsized body
 /// is streamed, and fails if it is not finished by the deadline.

@@ -642,6 +642,34 @@ async fn path_tricks_never_reach_zuora_outside_the_routed_templates() {
     g.shutdown().await;
 }
 
+// ---- bodies ------------------------------------------------------------------------------------
+
+/// Regression (fuzz target `stop_job`): the stop validator skipped the other
+/// fields without checking their bytes, so a body that is not JSON (invalid
+/// UTF-8, lone surrogate escapes) was forwarded to Zuora.
+#[tokio::test]
+async fn a_stop_body_that_is_not_valid_json_text_is_refused_and_never_forwarded() {
+    let (sim, g) = setup(&[]).await;
+    for body in [
+        &b"{\"status\":\"Stopping\",\"st!tuc\":\"x\xff\xff\xff\"}"[..],
+        br#"{"status":"Stopping","note":"\ud800"}"#,
+    ] {
+        let before = forwarded(&sim);
+        let r = send(request(
+            Method::PUT,
+            &g.url(&format!("{STOP_PATH}/{JOB}")),
+            &[("content-type", "application/json")],
+            Bytes::copy_from_slice(body),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert!(r.code().ends_with("90"), "malformed JSON: {}", r.text());
+        assert_eq!(forwarded(&sim), before);
+    }
+    g.shutdown().await;
+}
+
 // ---- header injection --------------------------------------------------------------------------
 
 #[tokio::test]

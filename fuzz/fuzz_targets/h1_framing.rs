@@ -20,5 +20,8 @@ fuzz_target!(|data: &[u8]| {
             Outcome::RefusedHead(_) | Outcome::RefusedBody(_) => break,
         }
     }
-    assert!(input.starts_with(&out), "hyper must see a prefix of the input");
+    assert!(
+        input.starts_with(&out),
+        "hyper must see a prefix of the input"
+    );
 });

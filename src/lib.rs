@@ -18,6 +18,7 @@ pub mod layers;
 pub mod metrics;
 pub mod oauth;
 pub mod policy;
+pub mod ratelimit;
 pub mod reload;
 pub mod run;
 pub mod secret;

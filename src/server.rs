@@ -11,14 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
-use std::future::Ready;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -30,10 +28,10 @@ use crate::body::{self, Body};
 use crate::config::{Config, ServerConfig, UpstreamTarget};
 use crate::error::GatewayError;
 use crate::health::Health;
-use crate::layers::rescue::into_response;
 use crate::metrics::RequestMetrics;
 use crate::oauth::{OAuthMetrics, TokenCache};
 use crate::policy::Policy;
+use crate::ratelimit::{LimiterRegistry, RateLimitMetrics};
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
 use crate::telemetry::Telemetry;
@@ -154,8 +152,10 @@ pub async fn start_with_telemetry(
     let mut registry = Registry::default();
     let request_metrics = RequestMetrics::new(&mut registry);
     telemetry.register_metrics(&mut registry);
+    let rate_limits = LimiterRegistry::new(RateLimitMetrics::new(&mut registry));
     let health = Arc::new(Health::new(config.upstreams.keys()));
-    let mut background = Vec::new();
+    // Idle rate-limit keys are evicted every minute (memory stays bounded).
+    let mut background = vec![rate_limits.spawn_sweeper(Duration::from_secs(60))];
     // One token cache per upstream: fetches now (readiness waits for it),
     // refreshes ahead of expiry, never fails startup if Zuora is unreachable.
     let oauth_metrics = OAuthMetrics::new(&mut registry);
@@ -187,6 +187,8 @@ pub async fn start_with_telemetry(
         metrics: request_metrics,
         debug_ring: telemetry.debug_ring(),
         max_in_flight: config.server.max_in_flight,
+        rate_limits,
+        body_metrics: crate::compression::BodyMetrics::new(&mut registry),
     });
 
     let listener = TcpListener::bind(config.server.listen)
@@ -274,12 +276,13 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Adapts hyper to the stack: the framing guard's refusals, URI length,
-/// hop-by-hop headers removed on arrival, body boxing, no async block.
+/// Adapts hyper to the stack: hop-by-hop headers removed on arrival, the
+/// framing guard's verdict attached to its stand-in request, body boxing, no
+/// async block. Every check happens inside the stack, so every refusal gets a
+/// track ID and a log line.
 #[derive(Clone)]
 struct HyperAdapter {
     service: GatewayService,
-    max_uri_bytes: usize,
     /// Set on the first request of the connection (see `serve`).
     first_request: Arc<AtomicBool>,
     /// What the connection's framing guard refused, if anything.
@@ -289,41 +292,24 @@ struct HyperAdapter {
 impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
     type Response = Response<Body>;
     type Error = std::convert::Infallible;
-    type Future = Either<
-        Ready<Result<Response<Body>, std::convert::Infallible>>,
-        Oneshot<GatewayService, Request<Body>>,
-    >;
+    type Future = Oneshot<GatewayService, Request<Body>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.first_request.store(true, Ordering::Relaxed);
         if let Some(violation) = self.framing.refused()
             && req.uri().path() == h1_guard::REFUSAL_TARGET
         {
-            // The stand-in for a head the framing guard refused.
-            return Either::Left(std::future::ready(Ok(into_response(
-                GatewayError::InvalidValue(violation.message().to_owned()),
-            ))));
-        }
-        if let Err(e) = edge_check(&req, self.max_uri_bytes) {
-            return Either::Left(std::future::ready(Ok(into_response(e))));
+            // The stand-in for a head the framing guard refused: the route
+            // layer answers it with a 400.
+            req.extensions_mut().insert(violation);
         }
         // Hop-by-hop headers (and those the caller names in `Connection`) end
         // here, before any layer adds headers of its own: a caller cannot use
         // `Connection: authorization, zuora-entity-ids` to strip what the
         // gateway sets later.
         strip_hop_by_hop(req.headers_mut());
-        Either::Right(self.service.clone().oneshot(req.map(caller_body)))
+        self.service.clone().oneshot(req.map(caller_body))
     }
-}
-
-/// Refusals decided before the stack runs (the route layer checks the
-/// request target and header bytes, where refusals are logged and counted).
-fn edge_check<B>(req: &Request<B>, max_uri_bytes: usize) -> Result<(), GatewayError> {
-    let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
-    if uri_len > max_uri_bytes {
-        return Err(GatewayError::UriTooLong(max_uri_bytes));
-    }
-    Ok(())
 }
 
 /// Boxes the caller's body; a read failure (bad chunk framing, the caller
@@ -349,7 +335,6 @@ async fn serve(
     let builder = builder(&cfg);
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
-    let max_uri = cfg.max_uri_bytes;
     let first_request_timeout = cfg.header_read_timeout;
     // The same bound as hyper's read buffer (see `builder`).
     let head_limit = cfg.max_header_bytes.max(8192);
@@ -374,7 +359,6 @@ async fn serve(
                 let framing = Arc::new(h1_guard::Verdict::default());
                 let hyper_svc = HyperAdapter {
                     service: service.clone(),
-                    max_uri_bytes: max_uri,
                     first_request: first_request.clone(),
                     framing: framing.clone(),
                 };

@@ -40,7 +40,6 @@ pub struct Authn<S> {
 fn admit(req: &mut Req, caller: Caller) {
     req.headers_mut().remove(header::AUTHORIZATION);
     req.extensions_mut().insert(caller);
-    super::observe::ObserveNotes::record(req);
 }
 
 impl<S> Service<Req> for Authn<S>

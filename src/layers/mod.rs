@@ -14,8 +14,12 @@
 
 pub mod authn;
 pub mod authorize;
+pub mod coalesce;
+pub mod compression;
 pub mod in_flight;
-pub mod observe;
+pub mod local_token;
+pub mod rate_limit;
+pub mod request_body;
 pub mod rescue;
 pub mod route;
 pub mod tenancy;

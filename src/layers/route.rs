@@ -12,6 +12,7 @@ use super::{RejectOr, Req, Resp, reject};
 use crate::context::RouteMatch;
 use crate::error::GatewayError;
 use crate::policy::{Policy, check_path};
+use crate::server::h1_guard::Violation;
 
 /// Builds [`Route`] over the swappable policy.
 #[derive(Clone)]
@@ -78,6 +79,15 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
+        // The stand-in for a request head the HTTP/1.1 framing guard refused.
+        if let Some(violation) = req.extensions().get::<Violation>() {
+            return reject(GatewayError::InvalidValue(violation.message().to_owned()));
+        }
+        let policy = self.policy.load_full();
+        let max_uri = policy.config.server.max_uri_bytes;
+        if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > max_uri {
+            return reject(GatewayError::UriTooLong(max_uri));
+        }
         if let Err(e) = check_target_and_headers(&req) {
             return reject(e);
         }
@@ -85,7 +95,6 @@ where
         if let Err(e) = check_path(path) {
             return reject(e);
         }
-        let policy = self.policy.load_full();
         match policy.routes.lookup(req.method(), path) {
             Ok(m) => {
                 req.extensions_mut().insert(RouteMatch {
@@ -93,7 +102,6 @@ where
                     route: m.route,
                     params: m.params,
                 });
-                super::observe::ObserveNotes::record(&req);
                 futures_util::future::Either::Right(self.inner.call(req))
             }
             Err(e) => reject(e),

@@ -13,6 +13,7 @@ use tower::{Layer, Service};
 use super::{RejectOr, Req, Resp, reject};
 use crate::context::{Caller, RouteMatch};
 use crate::error::GatewayError;
+use crate::telemetry::trail::DecisionTrail;
 
 /// Builds [`Tenancy`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,7 +57,15 @@ where
             )),
         };
         match outcome {
-            Ok(()) => Either::Right(self.inner.call(Request::from_parts(parts, body))),
+            Ok(rule) => {
+                if let Some(trail) = parts.extensions.get::<DecisionTrail>() {
+                    match rule {
+                        Some(i) => trail.note("tenancy", format!("tenancy[{i}]")),
+                        None => trail.note("tenancy", "no rule matched: no entity/org headers"),
+                    }
+                }
+                Either::Right(self.inner.call(Request::from_parts(parts, body)))
+            }
             Err(e) => reject(e),
         }
     }

@@ -11,15 +11,13 @@
 
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
 use futures_util::TryFutureExt;
 use futures_util::future::Either;
 use http::{HeaderMap, Request, header};
-use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use super::{LayerFuture, RejectOr, Req, Resp, reject};
-use crate::body::{Body, BoxError, full};
+use crate::body::{collect_bounded, full};
 use crate::compression::gunzip_bounded;
 use crate::config::Validation;
 use crate::context::RouteMatch;
@@ -72,30 +70,6 @@ fn coding(headers: &HeaderMap) -> Result<Coding, GatewayError> {
         }
     }
     Ok(found)
-}
-
-/// Reads the whole body, refusing more than `limit` bytes.
-async fn collect_bounded(mut body: Body, limit: u64) -> Result<Bytes, GatewayError> {
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(body_error)?;
-        if let Ok(data) = frame.into_data() {
-            if (buf.len() as u64).saturating_add(data.len() as u64) > limit {
-                return Err(GatewayError::PayloadTooLarge { limit });
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok(buf.freeze())
-}
-
-/// What a failed body read means for the caller.
-fn body_error(e: BoxError) -> GatewayError {
-    // A body layer further out may fail the body with its own typed error (timeouts, limits).
-    match e.downcast::<GatewayError>() {
-        Ok(g) => *g,
-        Err(e) => GatewayError::InvalidValue(format!("the request body could not be read: {e}")),
-    }
 }
 
 impl<S> Service<Req> for Validate<S>

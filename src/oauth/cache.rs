@@ -285,7 +285,13 @@ impl Inner {
             client_id: &self.client_id,
             client_secret: &self.client_secret,
         };
-        let result = fetch_token(&self.client, &creds, self.fetch_timeout).await;
+        // Exported as its own trace (it runs in the background, not under a request).
+        let span = tracing::info_span!("zuora.token_fetch", upstream = %self.upstream);
+        let result = tracing::Instrument::instrument(
+            fetch_token(&self.client, &creds, self.fetch_timeout),
+            span,
+        )
+        .await;
         match result {
             Ok(grant) => {
                 self.metrics.fetch(&self.upstream, "success");

@@ -188,19 +188,19 @@ impl TenancyRules {
 
     /// Rewrites the tenancy headers of a request from `caller` on `route`:
     /// removes the caller's, then sets the matched rule's (or keeps a
-    /// permitted narrowing).
+    /// permitted narrowing). Returns the index of the rule that matched.
     pub fn apply(
         &self,
         headers: &mut HeaderMap,
         caller: &Caller,
         route: usize,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<Option<usize>, GatewayError> {
         let rule = self.find(caller, route);
         // The caller's values are always taken out first: nothing below forwards them unchecked.
         let sent_entity = take_all(headers, &ENTITY_IDS);
         let sent_org = take_all(headers, &ORG_IDS);
         let Some(rule) = rule else {
-            return Ok(());
+            return Ok(None);
         };
         for (name, ids, sent) in [
             (&ENTITY_IDS, &rule.entity_ids, sent_entity),
@@ -216,7 +216,7 @@ impl TenancyRules {
                 headers.insert(name.clone(), v);
             }
         }
-        Ok(())
+        Ok(Some(rule.index))
     }
 }
 

@@ -7,10 +7,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower::Service;
@@ -51,17 +50,6 @@ impl Upstream {
 
 /// Upstreams by name.
 pub type Upstreams = Arc<HashMap<String, Upstream>>;
-
-/// What the Zuora call looked like, attached to the response for logs and metrics.
-#[derive(Debug, Clone)]
-pub struct UpstreamCall {
-    /// Zuora's status.
-    pub status: u16,
-    /// Zuora's `Zuora-Request-Id`, if any.
-    pub request_id: Option<HeaderValue>,
-    /// Time to response headers.
-    pub elapsed: std::time::Duration,
-}
 
 /// Builds `base` + `path` (+ `?query`), keeping a path prefix of `base`.
 fn join(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
@@ -181,7 +169,7 @@ async fn buffer_if_small(
     let mut body = body;
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| body_error(&*e))?;
+        let frame = frame.map_err(|e| body::body_error(&*e))?;
         if let Ok(data) = frame.into_data() {
             buf.extend_from_slice(&data);
             if buf.len() as u64 > REPLAY_LIMIT {
@@ -217,19 +205,6 @@ fn concat(first: Body, rest: Body) -> Body {
     http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
-/// A failed caller body: a gateway error inside it (size limit, timeout,
-/// corrupt gzip) is returned as is; anything else means the caller went away.
-fn body_error(e: &(dyn std::error::Error + 'static)) -> GatewayError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(gw) = s.downcast_ref::<GatewayError>() {
-            return gw.clone();
-        }
-        source = s.source();
-    }
-    GatewayError::InvalidValue(format!("the request body could not be read: {e}"))
-}
-
 fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
@@ -240,7 +215,6 @@ fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
 }
 
 async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
-    let started = Instant::now();
     let timeout = upstream.config.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let admission = upstream.breaker.admit();
@@ -289,7 +263,6 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
                     upstream.breaker.failure(probe);
                     format!("Zuora answered {status}")
                 } else {
-                    let elapsed = started.elapsed();
                     let resp = match read_response(resp, deadline, timeout).await {
                         Ok(resp) => resp,
                         Err(e) => {
@@ -302,7 +275,7 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
                     } else {
                         upstream.breaker.success();
                     }
-                    return Ok(finish(resp, elapsed));
+                    return Ok(finish(resp));
                 }
             }
             Ok(Err(e)) => {
@@ -340,16 +313,10 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     }
 }
 
-fn finish(resp: http::Response<Body>, elapsed: std::time::Duration) -> http::Response<Body> {
+fn finish(resp: http::Response<Body>) -> http::Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let call = UpstreamCall {
-        status: parts.status.as_u16(),
-        request_id: parts.headers.get("zuora-request-id").cloned(),
-        elapsed,
-    };
     parts.extensions = http::Extensions::new();
-    parts.extensions.insert(call);
     http::Response::from_parts(parts, body)
 }
 

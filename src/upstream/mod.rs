@@ -7,4 +7,4 @@ pub mod forward;
 pub mod headers;
 
 pub use client::{HttpClient, build_client};
-pub use forward::{Forward, Upstream, UpstreamCall, Upstreams};
+pub use forward::{Forward, Upstream, Upstreams};

@@ -21,10 +21,11 @@
 //!   checked; a bad one is replaced by bytes hyper's decoder refuses, so the
 //!   body fails, the caller gets a 400 and nothing more is read.
 //!
-//! The guard fails open to hyper's own (still strict) parser for anything it
-//! does not model: HTTP/2 prior knowledge, upgrades and `CONNECT`, heads over
-//! [`HEAD_LIMIT`], and `Content-Length` / `Transfer-Encoding` values hyper
-//! itself refuses. It never accepts something hyper would refuse.
+//! The guard hands over to hyper's own parser only where that cannot switch
+//! the checks off for a later request: HTTP/2 prior knowledge, and inputs
+//! hyper refuses and closes the connection on (heads over the limit, bad
+//! `Content-Length` / `Transfer-Encoding` values, lines without a colon). It
+//! never accepts something hyper would refuse.
 
 use std::io;
 use std::pin::Pin;
@@ -352,11 +353,9 @@ fn check_head(head: &[u8]) -> Result<State, Violation> {
     if request_line.starts_with(b"PRI * HTTP/2.0") {
         return Ok(State::Passthrough);
     }
-    let connect = request_line.starts_with(b"CONNECT ");
+    // `Transfer-Encoding` as hyper reads it: the last header's last coding.
     let mut te: Option<&[u8]> = None;
-    let mut te_count = 0;
     let mut cl: Option<Option<u64>> = None;
-    let mut upgrade = false;
     for line in lines {
         if line.is_empty() {
             break;
@@ -365,13 +364,12 @@ fn check_head(head: &[u8]) -> Result<State, Violation> {
             return Err(Violation::ObsFold);
         }
         let Some(colon) = line.iter().position(|&b| b == b':') else {
-            // hyper refuses it.
+            // hyper refuses it and closes the connection.
             return Ok(State::Passthrough);
         };
         let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = Some(value);
-            te_count += 1;
         } else if name.eq_ignore_ascii_case(b"content-length") {
             let parsed = content_length(value);
             cl = Some(match cl {
@@ -379,16 +377,17 @@ fn check_head(head: &[u8]) -> Result<State, Violation> {
                 Some(prev) if prev == parsed => prev,
                 Some(_) => None,
             });
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = true;
         }
     }
     if te.is_some() && cl.is_some() {
         return Err(Violation::LengthAndChunked);
     }
-    if connect || upgrade {
-        return Ok(State::Passthrough);
-    }
+    // No pass-through for `Upgrade` or `CONNECT`: the gateway never switches
+    // protocols (no 101, and CONNECT targets fail the path check), so hyper
+    // keeps reading HTTP/1.1 on the connection and so must the guard.
+    // The pass-throughs below are all inputs hyper refuses and then closes
+    // the connection on, so they cannot switch the guard off for later
+    // requests.
     match (te, cl) {
         (Some(v), None) => {
             let last = v
@@ -396,7 +395,7 @@ fn check_head(head: &[u8]) -> Result<State, Violation> {
                 .next()
                 .map(trim)
                 .unwrap_or_default();
-            if te_count == 1 && last.eq_ignore_ascii_case(b"chunked") {
+            if last.eq_ignore_ascii_case(b"chunked") {
                 Ok(State::ChunkSize)
             } else {
                 Ok(State::Passthrough)
@@ -656,16 +655,29 @@ mod tests {
     }
 
     #[test]
-    fn h2_preface_upgrades_and_huge_heads_pass_through() {
+    fn h2_preface_and_huge_heads_pass_through() {
         let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
         assert_eq!(run(h2, 5), (h2.to_vec(), Outcome::Continue));
-        let up = b"GET / HTTP/1.1\r\nupgrade: websocket\r\n\r\n\x81\x05\nhello";
-        assert_eq!(run(up, 3), (up.to_vec(), Outcome::Continue));
         let mut big = b"GET / HTTP/1.1\r\nx: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', HEAD_LIMIT + 10));
         let (out, o) = run(&big, 4096);
         assert_eq!(o, Outcome::Continue);
         assert_eq!(out, big);
+    }
+
+    #[test]
+    fn upgrade_connect_or_two_te_headers_do_not_switch_the_guard_off() {
+        for first in [
+            &b"GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"[..],
+            b"CONNECT evil:443 HTTP/1.1\r\nhost: evil\r\n\r\n",
+            b"PUT / HTTP/1.1\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ] {
+            let mut input = first.to_vec();
+            input.extend_from_slice(b"GET / HTTP/1.1\nhost: x\n\n");
+            let (out, o) = run(&input, 1);
+            assert_eq!(o, Outcome::RefusedHead(Violation::BareLf), "{first:?}");
+            assert_eq!(out, first.to_vec());
+        }
     }
 
     #[test]

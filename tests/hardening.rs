@@ -97,8 +97,9 @@ async fn read_until_close(s: &mut TcpStream, wait: Duration) -> (String, bool) {
 
 /// Every HTTP/1.1 status code in a raw response stream, in order.
 fn statuses(raw: &str) -> Vec<u16> {
+    // A response follows the previous body directly (no newline in between).
     raw.match_indices("HTTP/1.1 ")
-        .filter(|(i, _)| *i == 0 || raw[..*i].ends_with('\n'))
+        .filter(|(i, _)| raw.get(i + 12..i + 13) == Some(" "))
         .filter_map(|(i, _)| raw.get(i + 9..i + 12)?.parse().ok())
         .collect()
 }
@@ -432,6 +433,26 @@ async fn content_length_with_transfer_encoding_is_refused_and_never_forwarded() 
         assert_eq!(forwarded(&sim), before, "{order}");
         assert_not_smuggled(&sim);
     }
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_request_does_not_switch_off_the_framing_checks_for_the_next_one() {
+    let (sim, g) = setup(&[]).await;
+    let before = forwarded(&sim);
+    let req = format!(
+        "GET {STOP_PATH}?pageSize=1 HTTP/1.1\r\nhost: gw\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nPUT {STOP_PATH}/{JOB} HTTP/1.1\r\nhost: gw\r\ncontent-length: 6\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    let st = statuses(&resp);
+    assert_eq!(st.len(), 2, "{resp}");
+    assert_eq!(st[1], 400, "{resp}");
+    assert_eq!(
+        forwarded(&sim).0,
+        before.0 + 1,
+        "only the first request reached Zuora"
+    );
+    assert_not_smuggled(&sim);
     g.shutdown().await;
 }
 

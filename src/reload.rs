@@ -361,16 +361,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
             out.push(format!("upstreams.{name} (added)"));
         }
     }
-    let redis_same = match (&old.redis, &new.redis) {
-        (None, None) => true,
-        (Some(a), Some(b)) => {
-            a.url == b.url && a.timeout == b.timeout && a.key_prefix == b.key_prefix
-        }
-        _ => false,
-    };
-    if !redis_same {
-        out.push("redis".to_owned());
-    }
+    // `redis:` is applied by the rate limiter on reload (it reconnects), so it is not listed.
     if format!("{:?}", old.telemetry) != format!("{:?}", new.telemetry) {
         out.push("telemetry".to_owned());
     }

@@ -334,6 +334,16 @@ async fn serve(
 ) {
     let builder = builder(&cfg);
     let graceful = GracefulShutdown::new();
+    // The admin port has its own accept loop: outside the caller connection
+    // limit (probes work at capacity) and open until draining ends (so
+    // /readyz answers 503 while in-flight requests finish).
+    let (admin_stop, admin_stopped) = watch::channel(false);
+    let admin_task = tokio::spawn(serve_admin(
+        admin_listener,
+        admin,
+        builder.clone(),
+        admin_stopped,
+    ));
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
     let first_request_timeout = cfg.header_read_timeout;
     // The same bound as hyper's read buffer (see `builder`).
@@ -384,29 +394,42 @@ async fn serve(
                     drop(permit);
                 });
             }
-            accepted = admin_listener.accept() => {
-                drop(permit);
-                if let Ok((stream, _)) = accepted {
-                    let admin = admin.clone();
-                    let svc = hyper::service::service_fn(move |req| {
-                        let admin = admin.clone();
-                        async move { admin.handle(req).await }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move { let _ = conn.await; });
-                }
-            }
             _ = shutdown.changed() => break,
         }
     }
     drop(listener);
-    drop(admin_listener);
     tracing::info!(grace = ?cfg.shutdown_grace, "draining in-flight requests");
     if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+    let _ = admin_stop.send(true);
+    let _ = admin_task.await;
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    admin: Admin,
+    builder: auto::Builder<TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let admin = admin.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { admin.handle(req).await }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = stop.changed() => break,
+        }
     }
 }

@@ -201,13 +201,19 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let in_flight = tokio::spawn(async move { get(&url).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let addr = g.addr;
+    let readyz = g.admin_url("/readyz");
     let shutdown = tokio::spawn(g.shutdown());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // New connections are refused while draining.
+    // New connections are refused while draining; readiness says so.
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "listener closed"
     );
+    let r = get(&readyz)
+        .await
+        .expect("admin port stays up while draining");
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.text().contains("shutting down"), "{}", r.text());
     let r = in_flight
         .await
         .unwrap()

@@ -346,7 +346,11 @@ async fn the_circuit_breaker_sheds_load_fast_while_zuora_fails_and_probes_it_bac
         let r = list(&g).await;
         assert_gateway_error(&r, StatusCode::SERVICE_UNAVAILABLE, "61");
         assert!(r.headers.contains_key("retry-after"));
-        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
     }
     assert_eq!(c.api_requests(), before, "no upstream contact while open");
     // Zuora recovers; after open_for one probe closes the circuit.

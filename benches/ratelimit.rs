@@ -1,8 +1,9 @@
 //! Rate-limit decision cost.
 //!
-//! - Local keyed limiting: the gateway's sharded GCRA (`KeyedGcra`), governor's
-//!   keyed dashmap limiter, and a naive `Mutex<HashMap>` GCRA baseline, in
-//!   the same run: one thread, and two threads on shared keys.
+//! - Local keyed limiting: the gateway's limiter (`KeyedGcra`: check / commit
+//!   / refund on governor's dashmap state store), governor's stock keyed
+//!   dashmap limiter (`check_key`), and a naive `Mutex<HashMap>` GCRA
+//!   baseline, in the same run: one thread, and two threads on shared keys.
 //! - A route with two limits (`admit_all`: check, then commit).
 //! - Redis decisions over loopback: one at a time (latency) and 32 in flight
 //!   (throughput). Skipped, with a note, when `redis-server` is absent.
@@ -62,9 +63,11 @@ impl MutexGcra {
 
 type Governor = governor::DefaultKeyedRateLimiter<String>;
 
+/// Governor's stock keyed limiter at the same rate as [`rate`].
 fn governor() -> Governor {
     let quota = governor::Quota::per_second(NonZeroU32::new(1_000_000_000).unwrap())
         .allow_burst(NonZeroU32::new(1_000_000).unwrap());
+    assert_eq!(Rate::from_quota(quota), rate());
     governor::RateLimiter::dashmap(quota)
 }
 
@@ -95,7 +98,7 @@ fn interleaved_summary() {
     }
     let ns = |d: Duration| d.as_nanos() as f64;
     println!(
-        "interleaved best-of-300 per decision: sharded_gcra {:?}, governor_dashmap {:?} (key cloned per call), mutex_hashmap_baseline {:?}; sharded/baseline = {:.2}, governor/baseline = {:.2}",
+        "interleaved best-of-300 per decision: gateway_gcra {:?}, governor_dashmap {:?} (key cloned per call), mutex_hashmap_baseline {:?}; gateway/baseline = {:.2}, governor/baseline = {:.2}",
         best[0],
         best[1],
         best[2],
@@ -113,7 +116,7 @@ fn local(c: &mut Criterion) {
 
     let ours = KeyedGcra::new(rate());
     let mut i = 0usize;
-    g.bench_function("sharded_gcra", |b| {
+    g.bench_function("gateway_gcra", |b| {
         b.iter(|| {
             i = (i + 1) % KEYS;
             black_box(ours.admit(&keys[i], clock.now_nanos()).is_ok())
@@ -140,7 +143,7 @@ fn local(c: &mut Criterion) {
     });
 
     let per_caller = KeyedGcra::new(rate());
-    g.bench_function("sharded_gcra_two_limits", |b| {
+    g.bench_function("gateway_gcra_two_limits", |b| {
         b.iter(|| {
             i = (i + 1) % KEYS;
             let now = clock.now_nanos();
@@ -190,7 +193,7 @@ fn local_contended(c: &mut Criterion) {
 
     let ours = Arc::new(KeyedGcra::new(rate()));
     let f = Arc::new(move |k: &str| ours.admit(k, clock.now_nanos()).is_ok());
-    g.bench_function("sharded_gcra", |b| {
+    g.bench_function("gateway_gcra", |b| {
         b.iter_custom(|n| contended(threads, n, f.clone()))
     });
 

@@ -1,11 +1,11 @@
 //! Time sources for the local limiter: the real monotonic clock, and a
-//! manual clock tests advance by hand (so refill timing is tested exactly,
-//! without sleeping).
+//! manual clock tests advance by hand (governor's fake clock, so refill
+//! timing is tested exactly, without sleeping).
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use governor::clock::FakeRelativeClock;
 
 /// A monotonic time source, in nanoseconds since an arbitrary origin.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -41,10 +41,11 @@ impl Clock for MonotonicClock {
     }
 }
 
-/// A clock that only moves when told to (tests, benches).
+/// A clock that only moves when told to (tests, benches): governor's
+/// [`FakeRelativeClock`], read in nanoseconds.
 #[derive(Debug, Clone, Default)]
 pub struct ManualClock {
-    now: Arc<AtomicU64>,
+    fake: FakeRelativeClock,
 }
 
 impl ManualClock {
@@ -53,15 +54,22 @@ impl ManualClock {
         Self::default()
     }
 
-    /// Moves the clock forward by `by`.
+    /// Moves the clock forward by `by` (saturating at `u64::MAX` nanoseconds).
     pub fn advance(&self, by: Duration) {
-        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        self.now.fetch_add(nanos, Ordering::SeqCst);
+        let left = u64::MAX - self.now_nanos();
+        let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX).min(left);
+        self.fake.advance(Duration::from_nanos(by));
+    }
+
+    /// The governor clock behind this one (shares its time): for driving
+    /// governor's own limiters in step with it.
+    pub fn governor_clock(&self) -> FakeRelativeClock {
+        self.fake.clone()
     }
 }
 
 impl Clock for ManualClock {
     fn now_nanos(&self) -> u64 {
-        self.now.load(Ordering::SeqCst)
+        governor::clock::Clock::now(&self.fake).as_u64()
     }
 }

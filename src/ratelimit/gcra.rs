@@ -1,28 +1,34 @@
-//! A keyed GCRA (generic cell rate algorithm) limiter over a sharded map of
-//! atomics — the same algorithm governor implements, written here because the
-//! gateway needs two things governor's keyed limiter does not offer: a
-//! read-only *check* (so a request that one limit denies consumes nothing
-//! from the route's other limits) and a *refund* (for the rare race where a
-//! limit admits on check and denies on commit).
+//! A keyed GCRA (generic cell rate algorithm) limiter on governor's keyed
+//! state: [`governor::state::keyed::DashMapStateStore`] holds one atomic
+//! theoretical arrival time (TAT) per key, and every decision is one
+//! [`StateStore::measure_and_replace`] (governor's compare-and-swap loop on
+//! that key's TAT). On top of it this module adds what governor's
+//! `RateLimiter::check_key` does not offer and the gateway needs: a read-only
+//! *check* (so a request that one limit denies consumes nothing from the
+//! route's other limits), a *refund* (for the rare race where a limit admits
+//! on check and denies on commit), and the numbers of the `RateLimit-*`
+//! headers.
 //!
-//! State per key is one `u64`: the theoretical arrival time (TAT) in clock
-//! nanoseconds. A request at `now` is admitted iff `max(TAT, now) - now <=
-//! tolerance`, where `tolerance = interval × (burst − 1)`; admitting sets
-//! `TAT = max(TAT, now) + interval`. A key whose TAT is in the past is
+//! The GCRA math is governor's: a request at `now` is admitted iff
+//! `max(TAT, now) - now <= tolerance`, where `tolerance = interval × (burst −
+//! 1)`; admitting sets `TAT = max(TAT, now) + interval`. Times are nanoseconds
+//! of a [`crate::ratelimit::clock::Clock`]. A key whose TAT is in the past is
 //! indistinguishable from an absent key, so idle keys are evicted freely
-//! ([`KeyedGcra::sweep`]) and a refused request never creates one.
+//! (governor's `retain_recent`, from [`KeyedGcra::sweep`]) and a refused
+//! request never creates one.
 
-use std::collections::HashMap;
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{NotKeyed, StateStore};
 
 use crate::config::RateLimitConfig;
 
-/// A shard sweeps its idle keys inline when it grows past this many (and then
-/// past twice what survived), so memory stays bounded even between sweeps.
+/// The limiter sweeps its idle keys inline when it grows past this many (and
+/// then past twice what survived), so memory stays bounded even between sweeps.
 const MIN_INLINE_SWEEP: usize = 1024;
 
 /// The GCRA parameters of one limit, in nanoseconds.
@@ -42,12 +48,20 @@ impl Rate {
         Rate::new(limit.emission_interval(), limit.burst)
     }
 
-    /// One request per `interval`, bursts of up to `burst`.
+    /// One request per `interval` (at least 1 ns), bursts of up to `burst` (at least 1).
     pub fn new(interval: Duration, burst: u32) -> Rate {
-        let interval = u64::try_from(interval.as_nanos())
+        let quota = governor::Quota::with_period(interval.max(Duration::from_nanos(1)))
+            .unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+        Rate::from_quota(quota)
+    }
+
+    /// The rate of a governor quota (same parameters as governor's own GCRA).
+    pub fn from_quota(quota: governor::Quota) -> Rate {
+        let interval = u64::try_from(quota.replenish_interval().as_nanos())
             .unwrap_or(u64::MAX)
             .max(1);
-        let burst = burst.max(1);
+        let burst = quota.burst_size().get();
         Rate {
             interval,
             tolerance: interval.saturating_mul(u64::from(burst - 1)),
@@ -106,33 +120,17 @@ impl Quota {
     }
 }
 
-struct Shard {
-    map: RwLock<HashMap<String, AtomicU64>>,
-    sweep_at: AtomicUsize,
-}
-
-/// Per-key GCRA state for one limit. All methods are synchronous and hold a
-/// shard lock only for a map lookup plus an atomic operation.
+/// Per-key GCRA state for one limit: governor's dashmap store of TATs. All
+/// methods are synchronous; a decision holds one map shard's lock only for a
+/// lookup plus governor's compare-and-swap on the key's TAT.
 pub struct KeyedGcra {
     rate: Rate,
-    shards: Box<[Shard]>,
-    seed: u64,
-}
-
-/// Multiply-rotate hash over 8-byte words (the shard index only).
-fn shard_hash(seed: u64, bytes: &[u8]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(K);
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(c);
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K).rotate_left(29);
-    }
-    let mut w = [0u8; 8];
-    w[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-    h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K);
-    h ^ (h >> 32)
+    store: DashMapStateStore<String>,
+    /// Keys created since the last sweep plus the keys that survived it (an
+    /// upper estimate of the map's size, kept without touching the shards).
+    tracked: AtomicUsize,
+    /// `tracked` at which the next inline sweep runs (`usize::MAX` while one runs).
+    sweep_at: AtomicUsize,
 }
 
 impl std::fmt::Debug for KeyedGcra {
@@ -144,23 +142,21 @@ impl std::fmt::Debug for KeyedGcra {
     }
 }
 
+/// A TAT as governor stores it (`None`: absent, or 0).
+fn tat_of(stored: Option<Nanos>) -> u64 {
+    stored.map_or(0, Nanos::as_u64)
+}
+
 impl KeyedGcra {
     /// An empty limiter (every key starts with a full bucket).
     pub fn new(rate: Rate) -> Self {
-        let cores = std::thread::available_parallelism()
-            .map(usize::from)
-            .unwrap_or(4);
-        let n = (cores * 4).next_power_of_two().clamp(8, 256);
-        let shards = (0..n)
-            .map(|_| Shard {
-                map: RwLock::new(HashMap::new()),
-                sweep_at: AtomicUsize::new(MIN_INLINE_SWEEP),
-            })
-            .collect();
         KeyedGcra {
             rate,
-            shards,
-            seed: RandomState::new().hash_one(0u64),
+            // SipHash (`RandomState`): keys come from callers and path
+            // parameters, so the map's hash must resist collision flooding.
+            store: DashMapStateStore::default(),
+            tracked: AtomicUsize::new(0),
+            sweep_at: AtomicUsize::new(MIN_INLINE_SWEEP),
         }
     }
 
@@ -169,23 +165,16 @@ impl KeyedGcra {
         self.rate
     }
 
-    fn shard(&self, key: &str) -> &Shard {
-        // A cheap keyed hash picks the shard; the shard's map hashes again
-        // with SipHash (DoS-resistant). Keys steered into one shard only
-        // cost that shard's lock contention. The shard count is a power of two.
-        let h = shard_hash(self.seed, key.as_bytes()) as usize;
-        &self.shards[h & (self.shards.len() - 1)]
-    }
-
     /// Whether a request for `key` at `now` would be admitted; changes nothing.
     pub fn check(&self, key: &str, now: u64) -> Result<Quota, Duration> {
-        let tat = {
-            let map = self
-                .shard(key)
-                .map
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            map.get(key).map_or(0, |t| t.load(Ordering::Acquire))
+        // A lookup, never an insertion: an absent key is a full bucket.
+        let tat = match self.store.get(key) {
+            // The closure reports the TAT it measured as its error, so
+            // governor returns it without swapping anything.
+            Some(state) => state
+                .measure_and_replace(&NotKeyed::NonKey, |t| Err::<(u64, Nanos), u64>(tat_of(t)))
+                .unwrap_or_else(|tat| tat),
+            None => 0,
         };
         self.rate
             .evaluate(tat, now)
@@ -195,55 +184,43 @@ impl KeyedGcra {
     /// Admits a request for `key` at `now` (consuming budget) or says how long
     /// until one would be admitted (consuming nothing).
     pub fn admit(&self, key: &str, now: u64) -> Result<Quota, Duration> {
-        let shard = self.shard(key);
-        {
-            let map = shard.map.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(tat) = map.get(key) {
-                return self.cas(tat, now);
-            }
+        let rate = self.rate;
+        let decide = |stored: Option<Nanos>| {
+            rate.evaluate(tat_of(stored), now)
+                .map(|new| (rate.quota_after(new, now), Nanos::new(new)))
+        };
+        if let Some(state) = self.store.get(key) {
+            return state.measure_and_replace(&NotKeyed::NonKey, decide);
         }
-        // Refuse before taking the write lock: a refused request creates no key.
-        self.rate.evaluate(0, now)?;
-        let mut map = shard.map.write().unwrap_or_else(PoisonError::into_inner);
-        if !map.contains_key(key) {
-            let at = shard.sweep_at.load(Ordering::Relaxed);
-            if map.len() >= at {
-                map.retain(|_, tat| tat.load(Ordering::Acquire) > now);
-                map.shrink_to_fit();
-                shard
-                    .sweep_at
-                    .store((map.len() * 2).max(MIN_INLINE_SWEEP), Ordering::Relaxed);
-            }
-            map.insert(key.to_owned(), AtomicU64::new(0));
-        }
-        match map.get(key) {
-            Some(tat) => self.cas(tat, now),
-            None => Err(Duration::ZERO),
-        }
+        // An absent key is a full bucket, which always admits: only admitted
+        // requests create keys. (A concurrent request may have created it
+        // since the lookup; governor's keyed store then decides on that state.)
+        self.sweep_if_grown(now);
+        self.tracked.fetch_add(1, Ordering::Relaxed);
+        self.store.measure_and_replace(&key.to_owned(), decide)
     }
 
-    fn cas(&self, tat: &AtomicU64, now: u64) -> Result<Quota, Duration> {
-        let mut current = tat.load(Ordering::Acquire);
-        loop {
-            let new = self.rate.evaluate(current, now)?;
-            match tat.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(self.rate.quota_after(new, now)),
-                Err(actual) => current = actual,
-            }
+    /// Sweeps inline once the map has grown past `sweep_at` (one thread at a time).
+    fn sweep_if_grown(&self, now: u64) {
+        let at = self.sweep_at.load(Ordering::Relaxed);
+        if self.tracked.load(Ordering::Relaxed) >= at
+            && self
+                .sweep_at
+                .compare_exchange(at, usize::MAX, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.sweep(now);
         }
     }
 
     /// Gives back one admission of `key` (after a later limit refused the request).
     pub fn refund(&self, key: &str) {
-        let map = self
-            .shard(key)
-            .map
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(tat) = map.get(key) {
-            let interval = self.rate.interval;
-            let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                Some(t.saturating_sub(interval))
+        let interval = self.rate.interval;
+        if let Some(state) = self.store.get(key) {
+            // A TAT moved below `now` means the same as `now` (a full bucket).
+            let _ = state.measure_and_replace(&NotKeyed::NonKey, |t| {
+                t.map(|t| ((), t.saturating_sub(Nanos::new(interval))))
+                    .ok_or(())
             });
         }
     }
@@ -251,31 +228,25 @@ impl KeyedGcra {
     /// Removes keys whose bucket is full again at `now` (their state is the
     /// same as absent) and returns memory; returns how many were removed.
     pub fn sweep(&self, now: u64) -> usize {
-        let mut removed = 0;
-        for shard in self.shards.iter() {
-            let mut map = shard.map.write().unwrap_or_else(PoisonError::into_inner);
-            let before = map.len();
-            map.retain(|_, tat| tat.load(Ordering::Acquire) > now);
-            map.shrink_to_fit();
-            removed += before - map.len();
-            shard
-                .sweep_at
-                .store((map.len() * 2).max(MIN_INLINE_SWEEP), Ordering::Relaxed);
-        }
-        removed
+        let before = self.store.len();
+        // Drops every key whose TAT is at or before `now`.
+        ShrinkableKeyedStateStore::retain_recent(&self.store, Nanos::new(now));
+        ShrinkableKeyedStateStore::shrink_to_fit(&self.store);
+        let after = self.store.len();
+        self.tracked.store(after, Ordering::Relaxed);
+        self.sweep_at
+            .store((after * 2).max(MIN_INLINE_SWEEP), Ordering::Relaxed);
+        before.saturating_sub(after)
     }
 
     /// Keys currently tracked.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.map.read().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
+        self.store.len()
     }
 
     /// Whether no key is tracked.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.store.is_empty()
     }
 }
 
@@ -334,6 +305,7 @@ where
 mod tests {
     use super::*;
     use crate::ratelimit::clock::{Clock, ManualClock};
+    use governor::clock::Clock as _;
     use std::sync::Arc;
     use std::sync::atomic::AtomicU32;
 
@@ -395,12 +367,50 @@ mod tests {
     }
 
     #[test]
-    fn shard_hash_spreads_similar_keys() {
-        let mut seen = [0usize; 16];
-        for i in 0..16_000u32 {
-            seen[(shard_hash(7, format!("{i:032x}").as_bytes()) & 15) as usize] += 1;
+    fn decisions_match_governors_keyed_limiter_on_its_fake_clock() {
+        // Same quota, same fake clock: governor's stock limiter and this one
+        // admit and refuse the same requests and report the same waits.
+        let clock = ManualClock::new();
+        let quota = governor::Quota::with_period(Duration::from_millis(300))
+            .unwrap()
+            .allow_burst(std::num::NonZeroU32::new(4).unwrap());
+        let stock = governor::RateLimiter::dashmap_with_clock(quota, clock.governor_clock());
+        let ours = KeyedGcra::new(Rate::from_quota(quota));
+        let steps = [
+            0u64, 0, 0, 0, 0, 0, 100, 200, 0, 0, 299, 1, 0, 900, 0, 0, 0, 0, 0,
+        ];
+        let mut refused = 0;
+        for (i, ms) in steps.into_iter().enumerate() {
+            clock.advance(Duration::from_millis(ms));
+            for key in ["a".to_owned(), format!("k{}", i % 2)] {
+                let theirs = stock
+                    .check_key(&key)
+                    .map_err(|not_until| not_until.wait_time_from(clock.governor_clock().now()));
+                let mine = ours.admit(&key, clock.now_nanos()).map(|_| ());
+                assert_eq!(mine, theirs, "step {i}, key {key}");
+                refused += usize::from(mine.is_err());
+            }
         }
-        assert!(seen.iter().all(|n| (700..1300).contains(n)), "{seen:?}");
+        assert!(refused > 5, "the sequence exercises refusals ({refused})");
+    }
+
+    #[test]
+    fn refund_gives_back_one_admission_and_creates_no_key() {
+        let g = KeyedGcra::new(Rate::new(SEC, 2));
+        g.refund("absent");
+        assert!(g.is_empty());
+        g.admit("k", 0).unwrap();
+        g.admit("k", 0).unwrap();
+        assert!(g.check("k", 0).is_err());
+        g.refund("k");
+        assert_eq!(g.check("k", 0).unwrap().remaining, 0);
+        g.refund("k");
+        g.refund("k");
+        assert_eq!(
+            g.check("k", 0).unwrap().remaining,
+            1,
+            "refunds never make the bucket larger than full"
+        );
     }
 
     #[test]
@@ -441,13 +451,13 @@ mod tests {
     }
 
     #[test]
-    fn shards_sweep_inline_when_they_grow() {
+    fn idle_keys_are_swept_inline_when_the_map_grows() {
         let g = KeyedGcra::new(Rate::new(Duration::from_millis(1), 1));
         for i in 0..200_000u64 {
             g.admit(&i.to_string(), i * 1_000_000).unwrap();
         }
         // Each key is idle 1 ms after its admission; inline sweeps keep the map small.
-        assert!(g.len() < 200_000 / 4, "len = {}", g.len());
+        assert!(g.len() <= 2 * MIN_INLINE_SWEEP, "len = {}", g.len());
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! the caller and admin listeners, serves HTTP/1.1 and h2c, and drains on
 //! shutdown.
 
+pub mod h1_guard;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -23,6 +26,7 @@ use tower::util::Oneshot;
 use crate::admin::Admin;
 use crate::body::{self, Body};
 use crate::config::{Config, ServerConfig, UpstreamTarget};
+use crate::error::GatewayError;
 use crate::health::Health;
 use crate::metrics::RequestMetrics;
 use crate::oauth::{OAuthMetrics, TokenCache};
@@ -31,6 +35,7 @@ use crate::ratelimit::{LimiterRegistry, RateLimitMetrics};
 use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
 use crate::telemetry::Telemetry;
+use crate::upstream::headers::strip_hop_by_hop;
 use crate::upstream::{Upstream, build_client};
 
 /// Why the gateway could not start.
@@ -271,11 +276,17 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Adapts hyper to the stack: body boxing, no async block. Every check
-/// happens inside the stack, so every refusal gets a track ID and a log line.
+/// Adapts hyper to the stack: hop-by-hop headers removed on arrival, the
+/// framing guard's verdict attached to its stand-in request, body boxing, no
+/// async block. Every check happens inside the stack, so every refusal gets a
+/// track ID and a log line.
 #[derive(Clone)]
 struct HyperAdapter {
     service: GatewayService,
+    /// Set on the first request of the connection (see `serve`).
+    first_request: Arc<AtomicBool>,
+    /// What the connection's framing guard refused, if anything.
+    framing: Arc<h1_guard::Verdict>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
@@ -283,9 +294,34 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
     type Error = std::convert::Infallible;
     type Future = Oneshot<GatewayService, Request<Body>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.service.clone().oneshot(req.map(body::boxed))
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        self.first_request.store(true, Ordering::Relaxed);
+        if let Some(violation) = self.framing.refused()
+            && req.uri().path() == h1_guard::REFUSAL_TARGET
+        {
+            // The stand-in for a head the framing guard refused: the route
+            // layer answers it with a 400.
+            req.extensions_mut().insert(violation);
+        }
+        // Hop-by-hop headers (and those the caller names in `Connection`) end
+        // here, before any layer adds headers of its own: a caller cannot use
+        // `Connection: authorization, zuora-entity-ids` to strip what the
+        // gateway sets later.
+        strip_hop_by_hop(req.headers_mut());
+        self.service.clone().oneshot(req.map(caller_body))
     }
+}
+
+/// Boxes the caller's body; a read failure (bad chunk framing, the caller
+/// going away) becomes a caller error, never "Zuora failed".
+fn caller_body(body: Incoming) -> Body {
+    use http_body_util::BodyExt;
+    body.map_err(|e| {
+        body::BoxError::from(GatewayError::InvalidValue(format!(
+            "the request body could not be read: {e}"
+        )))
+    })
+    .boxed_unsync()
 }
 
 async fn serve(
@@ -309,6 +345,9 @@ async fn serve(
         admin_stopped,
     ));
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
+    let first_request_timeout = cfg.header_read_timeout;
+    // The same bound as hyper's read buffer (see `builder`).
+    let head_limit = cfg.max_header_bytes.max(8192);
     loop {
         // Beyond max_connections, stop accepting: new connections wait in the kernel backlog.
         let permit = tokio::select! {
@@ -326,11 +365,32 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let hyper_svc = HyperAdapter { service: service.clone() };
-                let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc).into_owned();
+                let first_request = Arc::new(AtomicBool::new(false));
+                let framing = Arc::new(h1_guard::Verdict::default());
+                let hyper_svc = HyperAdapter {
+                    service: service.clone(),
+                    first_request: first_request.clone(),
+                    framing: framing.clone(),
+                };
+                // Strict HTTP/1.1 framing checks on the raw bytes, before hyper parses them.
+                let io = h1_guard::H1Guard::new(stream, framing, head_limit);
+                let conn = builder.serve_connection(TokioIo::new(io), hyper_svc).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let mut conn = std::pin::pin!(conn);
+                    // hyper's header_read_timeout starts only once the HTTP/1
+                    // parser runs; protocol detection (h1 vs h2c) comes first
+                    // and would wait forever on a silent socket. A connection
+                    // that has not produced a request by then is closed, so idle
+                    // sockets cannot hold every max_connections slot.
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        () = tokio::time::sleep(first_request_timeout) => {
+                            if first_request.load(Ordering::Relaxed) {
+                                let _ = conn.await;
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }

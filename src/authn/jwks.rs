@@ -12,14 +12,11 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use jsonwebtoken::jwk::Jwk;
 
 use super::cache::TokenCache;
 use super::keys::{ClaimRules, VerifyKey};
-use crate::upstream::client::{HttpClient, tls_config};
+use crate::upstream::client::{HttpClient, https_client, tls_config};
 
 /// Fewest time between two fetches caused by unknown key IDs.
 pub const MISS_FETCH_INTERVAL: Duration = Duration::from_secs(10);
@@ -65,21 +62,7 @@ impl JwksSource {
         cache: Arc<TokenCache>,
     ) -> Result<Self, String> {
         let tls = tls_config(ca_pem).map_err(|e| format!("callers.jwt.jwks_ca_file: {e}"))?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let client = https_client(tls, Duration::from_secs(5), Duration::from_secs(30), 4);
         Ok(JwksSource {
             url,
             client,

@@ -182,7 +182,9 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// Refuses paths that could reach something other than what the templates
 /// name: dot segments, empty segments, encoded slashes, backslashes, encoded
-/// dots, NUL and control characters, and anything that is not ASCII.
+/// dots, NUL and control characters, anything that is not ASCII, path
+/// parameters (`;`, which servlet containers strip, so `/..;/` means `/../`
+/// to them) and encoded `%` (double encoding, `%252e`).
 pub fn check_path(path: &str) -> Result<(), GatewayError> {
     if !path.starts_with('/') {
         return Err(GatewayError::BadPath("the path must start with `/`"));
@@ -220,6 +222,11 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
                             "encoded dots are not allowed in the path",
                         ));
                     }
+                    b';' | b'%' => {
+                        return Err(GatewayError::BadPath(
+                            "encoded `;` or `%` are not allowed in the path",
+                        ));
+                    }
                     0x00..=0x1f | 0x7f..=0xff => {
                         return Err(GatewayError::BadPath(
                             "encoded control or non-ASCII bytes are not allowed in the path",
@@ -227,6 +234,11 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
                     }
                     _ => {}
                 }
+            }
+            b';' => {
+                return Err(GatewayError::BadPath(
+                    "path parameters (`;`) are not allowed in the path",
+                ));
             }
             0x00..=0x20 | 0x7f..=0xff => {
                 return Err(GatewayError::BadPath(
@@ -363,6 +375,13 @@ mod tests {
             "/v1/\u{e9}",
             "/v1/%c0%ae%c0%ae/x",
             "v1/x",
+            "/v1/jobs/..;/..;/oauth/token",
+            "/v1/jobs/x;jsessionid=1",
+            "/v1/jobs/x%3bx",
+            "/v1/jobs/x%3B",
+            "/v1/jobs/%252e%252e",
+            "",
+            "*",
         ] {
             assert!(check_path(p).is_err(), "{p} should be refused");
         }

@@ -56,6 +56,12 @@ pub fn check_stop_body(body: &[u8]) -> Result<(), GatewayError> {
             "the request body is empty; it must be {\"status\":\"Stopping\"}".to_owned(),
         ));
     }
+    // A full parse first: the shape check below skips the other fields with
+    // `IgnoredAny`, which does not check their UTF-8 or escapes, and Zuora
+    // must only ever get JSON (found by the `stop_job` fuzz target).
+    if let Err(e) = serde_json::from_slice::<Value>(body) {
+        return Err(malformed(&e));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let shape = match (&mut de).deserialize_any(ShapeVisitor) {
         Ok(shape) => shape,

@@ -56,10 +56,30 @@ pub fn build_client(cfg: &UpstreamConfig) -> Result<HttpClient, ClientBuildError
         message,
     };
     let tls = tls_config(cfg.ca_pem.as_deref().map(Vec::as_slice)).map_err(err)?;
+    Ok(https_client(
+        tls,
+        cfg.connect_timeout,
+        cfg.pool_idle_timeout,
+        cfg.pool_max_idle_per_host,
+    ))
+}
+
+/// A pooled HTTP/1.1 + HTTP/2 (by ALPN) client over rustls that also speaks
+/// plain http (the simulator, a local JWKS).
+pub fn https_client<B>(
+    tls: rustls::ClientConfig,
+    connect_timeout: std::time::Duration,
+    idle_timeout: std::time::Duration,
+    max_idle_per_host: usize,
+) -> Client<HttpsConnector<HttpConnector>, B>
+where
+    B: http_body::Body + Send,
+    B::Data: Send,
+{
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(cfg.connect_timeout));
+    http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(std::time::Duration::from_secs(60)));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -67,11 +87,10 @@ pub fn build_client(cfg: &UpstreamConfig) -> Result<HttpClient, ClientBuildError
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    let client = Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(cfg.pool_idle_timeout)
-        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-        .build(connector);
-    Ok(client)
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle_per_host)
+        .build(connector)
 }

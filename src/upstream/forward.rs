@@ -170,14 +170,18 @@ async fn buffer_if_small(
 ) -> Result<Result<Bytes, Body>, GatewayError> {
     use http_body::Body as _;
     let hint = body.size_hint();
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let small = hint.upper().is_some_and(|u| u <= REPLAY_LIMIT)
-        || parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n <= REPLAY_LIMIT);
-    if !small {
+        || announced.is_some_and(|n| n <= REPLAY_LIMIT);
+    // A chunked body of unknown size is read up to the replay limit too: most
+    // are small, and a framing error in one is then found before any byte of
+    // the request has gone to Zuora.
+    let unknown = hint.upper().is_none() && announced.is_none();
+    if !small && !unknown {
         return Ok(Err(body));
     }
     use http_body_util::BodyExt;
@@ -278,6 +282,13 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
                     upstream.breaker.failure(probe);
                     format!("Zuora answered {status}")
                 } else {
+                    let resp = match read_response(resp, deadline, timeout).await {
+                        Ok(resp) => resp,
+                        Err(e) => {
+                            upstream.breaker.failure(probe);
+                            return Err(e);
+                        }
+                    };
                     if unavailable {
                         upstream.breaker.failure(probe);
                     } else {
@@ -321,11 +332,106 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     }
 }
 
-fn finish(resp: http::Response<hyper::body::Incoming>) -> http::Response<Body> {
-    let (mut parts, incoming) = resp.into_parts();
+fn finish(resp: http::Response<Body>) -> http::Response<Body> {
+    let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.extensions = http::Extensions::new();
-    http::Response::from_parts(parts, body::boxed(incoming))
+    http::Response::from_parts(parts, body)
+}
+
+/// Responses announcing at most this many bytes are read whole before the
+/// caller sees anything (at most `max_in_flight` times this in memory).
+const RESPONSE_BUFFER_LIMIT: u64 = 64 * 1024;
+
+/// Reads Zuora's response body within the request deadline. A small body
+/// (the JSON answers of the job API) is read whole first, so a reset mid-body, a
+/// body that trickles past the deadline or a corrupt gzip stream becomes a
+/// Zuora-shaped 502/504 instead of a truncated 200. A larger or unsized body
+/// is streamed, and fails if it is not finished by the deadline.
+async fn read_response(
+    resp: http::Response<hyper::body::Incoming>,
+    deadline: tokio::time::Instant,
+    timeout: std::time::Duration,
+) -> Result<http::Response<Body>, GatewayError> {
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    let (parts, incoming) = resp.into_parts();
+    let small = incoming
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= RESPONSE_BUFFER_LIMIT);
+    if !small {
+        let body = DeadlineBody {
+            inner: body::boxed(incoming),
+            sleep: tokio::time::sleep_until(deadline),
+            timeout,
+        };
+        return Ok(http::Response::from_parts(parts, body.boxed_unsync()));
+    }
+    let bytes = tokio::time::timeout_at(deadline, incoming.collect())
+        .await
+        .map_err(|_| GatewayError::UpstreamTimeout(timeout))?
+        .map_err(|e| {
+            GatewayError::BadUpstreamResponse(format!(
+                "the response body broke off: {}",
+                root_cause(&e)
+            ))
+        })?
+        .to_bytes();
+    let gzipped = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    if gzipped
+        && let Err(GatewayError::InvalidValue(_)) =
+            crate::compression::gunzip_bounded(&bytes, 16 * RESPONSE_BUFFER_LIMIT)
+    {
+        return Err(GatewayError::BadUpstreamResponse(
+            "Zuora sent a corrupt gzip body".into(),
+        ));
+    }
+    Ok(http::Response::from_parts(parts, body::full(bytes)))
+}
+
+pin_project_lite::pin_project! {
+    /// A streamed upstream body that fails with a timeout at the request deadline.
+    struct DeadlineBody {
+        #[pin]
+        inner: Body,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        timeout: std::time::Duration,
+    }
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, body::BoxError>>> {
+        use std::future::Future;
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.sleep.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(GatewayError::UpstreamTimeout(
+                *this.timeout,
+            )))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Maps a client error: a gateway error raised by the request body (size

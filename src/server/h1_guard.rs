@@ -1,0 +1,688 @@
+//! A strict HTTP/1.1 framing guard in front of hyper's parser.
+//!
+//! hyper handles the classic smuggling inputs safely but leniently: with both
+//! `Content-Length` and `Transfer-Encoding` it uses the chunked framing, drops
+//! `Content-Length` and closes the connection after the response (RFC 9112
+//! §6.1), and it accepts bare LF as a line terminator (RFC 9112 §2.2 "MAY").
+//! Both are sound inside hyper but are exactly where a front proxy and the
+//! gateway can disagree about where a request ends, and neither is visible to
+//! a service: by then hyper has removed `Content-Length` and normalised the
+//! lines. So the raw bytes are checked here, before hyper reads them:
+//!
+//! - a request head is held back until it is complete, then refused if it has
+//!   both `Content-Length` and `Transfer-Encoding`, a bare LF or bare CR, or an
+//!   obs-fold continuation line. A refused head is replaced by a fixed internal
+//!   request ([`REFUSAL_TARGET`], `Connection: close`) that the server answers
+//!   with a Zuora-shaped 400; nothing of the refused request or anything after
+//!   it on the connection reaches hyper.
+//! - chunked bodies are followed chunk by chunk: a chunk-size line must be hex
+//!   digits ended by CRLF (extensions without quotes), chunk data must end in
+//!   CRLF, trailers must use CRLF. Size and trailer lines are held back until
+//!   checked; a bad one is replaced by bytes hyper's decoder refuses, so the
+//!   body fails, the caller gets a 400 and nothing more is read.
+//!
+//! The guard hands over to hyper's own parser only where that cannot switch
+//! the checks off for a later request: HTTP/2 prior knowledge, and inputs
+//! hyper refuses and closes the connection on (heads over the limit, bad
+//! `Content-Length` / `Transfer-Encoding` values, lines without a colon). It
+//! never accepts something hyper would refuse.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Heads larger than the limit are passed to hyper unchecked, and hyper
+/// refuses them (431). The server uses hyper's own read-buffer limit, so the
+/// guard never holds more per connection than hyper would; this is the
+/// default for [`Scanner::default`].
+pub const HEAD_LIMIT: usize = 64 * 1024;
+
+/// The request target of the internal request that stands in for a refused
+/// head. It fails `check_path` (encoded NUL), so even on its own it can only
+/// ever be a 400.
+pub const REFUSAL_TARGET: &str = "/%00gateway-refused-framing";
+
+const REFUSAL_REQUEST: &[u8] =
+    b"GET /%00gateway-refused-framing HTTP/1.1\r\nhost: gateway.invalid\r\nconnection: close\r\n\r\n";
+
+/// Fed to hyper in place of a refused chunked-body line.
+const POISON: &[u8] = b"\rX";
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Violation {
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    LengthAndChunked = 1,
+    /// A line ended by LF alone.
+    BareLf = 2,
+    /// A CR not followed by LF.
+    BareCr = 3,
+    /// A header line starting with whitespace (obs-fold).
+    ObsFold = 4,
+    /// A malformed chunk-size line, chunk end or trailer.
+    ChunkFraming = 5,
+}
+
+impl Violation {
+    /// A message for the caller.
+    pub fn message(self) -> &'static str {
+        match self {
+            Violation::LengthAndChunked => {
+                "ambiguous request framing: both Content-Length and Transfer-Encoding are present"
+            }
+            Violation::BareLf => "request lines must end with CRLF (bare LF found)",
+            Violation::BareCr => "bare CR in the request head",
+            Violation::ObsFold => "obsolete header line folding is not accepted",
+            Violation::ChunkFraming => "malformed chunked body framing",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Violation> {
+        Some(match v {
+            1 => Violation::LengthAndChunked,
+            2 => Violation::BareLf,
+            3 => Violation::BareCr,
+            4 => Violation::ObsFold,
+            5 => Violation::ChunkFraming,
+            _ => return None,
+        })
+    }
+}
+
+/// The verdict a guard leaves for the server's service (one per connection).
+#[derive(Debug, Default)]
+pub struct Verdict(AtomicU8);
+
+impl Verdict {
+    /// The head violation that made the guard substitute [`REFUSAL_TARGET`].
+    pub fn refused(&self) -> Option<Violation> {
+        Violation::from_u8(self.0.load(Ordering::Acquire))
+    }
+    fn set(&self, v: Violation) {
+        self.0.store(v as u8, Ordering::Release);
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    /// Holding back a head until it is complete.
+    Head,
+    /// Passing `n` more body bytes.
+    Length(u64),
+    /// Reading a chunk-size line.
+    ChunkSize,
+    /// Passing `n` more chunk data bytes.
+    ChunkData(u64),
+    /// Expecting the CRLF after chunk data (`true`: CR seen).
+    ChunkEnd(bool),
+    /// Reading trailer lines after the last chunk.
+    Trailers,
+    /// Not checking any more; everything goes to hyper as is.
+    Passthrough,
+    /// A body violation was reported; the connection is finished.
+    Failed,
+}
+
+/// What [`Scanner::feed`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Keep going.
+    Continue,
+    /// A head was refused: stop reading from the caller.
+    RefusedHead(Violation),
+    /// A body was refused: fail the read.
+    RefusedBody(Violation),
+}
+
+/// The framing state machine (no I/O; fuzzed on its own).
+#[derive(Debug)]
+pub struct Scanner {
+    state: State,
+    /// The head held back, or the current chunk-size / trailer line.
+    line: Vec<u8>,
+    /// Where the current head line starts in `line`.
+    head_line_start: usize,
+    /// Whether the head has a non-empty line yet (the request line).
+    head_seen_line: bool,
+    /// Largest head held back.
+    head_limit: usize,
+}
+
+impl Default for Scanner {
+    fn default() -> Self {
+        Scanner {
+            state: State::Head,
+            line: Vec::new(),
+            head_line_start: 0,
+            head_seen_line: false,
+            head_limit: HEAD_LIMIT,
+        }
+    }
+}
+
+impl Scanner {
+    /// A scanner that holds back at most `head_limit` bytes of a head.
+    pub fn with_head_limit(head_limit: usize) -> Self {
+        Scanner {
+            head_limit,
+            ..Scanner::default()
+        }
+    }
+
+    /// Whether the scanner has stopped checking.
+    pub fn is_passthrough(&self) -> bool {
+        matches!(self.state, State::Passthrough)
+    }
+
+    /// Feeds bytes read from the caller; bytes that may go to hyper are
+    /// appended to `out` (a held head is appended once it is complete).
+    pub fn feed(&mut self, mut input: &[u8], out: &mut BytesMut) -> Outcome {
+        while !input.is_empty() {
+            match self.state {
+                State::Passthrough => {
+                    out.extend_from_slice(input);
+                    return Outcome::Continue;
+                }
+                State::Failed => return Outcome::RefusedBody(Violation::ChunkFraming),
+                State::Head => {
+                    let (taken, outcome) = self.head(input, out);
+                    input = &input[taken..];
+                    if outcome != Outcome::Continue {
+                        return outcome;
+                    }
+                }
+                State::Length(n) => {
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
+                    out.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    let left = n - take as u64;
+                    self.state = if left == 0 {
+                        State::Head
+                    } else {
+                        State::Length(left)
+                    };
+                }
+                State::ChunkData(n) => {
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
+                    out.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    let left = n - take as u64;
+                    self.state = if left == 0 {
+                        State::ChunkEnd(false)
+                    } else {
+                        State::ChunkData(left)
+                    };
+                }
+                State::ChunkEnd(cr) => {
+                    let b = input[0];
+                    self.state = match (cr, b) {
+                        (false, b'\r') => State::ChunkEnd(true),
+                        (true, b'\n') => State::ChunkSize,
+                        _ => return self.fail(),
+                    };
+                    out.extend_from_slice(&input[..1]);
+                    input = &input[1..];
+                }
+                State::ChunkSize | State::Trailers => {
+                    // Held back until the line is complete and checked, so a
+                    // refused line leaves hyper at a line start.
+                    let Some(lf) = input.iter().position(|&b| b == b'\n') else {
+                        self.line.extend_from_slice(input);
+                        if self.line.len() > 8 * 1024 {
+                            return self.fail();
+                        }
+                        return Outcome::Continue;
+                    };
+                    self.line.extend_from_slice(&input[..=lf]);
+                    input = &input[lf + 1..];
+                    let line = std::mem::take(&mut self.line);
+                    let Some(content) = line.strip_suffix(b"\r\n") else {
+                        return self.fail();
+                    };
+                    if content.contains(&b'\r') || content.len() > 8 * 1024 {
+                        return self.fail();
+                    }
+                    if matches!(self.state, State::ChunkSize) {
+                        match chunk_size(content) {
+                            Some(0) => self.state = State::Trailers,
+                            Some(n) => self.state = State::ChunkData(n),
+                            None => return self.fail(),
+                        }
+                    } else if content.is_empty() {
+                        self.state = State::Head;
+                    } else if matches!(content.first(), Some(b' ' | b'\t')) {
+                        return self.fail();
+                    }
+                    out.extend_from_slice(&line);
+                }
+            }
+        }
+        Outcome::Continue
+    }
+
+    fn fail(&mut self) -> Outcome {
+        self.state = State::Failed;
+        Outcome::RefusedBody(Violation::ChunkFraming)
+    }
+
+    /// Consumes head bytes; returns how many were taken. Incremental: each
+    /// byte is looked at once, however slowly the head arrives.
+    fn head(&mut self, input: &[u8], out: &mut BytesMut) -> (usize, Outcome) {
+        for (k, &b) in input.iter().enumerate() {
+            self.line.push(b);
+            if b == b'\n' {
+                // Lines end in LF (a CR before it is checked later); empty
+                // lines before the request line are skipped, as hyper does.
+                let i = self.line.len() - 1;
+                let len = i - self.head_line_start;
+                let empty = len == 0 || (len == 1 && self.line[self.head_line_start] == b'\r');
+                if empty && self.head_seen_line {
+                    return self.head_complete(k + 1, out);
+                }
+                if !empty {
+                    self.head_seen_line = true;
+                }
+                self.head_line_start = i + 1;
+            }
+            if self.line.len() > self.head_limit {
+                out.extend_from_slice(&self.line);
+                out.extend_from_slice(&input[k + 1..]);
+                self.line = Vec::new();
+                self.reset_head();
+                self.state = State::Passthrough;
+                return (input.len(), Outcome::Continue);
+            }
+        }
+        (input.len(), Outcome::Continue)
+    }
+
+    fn head_complete(&mut self, taken: usize, out: &mut BytesMut) -> (usize, Outcome) {
+        let head = std::mem::take(&mut self.line);
+        self.reset_head();
+        match check_head(&head) {
+            Err(v) => {
+                self.state = State::Passthrough;
+                (taken, Outcome::RefusedHead(v))
+            }
+            Ok(next) => {
+                out.extend_from_slice(&head);
+                self.state = next;
+                (taken, Outcome::Continue)
+            }
+        }
+    }
+
+    fn reset_head(&mut self) {
+        self.head_line_start = 0;
+        self.head_seen_line = false;
+    }
+
+    /// The bytes of an incomplete head held back so far (at EOF they go to
+    /// hyper, which then sees an incomplete message).
+    fn take_held(&mut self) -> Vec<u8> {
+        if matches!(self.state, State::Head) {
+            self.reset_head();
+            std::mem::take(&mut self.line)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Checks a complete head; returns the body state that follows it.
+fn check_head(head: &[u8]) -> Result<State, Violation> {
+    // Line terminators first: every LF preceded by CR, every CR followed by LF.
+    for (i, &b) in head.iter().enumerate() {
+        match b {
+            b'\n' if i == 0 || head[i - 1] != b'\r' => return Err(Violation::BareLf),
+            b'\r' if head.get(i + 1) != Some(&b'\n') => return Err(Violation::BareCr),
+            _ => {}
+        }
+    }
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .skip_while(|l| l.is_empty());
+    let request_line = lines.next().unwrap_or_default();
+    if request_line.starts_with(b"PRI * HTTP/2.0") {
+        return Ok(State::Passthrough);
+    }
+    // `Transfer-Encoding` as hyper reads it: the last header's last coding.
+    let mut te: Option<&[u8]> = None;
+    let mut cl: Option<Option<u64>> = None;
+    for line in lines {
+        if line.is_empty() {
+            break;
+        }
+        if matches!(line[0], b' ' | b'\t') {
+            return Err(Violation::ObsFold);
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            // hyper refuses it and closes the connection.
+            return Ok(State::Passthrough);
+        };
+        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te = Some(value);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let parsed = content_length(value);
+            cl = Some(match cl {
+                None => parsed,
+                Some(prev) if prev == parsed => prev,
+                Some(_) => None,
+            });
+        }
+    }
+    if te.is_some() && cl.is_some() {
+        return Err(Violation::LengthAndChunked);
+    }
+    // No pass-through for `Upgrade` or `CONNECT`: the gateway never switches
+    // protocols (no 101, and CONNECT targets fail the path check), so hyper
+    // keeps reading HTTP/1.1 on the connection and so must the guard.
+    // The pass-throughs below are all inputs hyper refuses and then closes
+    // the connection on, so they cannot switch the guard off for later
+    // requests.
+    match (te, cl) {
+        (Some(v), None) => {
+            let last = v
+                .rsplit(|&b| b == b',')
+                .next()
+                .map(trim)
+                .unwrap_or_default();
+            if last.eq_ignore_ascii_case(b"chunked") {
+                Ok(State::ChunkSize)
+            } else {
+                Ok(State::Passthrough)
+            }
+        }
+        (None, Some(Some(0))) | (None, None) => Ok(State::Head),
+        (None, Some(Some(n))) => Ok(State::Length(n)),
+        _ => Ok(State::Passthrough),
+    }
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |e| e + 1);
+    &v[start..end.max(start)]
+}
+
+/// A `Content-Length` value (a comma-separated list of equal values is one value).
+fn content_length(v: &[u8]) -> Option<u64> {
+    let mut out = None;
+    for part in v.split(|&b| b == b',') {
+        let part = trim(part);
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
+        match out {
+            None => out = Some(n),
+            Some(prev) if prev == n => {}
+            Some(_) => return None,
+        }
+    }
+    out
+}
+
+/// `1*16HEXDIG [ ";" ext ]` with no quotes in the extension.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let rest = &line[digits..];
+    if !rest.is_empty() {
+        let ext = rest.strip_prefix(b";")?;
+        if ext
+            .iter()
+            .any(|&b| b == b'"' || !(b == b'\t' || (0x20..0x7f).contains(&b)))
+        {
+            return None;
+        }
+    }
+    u64::from_str_radix(std::str::from_utf8(&line[..digits]).ok()?, 16).ok()
+}
+
+/// The connection's read side through the [`Scanner`].
+pub struct H1Guard<T> {
+    inner: T,
+    scanner: Scanner,
+    ready: BytesMut,
+    eof_after_ready: bool,
+    /// A head was refused: after the stand-in request nothing more is read
+    /// (not even EOF, which would make hyper drop the stand-in's response).
+    refused: bool,
+    verdict: Arc<Verdict>,
+}
+
+impl<T> H1Guard<T> {
+    /// Guards `inner`; head refusals are reported in `verdict`; heads over
+    /// `head_limit` bytes go to hyper unchecked (for it to refuse).
+    pub fn new(inner: T, verdict: Arc<Verdict>, head_limit: usize) -> Self {
+        H1Guard {
+            inner,
+            scanner: Scanner::with_head_limit(head_limit),
+            ready: BytesMut::new(),
+            eof_after_ready: false,
+            refused: false,
+            verdict,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.ready.is_empty() {
+                let n = this.ready.len().min(buf.remaining());
+                buf.put_slice(&this.ready[..n]);
+                this.ready.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.refused {
+                // hyper answers the stand-in (`Connection: close`) and closes.
+                return Poll::Pending;
+            }
+            if this.eof_after_ready {
+                return Poll::Ready(Ok(()));
+            }
+            if this.scanner.is_passthrough() {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            let mut tmp = [0u8; 8192];
+            let mut rb = ReadBuf::new(&mut tmp);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            let data = rb.filled();
+            if data.is_empty() {
+                // The caller closed: whatever was held goes to hyper, which
+                // sees an incomplete message.
+                let held = this.scanner.take_held();
+                this.ready.extend_from_slice(&held);
+                this.eof_after_ready = true;
+                continue;
+            }
+            match this.scanner.feed(data, &mut this.ready) {
+                Outcome::Continue => {}
+                Outcome::RefusedHead(v) => {
+                    this.verdict.set(v);
+                    this.ready.extend_from_slice(REFUSAL_REQUEST);
+                    this.refused = true;
+                }
+                Outcome::RefusedBody(_) => {
+                    // hyper's chunked decoder refuses `\rX` in every state the
+                    // scanner can stop in (line start, after chunk data, after
+                    // its CR): the body fails with a decode error, the request
+                    // gets a 400, and nothing more is read.
+                    this.ready.extend_from_slice(POISON);
+                    this.refused = true;
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for H1Guard<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes; returns what hyper would see
+    /// and the first refusal.
+    fn run(input: &[u8], step: usize) -> (Vec<u8>, Outcome) {
+        let mut s = Scanner::default();
+        let mut out = BytesMut::new();
+        for piece in input.chunks(step.max(1)) {
+            let o = s.feed(piece, &mut out);
+            if o != Outcome::Continue {
+                return (out.to_vec(), o);
+            }
+        }
+        (out.to_vec(), Outcome::Continue)
+    }
+
+    fn all_steps(input: &[u8]) -> Vec<(Vec<u8>, Outcome)> {
+        [1, 2, 3, 7, 64, input.len()]
+            .iter()
+            .map(|&s| run(input, s))
+            .collect()
+    }
+
+    #[test]
+    fn well_formed_pipelined_requests_pass_unchanged() {
+        let input = b"PUT /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\ntrailer: t\r\n\r\nGET /c HTTP/1.1\r\n\r\n";
+        for (out, o) in all_steps(input) {
+            assert_eq!(o, Outcome::Continue);
+            assert_eq!(out, input.to_vec());
+        }
+    }
+
+    #[test]
+    fn content_length_with_transfer_encoding_is_refused_in_either_order() {
+        for head in [
+            &b"PUT /a HTTP/1.1\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            for (out, o) in all_steps(head) {
+                assert_eq!(o, Outcome::RefusedHead(Violation::LengthAndChunked));
+                assert!(out.is_empty(), "nothing of the head reaches hyper");
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_head_after_a_good_request_keeps_the_good_one() {
+        let input = b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\nhost: x\n\n";
+        let (out, o) = run(input, input.len());
+        assert_eq!(o, Outcome::RefusedHead(Violation::BareLf));
+        assert_eq!(out, b"GET /a HTTP/1.1\r\n\r\n".to_vec());
+    }
+
+    #[test]
+    fn bare_lf_bare_cr_and_obs_fold_are_refused() {
+        let cases: [(&[u8], Violation); 4] = [
+            (b"GET / HTTP/1.1\nhost: x\r\n\r\n", Violation::BareLf),
+            (b"GET / HTTP/1.1\r\nhost: x\r\n\n", Violation::BareLf),
+            (b"GET / HTTP/1.1\r\nx: a\rb\r\n\r\n", Violation::BareCr),
+            (b"GET / HTTP/1.1\r\nx: a\r\n b\r\n\r\n", Violation::ObsFold),
+        ];
+        for (input, v) in cases {
+            assert_eq!(run(input, 1).1, Outcome::RefusedHead(v), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_chunk_framing_fails_the_body() {
+        for body in [
+            &b"zz\r\nabc\r\n0\r\n\r\n"[..],
+            b"-1\r\n",
+            b"fffffffffffffffff\r\n",
+            b"3;x=\"q\r\nabc\r\n",
+            b"5\r\nabc\r\n0\r\n\r\n",
+            b"3\nabc\r\n",
+            b"3\r\nabcXY",
+            b"0\r\ntrailer: x\n\r\n",
+        ] {
+            let mut input = b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            input.extend_from_slice(body);
+            for (_, o) in all_steps(&input) {
+                assert_eq!(o, Outcome::RefusedBody(Violation::ChunkFraming), "{body:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn h2_preface_and_huge_heads_pass_through() {
+        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+        assert_eq!(run(h2, 5), (h2.to_vec(), Outcome::Continue));
+        let mut big = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', HEAD_LIMIT + 10));
+        let (out, o) = run(&big, 4096);
+        assert_eq!(o, Outcome::Continue);
+        assert_eq!(out, big);
+    }
+
+    #[test]
+    fn upgrade_connect_or_two_te_headers_do_not_switch_the_guard_off() {
+        for first in [
+            &b"GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"[..],
+            b"CONNECT evil:443 HTTP/1.1\r\nhost: evil\r\n\r\n",
+            b"PUT / HTTP/1.1\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ] {
+            let mut input = first.to_vec();
+            input.extend_from_slice(b"GET / HTTP/1.1\nhost: x\n\n");
+            let (out, o) = run(&input, 1);
+            assert_eq!(o, Outcome::RefusedHead(Violation::BareLf), "{first:?}");
+            assert_eq!(out, first.to_vec());
+        }
+    }
+
+    #[test]
+    fn leading_empty_lines_do_not_end_the_head() {
+        let input = b"\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        assert_eq!(run(input, 1), (input.to_vec(), Outcome::Continue));
+    }
+}

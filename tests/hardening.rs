@@ -1,0 +1,948 @@
+//! Hostile callers, over real sockets. Every attack here must be refused with
+//! a 4xx (or the connection cut) and must never reach Zuora: each test reads
+//! the simulator's counters before and after.
+//!
+//! Raw `TcpStream` writes are used wherever a well-behaved client library
+//! would normalise the attack away (request smuggling, path tricks).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fault_server;
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use zuora_gateway::sim::SimHandle;
+
+const STOP_PATH: &str = "/v1/uno/data-backfill/propagation/jobs";
+const STOP_BODY: &str = r#"{"status":"Stopping"}"#;
+
+/// The sidecar config (trusted identity) with a stop and a read route, plus
+/// extra `server:` keys (each line indented by two spaces).
+fn config_yaml(base_url: &str, server_extra: &[&str]) -> String {
+    let mut server = String::from(SERVER_YAML);
+    for line in server_extra {
+        server.push_str("  ");
+        server.push_str(line);
+        server.push('\n');
+    }
+    format!(
+        "{server}upstreams:\n  zuora:\n    base_url: {base_url}\n    timeouts: {{ connect: 2s, request: 10s }}\n    oauth:\n      client_id: {CLIENT_ID}\n      client_secret: {CLIENT_SECRET}\ncallers:\n  trusted_identity: billing-test\nroutes:\n  - name: stop\n    method: PUT\n    path: {STOP_PATH}/{{jobId}}\n    upstream: zuora\n    allow_callers: [\"*\"]\n  - name: read\n    method: GET\n    path: {STOP_PATH}/**\n    upstream: zuora\n    allow_callers: [\"*\"]\n"
+    )
+}
+
+async fn setup(server_extra: &[&str]) -> (SimHandle, Gateway) {
+    let sim = simulator().await;
+    let g = gateway(&config_yaml(&sim.base_url(), server_extra)).await;
+    wait_ready(&g, Duration::from_secs(5)).await;
+    (sim, g)
+}
+
+/// What reached Zuora: `/v1` requests plus any token-endpoint request that is
+/// not the gateway's own `POST` (a smuggled or traversed request would be).
+fn forwarded(sim: &SimHandle) -> (u64, usize) {
+    let c = sim.control();
+    let odd_token_calls = c
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.starts_with("/oauth") && r.method != Method::POST)
+        .count();
+    (c.api_requests(), odd_token_calls)
+}
+
+/// Every request Zuora ever saw is inside the routed templates and passes the path checks.
+fn assert_only_routed_paths_reached_zuora(sim: &SimHandle) {
+    for r in sim.control().requests() {
+        let path = r.path_and_query.split('?').next().unwrap_or("");
+        if path == "/oauth/token" && r.method == Method::POST {
+            continue;
+        }
+        assert!(
+            path.starts_with(STOP_PATH) && zuora_gateway::policy::check_path(path).is_ok(),
+            "Zuora saw an unrouted path: {} {}",
+            r.method,
+            r.path_and_query
+        );
+    }
+}
+
+// ---- raw socket helpers ------------------------------------------------------------------------
+
+/// Writes `bytes` and reads until the server closes (or `wait` passes).
+async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    read_until_close(&mut s, wait).await.0
+}
+
+/// Reads until EOF/reset or `wait`; returns the text and whether the server closed.
+async fn read_until_close(s: &mut TcpStream, wait: Duration) -> (String, bool) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+/// Every HTTP/1.1 status code in a raw response stream, in order.
+fn statuses(raw: &str) -> Vec<u16> {
+    // A response follows the previous body directly (no newline in between).
+    raw.match_indices("HTTP/1.1 ")
+        .filter(|(i, _)| raw.get(i + 12..i + 13) == Some(" "))
+        .filter_map(|(i, _)| raw.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
+
+fn first_status(raw: &str) -> Option<u16> {
+    statuses(raw).first().copied()
+}
+
+fn stop_request_line(target: &str) -> String {
+    format!(
+        "PUT {target} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{STOP_BODY}",
+        STOP_BODY.len()
+    )
+}
+
+async fn metric(g: &Gateway, name: &str) -> Option<f64> {
+    let r = get(&g.admin_url("/metrics")).await.ok()?;
+    r.text()
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+// ---- timeouts and size limits ------------------------------------------------------------------
+
+#[tokio::test]
+async fn slowloris_headers_are_cut_off_at_the_header_read_timeout() {
+    let (sim, g) = setup(&["header_read_timeout: 1s"]).await;
+    let before = forwarded(&sim);
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    let started = Instant::now();
+    let req = stop_request_line(&format!("{STOP_PATH}/{JOB}"));
+    // One byte every 150 ms: the head would take ~20 s to arrive.
+    let mut closed_after = None;
+    for b in req.as_bytes() {
+        if s.write_all(&[*b]).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        let mut probe = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(150), s.read(&mut probe)).await {
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            Err(_) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never cut off");
+    }
+    let closed_after = closed_after.expect("the gateway closed the slow connection");
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(3),
+        "cut off after {closed_after:?}"
+    );
+    assert_eq!(forwarded(&sim), before, "nothing reached Zuora");
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_that_never_sends_a_byte_is_closed_at_the_header_read_timeout() {
+    let (_sim, g) = setup(&["header_read_timeout: 1s"]).await;
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    let started = Instant::now();
+    let (_, closed) = read_until_close(&mut s, Duration::from_secs(4)).await;
+    assert!(closed, "an idle connection must not hold a slot forever");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_connections_cannot_exhaust_max_connections() {
+    let (sim, g) = setup(&["header_read_timeout: 1s", "max_connections: 2"]).await;
+    // Two connections that send nothing take both slots...
+    let _a = TcpStream::connect(g.addr).await.unwrap();
+    let _b = TcpStream::connect(g.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...a real caller waits in the backlog, then is served once they are cut.
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        get(&g.url(&format!("{STOP_PATH}?pageSize=1"))),
+    )
+    .await
+    .expect("served within the header read timeout")
+    .unwrap();
+    assert_ne!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(sim.control().api_requests() >= 1);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn too_many_headers_are_refused_and_never_forwarded() {
+    let (sim, g) = setup(&["max_header_count: 20"]).await;
+    let before = forwarded(&sim);
+    let mut req = format!("GET {STOP_PATH} HTTP/1.1\r\nhost: gw\r\n");
+    for i in 0..40 {
+        req.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    let status = first_status(&resp).expect("a status line");
+    assert!((400..500).contains(&status), "{resp}");
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused_with_431_and_never_forwarded() {
+    let (sim, g) = setup(&["max_header_bytes: 8192"]).await;
+    let before = forwarded(&sim);
+    let req = format!(
+        "GET {STOP_PATH} HTTP/1.1\r\nhost: gw\r\nx-big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(first_status(&resp), Some(431), "{resp}");
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_overlong_uri_is_refused_with_414_and_never_forwarded() {
+    let (sim, g) = setup(&["max_uri_bytes: 512"]).await;
+    let before = forwarded(&sim);
+    let req = format!(
+        "GET {STOP_PATH}?q={} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n",
+        "a".repeat(2000)
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(first_status(&resp), Some(414), "{resp}");
+    assert!(resp.contains("\"success\":false"), "Zuora-shaped: {resp}");
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_that_never_finishes_is_refused_with_408_and_never_forwarded() {
+    let (sim, g) = setup(&["body_read_timeout: 1s"]).await;
+    let before = forwarded(&sim);
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    let head = format!(
+        "PUT {STOP_PATH}/{JOB} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"status\""
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let (resp, _) = read_until_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(first_status(&resp), Some(408), "{resp}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_refused_with_413_and_never_forwarded() {
+    let (sim, g) = setup(&["max_body_bytes: 1024"]).await;
+    let before = forwarded(&sim);
+    let body = format!(r#"{{"status":"Stopping","pad":"{}"}}"#, "x".repeat(4096));
+    let r = send(request(
+        Method::PUT,
+        &g.url(&format!("{STOP_PATH}/{JOB}")),
+        &[("content-type", "application/json")],
+        body,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+// ---- concurrency bounds ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn beyond_max_in_flight_callers_get_a_fast_503_with_retry_after() {
+    let (sim, g) = setup(&["max_in_flight: 2"]).await;
+    sim.control().set_latency(Duration::from_millis(1500));
+    let url = g.url(&format!("{STOP_PATH}?pageSize=1"));
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await.unwrap() })
+        })
+        .collect();
+    // Wait until both are inside the gateway.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while metric(&g, "gateway_in_flight_requests")
+        .await
+        .unwrap_or(0.0)
+        < 2.0
+    {
+        assert!(Instant::now() < deadline, "requests never went in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = sim.control().api_requests();
+    let started = Instant::now();
+    let shed = get(&url).await.unwrap();
+    assert_eq!(
+        shed.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        shed.text()
+    );
+    assert!(shed.headers.contains_key("retry-after"));
+    assert!(shed.code().ends_with("61"), "{}", shed.text());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "shed immediately, not queued ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(
+        sim.control().api_requests(),
+        before,
+        "the shed request never reached Zuora"
+    );
+    for h in held {
+        assert_ne!(h.await.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // Capacity is back.
+    sim.control().set_latency(Duration::ZERO);
+    assert_ne!(
+        get(&url).await.unwrap().status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_disconnects_cancels_the_zuora_call_and_leaks_nothing() {
+    let upstream = fault_server::FaultServer::start(fault_server::Fault::Hold).await;
+    let g = gateway(&config_yaml(&upstream.base_url(), &["max_in_flight: 1"])).await;
+    wait_ready(&g, Duration::from_secs(5)).await;
+    // Warm up: one connection's worth of fds exist in steady state.
+    upstream.set(fault_server::Fault::Ok);
+    let ok = get(&g.url(&format!("{STOP_PATH}?pageSize=1")))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fds_before = open_fds();
+    upstream.set(fault_server::Fault::Hold);
+
+    for round in 0..3 {
+        let mut s = TcpStream::connect(g.addr).await.unwrap();
+        s.write_all(
+            format!("GET {STOP_PATH}?round={round} HTTP/1.1\r\nhost: gw\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while upstream.api_requests() < round + 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the request never reached the upstream"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(metric(&g, "gateway_in_flight_requests").await, Some(1.0));
+        drop(s); // the caller goes away
+        assert!(
+            upstream
+                .wait_held_closed(round + 1, Duration::from_secs(2))
+                .await,
+            "round {round}: the Zuora call was not cancelled"
+        );
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while metric(&g, "gateway_in_flight_requests").await != Some(0.0) {
+            assert!(Instant::now() < deadline, "in-flight gauge stuck above 0");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The in-flight permit came back (max_in_flight: 1): a new request is served.
+    upstream.set(fault_server::Fault::Ok);
+    let ok = get(&g.url(&format!("{STOP_PATH}?pageSize=1")))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fds_after = open_fds();
+    assert!(
+        fds_after <= fds_before + 4,
+        "file descriptors leaked: {fds_before} -> {fds_after}"
+    );
+    g.shutdown().await;
+}
+
+// ---- HTTP/1.1 request smuggling ----------------------------------------------------------------
+
+/// A second request hidden in the body of the first, as a front proxy using
+/// the other framing would see it.
+const SMUGGLED: &str =
+    "GET /v1/uno/data-backfill/propagation/jobs?smuggled=1 HTTP/1.1\r\nhost: gw\r\n\r\n";
+
+fn assert_not_smuggled(sim: &SimHandle) {
+    assert!(
+        !sim.control()
+            .requests()
+            .iter()
+            .any(|r| r.path_and_query.contains("smuggled")),
+        "a smuggled request reached Zuora"
+    );
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_refused_and_never_forwarded() {
+    let (sim, g) = setup(&[]).await;
+    for order in [
+        "content-length: 6\r\ntransfer-encoding: chunked",
+        "transfer-encoding: chunked\r\ncontent-length: 6",
+    ] {
+        let before = forwarded(&sim);
+        let req = format!(
+            "PUT {STOP_PATH}/{JOB} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n{order}\r\n\r\n0\r\n\r\n{SMUGGLED}"
+        );
+        let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        let st = statuses(&resp);
+        assert_eq!(st.first(), Some(&400), "{order}: {resp}");
+        assert_eq!(
+            st.len(),
+            1,
+            "only one response, the connection is closed: {resp}"
+        );
+        assert_eq!(forwarded(&sim), before, "{order}");
+        assert_not_smuggled(&sim);
+    }
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_request_does_not_switch_off_the_framing_checks_for_the_next_one() {
+    let (sim, g) = setup(&[]).await;
+    let before = forwarded(&sim);
+    let req = format!(
+        "GET {STOP_PATH}?pageSize=1 HTTP/1.1\r\nhost: gw\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nPUT {STOP_PATH}/{JOB} HTTP/1.1\r\nhost: gw\r\ncontent-length: 6\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    let st = statuses(&resp);
+    assert_eq!(st.len(), 2, "{resp}");
+    assert_eq!(st[1], 400, "{resp}");
+    assert_eq!(
+        forwarded(&sim).0,
+        before.0 + 1,
+        "only the first request reached Zuora"
+    );
+    assert_not_smuggled(&sim);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn duplicate_differing_content_lengths_are_refused() {
+    let (sim, g) = setup(&[]).await;
+    let before = forwarded(&sim);
+    let req = format!(
+        "PUT {STOP_PATH}/{JOB} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 21\r\ncontent-length: 0\r\n\r\n{STOP_BODY}{SMUGGLED}"
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(statuses(&resp), vec![400], "{resp}");
+    assert_eq!(forwarded(&sim), before);
+    assert_not_smuggled(&sim);
+    // A comma-joined list of differing values too.
+    let req = format!(
+        "PUT {STOP_PATH}/{JOB} HTTP/1.1\r\nhost: gw\r\ncontent-length: 21, 0\r\n\r\n{STOP_BODY}{SMUGGLED}"
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(statuses(&resp), vec![400], "{resp}");
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn transfer_encodings_other_than_chunked_are_refused() {
+    let (sim, g) = setup(&[]).await;
+    for te in [
+        "gzip",
+        "chunked, identity",
+        "identity",
+        "xchunked",
+        "chunked\r\ntransfer-encoding: x",
+    ] {
+        let before = forwarded(&sim);
+        let req = format!(
+            "PUT {STOP_PATH}/{JOB} HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: {te}\r\n\r\n0\r\n\r\n"
+        );
+        let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(first_status(&resp), Some(400), "{te}: {resp}");
+        assert_eq!(forwarded(&sim), before, "{te}");
+    }
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn obs_fold_header_continuations_are_refused() {
+    let (sim, g) = setup(&[]).await;
+    let before = forwarded(&sim);
+    let req = format!(
+        "PUT {STOP_PATH}/{JOB} HTTP/1.1\r\nhost: gw\r\nx-folded: a\r\n transfer-encoding: chunked\r\ncontent-length: 21\r\n\r\n{STOP_BODY}"
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(first_status(&resp), Some(400), "{resp}");
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn bare_lf_line_endings_are_refused() {
+    let (sim, g) = setup(&[]).await;
+    for req in [
+        format!("GET {STOP_PATH} HTTP/1.1\nhost: gw\n\n"),
+        format!("GET {STOP_PATH} HTTP/1.1\r\nhost: gw\nx-a: b\r\n\r\n"),
+        format!("GET {STOP_PATH} HTTP/1.1\r\nhost: gw\r\n\n"),
+    ] {
+        let before = forwarded(&sim);
+        let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(first_status(&resp), Some(400), "{req:?}: {resp}");
+        assert_eq!(forwarded(&sim), before, "{req:?}");
+    }
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn bare_cr_and_nul_in_headers_are_refused() {
+    let (sim, g) = setup(&[]).await;
+    for req in [
+        format!("GET {STOP_PATH} HTTP/1.1\r\nhost: gw\r\nx-a: b\rinjected: 1\r\n\r\n"),
+        format!("GET {STOP_PATH} HTTP/1.1\r\nhost: gw\r\nx-a: b\0c\r\n\r\n"),
+        format!("GET {STOP_PATH} HTTP/1.1\r\nhost: gw\r\nx a: b\r\n\r\n"),
+        format!("GET {STOP_PATH} HTTP/1.1\r\nhost: gw\r\nx-a : b\r\n\r\n"),
+    ] {
+        let before = forwarded(&sim);
+        let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(first_status(&resp), Some(400), "{req:?}: {resp}");
+        assert_eq!(forwarded(&sim), before, "{req:?}");
+    }
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_chunk_sizes_are_refused_and_never_forwarded() {
+    let (sim, g) = setup(&[]).await;
+    for body in [
+        "zz\r\nabc\r\n0\r\n\r\n".to_owned(),
+        "-1\r\nabc\r\n0\r\n\r\n".to_owned(),
+        "fffffffffffffffff\r\nabc\r\n0\r\n\r\n".to_owned(),
+        "3 ; x=\"unterminated\r\nabc\r\n0\r\n\r\n".to_owned(),
+        "5\r\nabc\r\n0\r\n\r\n".to_owned(),
+        format!("15\n{STOP_BODY}\n0\n\n"),
+    ] {
+        let before = forwarded(&sim);
+        let req = format!(
+            "PUT {STOP_PATH}/{JOB} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{body}"
+        );
+        let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(first_status(&resp), Some(400), "{body:?}: {resp}");
+        assert_eq!(forwarded(&sim), before, "{body:?} was forwarded");
+    }
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_1_0_with_transfer_encoding_is_refused() {
+    let (sim, g) = setup(&[]).await;
+    let before = forwarded(&sim);
+    let req = format!(
+        "PUT {STOP_PATH}/{JOB} HTTP/1.0\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n15\r\n{STOP_BODY}\r\n0\r\n\r\n"
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(first_status(&resp), Some(400), "{resp}");
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+// ---- path tricks -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn path_tricks_never_reach_zuora_outside_the_routed_templates() {
+    let (sim, g) = setup(&[]).await;
+    let targets = [
+        format!("{STOP_PATH}/../../../oauth/token"),
+        format!("{STOP_PATH}/%2e%2e/%2e%2e/%2e%2e/oauth/token"),
+        format!("{STOP_PATH}/%2E%2E/x"),
+        format!("{STOP_PATH}/.%2e/x"),
+        format!("{STOP_PATH}/x%2F..%2F..%2Foauth%2Ftoken"),
+        format!("{STOP_PATH}/x%2f..%2f..%2foauth"),
+        format!("{STOP_PATH}//{JOB}"),
+        format!("/v1/uno/data-backfill/propagation//jobs/{JOB}"),
+        format!("{STOP_PATH}/..\\..\\oauth\\token"),
+        format!("{STOP_PATH}/%5c..%5coauth"),
+        format!("{STOP_PATH}/%c0%ae%c0%ae/x"),
+        format!("{STOP_PATH}/%c0%af"),
+        format!("{STOP_PATH}/a%00b"),
+        format!("{STOP_PATH}/..;"),
+        format!("{STOP_PATH}/..;/..;/..;/oauth/token"),
+        format!("{STOP_PATH}/x;jsessionid=1"),
+        format!("{STOP_PATH}/x%3b"),
+        format!("{STOP_PATH}/%252e%252e"),
+        format!("{STOP_PATH}/./{JOB}"),
+        format!("{STOP_PATH}/."),
+        format!("{STOP_PATH}/.."),
+        format!("http://evil.example{STOP_PATH}/{JOB}"),
+        "http://evil.example/../oauth/token".to_owned(),
+        "*".to_owned(),
+    ];
+    for target in &targets {
+        let before = forwarded(&sim);
+        let resp = raw(
+            g.addr,
+            stop_request_line(target).as_bytes(),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert_eq!(first_status(&resp), Some(400), "{target}: {resp}");
+        assert_eq!(forwarded(&sim), before, "{target} reached Zuora");
+    }
+    // Also for GET on the `**` route, where any depth is routed.
+    for target in [
+        format!("{STOP_PATH}/..;/..;/..;/v1/accounts"),
+        format!("{STOP_PATH}/%2e%2e/%2e%2e/accounts"),
+        format!("{STOP_PATH}/x/../../../accounts"),
+    ] {
+        let before = forwarded(&sim);
+        let req = format!("GET {target} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n");
+        let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(first_status(&resp), Some(400), "{target}: {resp}");
+        assert_eq!(forwarded(&sim), before, "{target} reached Zuora");
+    }
+    // A raw NUL or space in the request line never parses.
+    for line in [
+        format!("PUT {STOP_PATH}/a\0b HTTP/1.1\r\n"),
+        format!("PUT {STOP_PATH}/a b HTTP/1.1\r\n"),
+    ] {
+        let before = forwarded(&sim);
+        let resp = raw(
+            g.addr,
+            format!("{line}host: gw\r\nconnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert_eq!(first_status(&resp), Some(400), "{line:?}: {resp}");
+        assert_eq!(forwarded(&sim), before);
+    }
+    assert_only_routed_paths_reached_zuora(&sim);
+    // A normal stop still goes through (the checks are not over-broad).
+    let before = sim.control().api_requests();
+    let resp = raw(
+        g.addr,
+        stop_request_line(&format!("{STOP_PATH}/{JOB}")).as_bytes(),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(first_status(&resp).is_some(), "{resp}");
+    assert_eq!(sim.control().api_requests(), before + 1);
+    assert_only_routed_paths_reached_zuora(&sim);
+    g.shutdown().await;
+}
+
+// ---- bodies ------------------------------------------------------------------------------------
+
+/// Regression (fuzz target `stop_job`): the stop validator skipped the other
+/// fields without checking their bytes, so a body that is not JSON (invalid
+/// UTF-8, lone surrogate escapes) was forwarded to Zuora.
+#[tokio::test]
+async fn a_stop_body_that_is_not_valid_json_text_is_refused_and_never_forwarded() {
+    let (sim, g) = setup(&[]).await;
+    for body in [
+        &b"{\"status\":\"Stopping\",\"st!tuc\":\"x\xff\xff\xff\"}"[..],
+        br#"{"status":"Stopping","note":"\ud800"}"#,
+    ] {
+        let before = forwarded(&sim);
+        let r = send(request(
+            Method::PUT,
+            &g.url(&format!("{STOP_PATH}/{JOB}")),
+            &[("content-type", "application/json")],
+            Bytes::copy_from_slice(body),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert!(r.code().ends_with("90"), "malformed JSON: {}", r.text());
+        assert_eq!(forwarded(&sim), before);
+    }
+    g.shutdown().await;
+}
+
+// ---- header injection --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn non_ascii_header_values_are_refused_and_never_forwarded() {
+    let (sim, g) = setup(&[]).await;
+    let before = forwarded(&sim);
+    let mut req = format!("GET {STOP_PATH} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\nx-name: ")
+        .into_bytes();
+    req.extend_from_slice(&[0xc3, 0xa9, 0xff]);
+    req.extend_from_slice(b"\r\n\r\n");
+    let resp = raw(g.addr, &req, Duration::from_secs(3)).await;
+    assert_eq!(first_status(&resp), Some(400), "{resp}");
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_track_id_is_refused_and_never_forwarded() {
+    let (sim, g) = setup(&[]).await;
+    let before = forwarded(&sim);
+    let long = "t".repeat(200);
+    let r = send(request(
+        Method::GET,
+        &g.url(&format!("{STOP_PATH}?pageSize=1")),
+        &[("zuora-track-id", long.as_str())],
+        "",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert_eq!(forwarded(&sim), before);
+    // With control characters smuggled in via a raw write.
+    let req = format!(
+        "GET {STOP_PATH} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\nzuora-track-id: a\rb\r\n\r\n"
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(first_status(&resp), Some(400), "{resp}");
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_header_cannot_strip_headers_the_gateway_sets() {
+    let sim = simulator().await;
+    let yaml = format!(
+        "{}tenancy:\n  - callers: [\"*\"]\n    entity_ids: [\"E-1\"]\n    org_ids: [\"org-1\"]\n",
+        config_yaml(&sim.base_url(), &[])
+    );
+    let g = gateway(&yaml).await;
+    wait_ready(&g, Duration::from_secs(5)).await;
+    sim.control().clear_requests();
+    // A caller naming end-to-end headers in `Connection` (hop-by-hop by RFC)
+    // must not make the gateway drop headers it adds itself.
+    let req = format!(
+        "GET {STOP_PATH}?pageSize=1 HTTP/1.1\r\nhost: gw\r\nconnection: close, authorization, zuora-entity-ids, zuora-org-ids\r\n\r\n"
+    );
+    let resp = raw(g.addr, req.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(first_status(&resp), Some(200), "{resp}");
+    let seen = sim.control().requests();
+    let api = seen
+        .iter()
+        .find(|r| r.path_and_query.starts_with(STOP_PATH))
+        .expect("forwarded");
+    assert!(!api.headers.contains_key("connection"));
+    assert!(
+        api.bearer_token.is_some(),
+        "the Zuora token is still attached"
+    );
+    assert_eq!(api.headers["zuora-entity-ids"], "E-1");
+    assert_eq!(api.headers["zuora-org-ids"], "org-1");
+    g.shutdown().await;
+}
+
+// ---- HTTP/2 (h2c prior knowledge) --------------------------------------------------------------
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A HPACK block for `GET <path>` (literal fields without indexing, so the
+/// same bytes are valid for every stream).
+fn h2_get_block(path: &str, authority: &str) -> Vec<u8> {
+    let mut b = vec![0x82, 0x86]; // :method GET, :scheme http
+    b.push(0x04); // :path, literal without indexing
+    b.push(path.len() as u8);
+    b.extend_from_slice(path.as_bytes());
+    b.push(0x01); // :authority, literal without indexing
+    b.push(authority.len() as u8);
+    b.extend_from_slice(authority.as_bytes());
+    b
+}
+
+/// Reads HTTP/2 frames until EOF or `wait`; returns (type, flags, stream, payload) tuples.
+async fn h2_read_frames(s: &mut TcpStream, wait: Duration) -> (Vec<(u8, u8, u32, Vec<u8>)>, bool) {
+    let (raw, closed) = {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let closed = loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        (out, closed)
+    };
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while i + 9 <= raw.len() {
+        let len =
+            (usize::from(raw[i]) << 16) | (usize::from(raw[i + 1]) << 8) | usize::from(raw[i + 2]);
+        let kind = raw[i + 3];
+        let flags = raw[i + 4];
+        let stream =
+            u32::from_be_bytes([raw[i + 5], raw[i + 6], raw[i + 7], raw[i + 8]]) & 0x7fff_ffff;
+        let end = (i + 9 + len).min(raw.len());
+        frames.push((kind, flags, stream, raw[i + 9..end].to_vec()));
+        i += 9 + len;
+    }
+    (frames, closed)
+}
+
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_RST_STREAM: u8 = 0x3;
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_GOAWAY: u8 = 0x7;
+
+#[tokio::test]
+async fn h2_rapid_reset_is_cut_off_and_the_gateway_keeps_serving() {
+    let (sim, g) = setup(&[]).await;
+    sim.control().set_latency(Duration::from_millis(500));
+    let before = sim.control().api_requests();
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    let mut out = H2_PREFACE.to_vec();
+    out.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+    let block = h2_get_block(&format!("{STOP_PATH}?pageSize=1"), "gw");
+    // 2,000 streams, each opened and immediately cancelled (CVE-2023-44487).
+    for i in 0..2000u32 {
+        let id = 1 + 2 * i;
+        out.extend(h2_frame(FRAME_HEADERS, 0x4 | 0x1, id, &block));
+        out.extend(h2_frame(FRAME_RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    // The server may hang up while we are still writing.
+    let _ = s.write_all(&out).await;
+    let (frames, closed) = h2_read_frames(&mut s, Duration::from_secs(5)).await;
+    let goaway = frames.iter().find(|f| f.0 == FRAME_GOAWAY);
+    assert!(goaway.is_some() || closed, "the flood was not cut off");
+    if let Some((_, _, _, payload)) = goaway {
+        let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+        assert_eq!(code, 0xb, "GOAWAY ENHANCE_YOUR_CALM, got {code:#x}");
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let reached = sim.control().api_requests() - before;
+    assert!(
+        reached < 200,
+        "{reached} of 2000 reset streams reached Zuora"
+    );
+    // Still up and serving, over HTTP/1.1 and HTTP/2.
+    sim.control().set_latency(Duration::ZERO);
+    let r = get(&g.url(&format!("{STOP_PATH}?pageSize=1")))
+        .await
+        .unwrap();
+    assert_ne!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let r = h2
+        .request(request(
+            Method::GET,
+            &g.url(&format!("{STOP_PATH}?pageSize=1")),
+            &[],
+            "",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2_streams_beyond_max_concurrent_streams_are_refused_not_queued() {
+    let (sim, g) = setup(&["http2_max_concurrent_streams: 10"]).await;
+    sim.control().set_latency(Duration::from_millis(800));
+    let before = sim.control().api_requests();
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    let mut out = H2_PREFACE.to_vec();
+    out.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+    s.write_all(&out).await.unwrap();
+    // Let the server's SETTINGS arrive and acknowledge them, like a client would.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut out = h2_frame(FRAME_SETTINGS, 0x1, 0, &[]);
+    let block = h2_get_block(&format!("{STOP_PATH}?pageSize=1"), "gw");
+    for i in 0..50u32 {
+        out.extend(h2_frame(FRAME_HEADERS, 0x4 | 0x1, 1 + 2 * i, &block));
+    }
+    s.write_all(&out).await.unwrap();
+    let (frames, _) = h2_read_frames(&mut s, Duration::from_secs(3)).await;
+    let refused = frames
+        .iter()
+        .filter(|f| f.0 == FRAME_RST_STREAM && f.3 == 7u32.to_be_bytes())
+        .count();
+    let goaway = frames.iter().any(|f| f.0 == FRAME_GOAWAY);
+    assert!(
+        refused >= 40 || goaway,
+        "streams beyond the limit were not refused ({refused} REFUSED_STREAM)"
+    );
+    let reached = sim.control().api_requests() - before;
+    assert!(
+        reached <= 10,
+        "{reached} streams reached Zuora at once (limit 10)"
+    );
+    sim.control().set_latency(Duration::ZERO);
+    let r = get(&g.url(&format!("{STOP_PATH}?pageSize=1")))
+        .await
+        .unwrap();
+    assert_ne!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_concurrent_h2_streams_on_one_connection_are_all_served() {
+    let (sim, g) = setup(&[]).await;
+    sim.control().set_latency(Duration::from_millis(100));
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let before = sim.control().api_requests();
+    let tasks: Vec<_> = (0..80)
+        .map(|i| {
+            let h2 = h2.clone();
+            let url = g.url(&format!("{STOP_PATH}?page={i}"));
+            tokio::spawn(async move {
+                let r = h2
+                    .request(request(Method::GET, &url, &[], ""))
+                    .await
+                    .unwrap();
+                (r.version(), r.status())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (version, status) = t.await.unwrap();
+        assert_eq!(version, http::Version::HTTP_2);
+        assert_ne!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(sim.control().api_requests() - before, 80);
+    g.shutdown().await;
+}

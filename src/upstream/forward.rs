@@ -13,7 +13,6 @@ use http::header;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower::Service;
-use tracing::Instrument as _;
 
 use super::breaker::{Admission, CircuitBreaker};
 use super::client::HttpClient;
@@ -266,9 +265,7 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
             &parts.extensions,
             upstream.config.forward_traceparent,
         );
-        let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req))
-            .instrument(call.span().clone())
-            .await;
+        let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req)).await;
         call.finish_attempt(&outcome);
         let retry_reason = match outcome {
             Err(_) => {

@@ -8,8 +8,9 @@
 //! after routing and authentication, copies the route and caller into it.
 //!
 //! With OTLP export on, the request gets a [`RequestSpans`] (the caller's
-//! trace when its `traceparent` is valid, else a new one) and the layer keeps
-//! the few facts its server span needs. Only when the request ends, and only
+//! trace when its `traceparent` is valid, else a new one), current on the
+//! thread while its future is polled, and the layer keeps the few facts its
+//! server span needs. Only when the request ends, and only
 //! if its trace is exported (trace ID under `sampling_ratio`, a sampled
 //! caller, or a failure), is the span built: named `METHOD route-template`,
 //! with the HTTP semantic-convention attributes plus `zuora.track_id`,
@@ -125,10 +126,8 @@ where
                 Some(c) => (c.parent(), c.tracestate.clone()),
                 None => (None, None),
             };
-            let spans = RequestSpans::start(exporter, remote, tracestate);
-            req.extensions_mut().insert(spans.clone());
             OtelState {
-                spans: Some(spans),
+                spans: Some(RequestSpans::start(exporter, remote, tracestate)),
                 host: authority(&req),
                 version: req.version(),
             }

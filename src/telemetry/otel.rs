@@ -4,8 +4,10 @@
 //! Nothing is recorded through an OpenTelemetry SDK on the request path.
 //! Instead:
 //! - when a request arrives, the trace layer gives it a [`RequestSpans`]
-//!   (trace ID, server span ID, the head decision) in its extensions: the
-//!   caller's trace when its `traceparent` is valid, else a new one;
+//!   (trace ID, server span ID, the head decision): the caller's trace when
+//!   its `traceparent` is valid, else a new one. While the request's future
+//!   is polled, it is the thread's [`current`] request (a thread-local set
+//!   and reset around each poll: no request extension, nothing to clone);
 //! - the Zuora call(s) ([`super::upstream::CallTrace`]) add a small
 //!   [`CallRecord`] each; `tracing` events and spans opened while the
 //!   request is being polled are captured by [`CaptureLayer`];
@@ -120,8 +122,8 @@ impl TraceId {
     pub fn to_hex(self) -> Box<str> {
         let mut buf = [0u8; 32];
         hex_into(&self.to_bytes(), &mut buf);
-        // Hex digits are ASCII.
-        String::from_utf8_lossy(&buf).into()
+        // Hex digits are ASCII: never the empty fallback.
+        std::str::from_utf8(&buf).unwrap_or_default().into()
     }
 }
 
@@ -564,6 +566,11 @@ impl Drop for Entered<'_> {
         let mine = CURRENT.with(|c| c.replace(self.previous.take()));
         *self.slot = mine;
     }
+}
+
+/// The request being polled on this thread, if any (export on only).
+pub fn current() -> Option<RequestSpans> {
+    with_current(RequestSpans::clone)
 }
 
 /// Runs `f` with the current request, if any.

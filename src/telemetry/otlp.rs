@@ -186,24 +186,45 @@ impl Pb {
         }
     }
 
-    /// `KeyValue { key, value: AnyValue }` in repeated field `field`.
+    /// `KeyValue { key, value: AnyValue }` in repeated field `field`. The
+    /// most frequent message: lengths are computed up front, not patched.
     fn attr(&mut self, field: u32, key: &str, value: Value<'_>) {
-        self.message(field, |kv| {
-            kv.string(1, key);
-            kv.message(2, |any| match value {
-                Value::Str(s) => any.bytes(1, s.as_bytes()),
-                Value::Bool(b) => {
-                    any.tag(2, VARINT);
-                    any.varint(u64::from(b));
-                }
-                Value::Int(i) => {
-                    any.tag(3, VARINT);
-                    any.varint(i as u64);
-                }
-                Value::Float(f) => any.fixed64(4, f.to_bits()),
-            });
-        });
+        let any_len = match value {
+            Value::Str(s) => 1 + varint_len(s.len() as u64) + s.len(),
+            Value::Bool(_) => 2,
+            Value::Int(i) => 1 + varint_len(i as u64),
+            Value::Float(_) => 9,
+        };
+        let key_len = if key.is_empty() {
+            0
+        } else {
+            1 + varint_len(key.len() as u64) + key.len()
+        };
+        let kv_len = key_len + 1 + varint_len(any_len as u64) + any_len;
+        self.0.reserve(kv_len + 6);
+        self.tag(field, LEN);
+        self.varint(kv_len as u64);
+        self.string(1, key);
+        self.tag(2, LEN);
+        self.varint(any_len as u64);
+        match value {
+            Value::Str(s) => self.bytes(1, s.as_bytes()),
+            Value::Bool(b) => {
+                self.tag(2, VARINT);
+                self.varint(u64::from(b));
+            }
+            Value::Int(i) => {
+                self.tag(3, VARINT);
+                self.varint(i as u64);
+            }
+            Value::Float(f) => self.fixed64(4, f.to_bits()),
+        }
     }
+}
+
+/// Bytes of `v` as a varint.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// An attribute value as written.
@@ -823,6 +844,15 @@ mod tests {
             Some("upstream_timeout")
         );
         assert_eq!(call.status.as_ref().unwrap().code, 2);
+    }
+
+    #[test]
+    fn varint_lengths_match_the_encoding() {
+        for v in [0u64, 1, 127, 128, 16_383, 16_384, u64::MAX, -5i64 as u64] {
+            let mut pb = Pb::default();
+            pb.varint(v);
+            assert_eq!(varint_len(v), pb.0.len(), "{v}");
+        }
     }
 
     #[test]

@@ -98,8 +98,8 @@ struct CallSpan {
 }
 
 impl CallTrace {
-    /// Starts the `zuora.call` span (only when the request has a trace, i.e.
-    /// OTLP export is on), records the `Zuora-Entity-Ids` in the trail, and
+    /// Starts the `zuora.call` span (only when called while a request with a
+    /// trace is polled, i.e. OTLP export is on), records the `Zuora-Entity-Ids` in the trail, and
     /// sets the trace headers of the outgoing request: none unless
     /// `forward_traceparent`. `ext` are the extensions of the caller's
     /// request (the outgoing one may be rebuilt without them).
@@ -112,8 +112,9 @@ impl CallTrace {
         if let (Some(t), Some(v)) = (&trail, req.headers().get(&ZUORA_ENTITY_IDS)) {
             t.set_entity_ids(v);
         }
-        let span = ext.get::<RequestSpans>().map(|request| CallSpan {
-            request: request.clone(),
+        // The request being polled: the call runs inside its future.
+        let span = super::otel::current().map(|request| CallSpan {
+            request,
             span_id: SpanId::random(),
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -292,10 +293,9 @@ mod tests {
         let spans = RequestSpans::start(&exporter, caller.parent(), caller.tracestate.clone());
         let mut req = Request::new(());
         *req.uri_mut() = "https://rest.zuora.com/v1/jobs/1".parse().unwrap();
-        req.extensions_mut().insert(spans.clone());
         req.extensions_mut().insert(caller);
         let ext = req.extensions().clone();
-        let call = CallTrace::start(&mut req, &ext, true);
+        let call = spans.in_scope(|| CallTrace::start(&mut req, &ext, true));
         let tp = req.headers()["traceparent"].to_str().unwrap().to_owned();
         assert!(
             tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),

@@ -132,10 +132,11 @@ where
                 version: req.version(),
             }
         });
-        let caller_trace_id = match (&otel, &caller_cx) {
-            (None, Some(c)) => c.trace_id().map(Box::<str>::from),
-            _ => None,
-        };
+        // For the access log: the caller's trace ID, unless an exported trace replaces it.
+        let caller_trace_id = caller_cx
+            .as_ref()
+            .and_then(|c| c.trace_id())
+            .map(Box::<str>::from);
         if let Some(c) = caller_cx {
             req.extensions_mut().insert(c);
         }
@@ -222,8 +223,6 @@ impl State {
         let response_request_id = resp.and_then(|r| r.headers().get(&ZUORA_REQUEST_ID));
         let trail = trail.take();
         let trace_id = match otel {
-            None => caller_trace_id,
-            Some(OtelState { spans: None, .. }) => None,
             Some(OtelState {
                 spans: Some(spans),
                 host,
@@ -259,9 +258,13 @@ impl State {
                         error_type,
                         children,
                     });
+                    // The access log points at the exported trace.
+                    Some(spans.trace_id().to_hex())
+                } else {
+                    caller_trace_id
                 }
-                Some(spans.trace_id().to_hex())
             }
+            _ => caller_trace_id,
         };
         drop(span);
         recorder.complete(Completion {
@@ -521,19 +524,30 @@ mod tests {
         let (items, rec) = export_one(0.0, None, 200).await;
         assert!(items.is_empty(), "{items:?}");
         let found = rec.ring().find(&DebugQuery::parse(None).unwrap());
-        let trace_id = found[0].trace_id.as_deref().unwrap();
-        assert_eq!(trace_id.len(), 32, "the access log still has the trace ID");
-        let (items, _) = export_one(0.0, Some(UNSAMPLED_TP), 200).await;
+        assert_eq!(found[0].trace_id, None, "no trace to point at");
+        let (items, rec) = export_one(0.0, Some(UNSAMPLED_TP), 200).await;
         assert!(
             items.is_empty(),
             "an unsampled caller is not a reason: {items:?}"
+        );
+        let found = rec.ring().find(&DebugQuery::parse(None).unwrap());
+        assert_eq!(
+            found[0].trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "the caller's trace ID, as with export off"
         );
     }
 
     #[tokio::test]
     async fn sampled_success_is_exported_with_its_call_and_events() {
-        let (items, _) = export_one(1.0, None, 200).await;
+        let (items, rec) = export_one(1.0, None, 200).await;
         let r = exported(&items);
+        let found = rec.ring().find(&DebugQuery::parse(None).unwrap());
+        assert_eq!(
+            found[0].trace_id.as_deref(),
+            Some(&*r.trace_id.to_hex()),
+            "the access log points at the exported trace"
+        );
         assert_eq!(r.status, 200);
         assert_eq!(r.error_type, None);
         assert_eq!(r.parent, None);

@@ -73,8 +73,9 @@ pub enum TelemetryError {
 /// Telemetry's own metrics.
 #[derive(Debug, Clone, Default)]
 pub struct TelemetryMetrics {
-    /// Spans not exported: queue full, undecided-trace buffer full, or a
-    /// failed export (`gateway_spans_dropped_total`).
+    /// Spans meant for export but not exported: queue full, more child
+    /// spans than a trace keeps, or a failed export
+    /// (`gateway_spans_dropped_total`).
     pub spans_dropped: Counter,
     /// Spans accepted by the collector (`gateway_spans_exported_total`).
     pub spans_exported: Counter,
@@ -99,6 +100,8 @@ impl TelemetryMetrics {
 struct OtelPipeline {
     exporter: otel::Exporter,
     endpoint: String,
+    /// Invalid `OTEL_EXPORTER_OTLP_*HEADERS` entries (warned once installed).
+    skipped_headers: usize,
 }
 
 /// The installed telemetry: debug ring, metrics, and the OTLP pipeline when on.
@@ -180,6 +183,7 @@ impl Telemetry {
                 (Some(pipeline), Some(capture))
             }
         };
+        let skipped_headers = otel.as_ref().map_or(0, |o| o.skipped_headers);
         let subscriber = TracingRegistry::default().with(fmt).with(capture);
         tracing::subscriber::set_global_default(subscriber)
             .map_err(|_| TelemetryError::AlreadyInstalled)?;
@@ -188,6 +192,13 @@ impl Telemetry {
                 return Err(TelemetryError::AlreadyInstalled);
             }
             tracing::info!(endpoint = %o.endpoint, ratio = cfg.sampling_ratio, "exporting traces over OTLP/HTTP");
+            if skipped_headers > 0 {
+                // Never the values: they are usually API keys.
+                tracing::warn!(
+                    skipped = skipped_headers,
+                    "invalid OTEL_EXPORTER_OTLP_*HEADERS entries ignored"
+                );
+            }
         }
         Ok(Telemetry {
             ring: Arc::new(DebugRing::new(cfg.debug_requests)),
@@ -263,14 +274,7 @@ fn build_pipeline(
         message,
     };
     let env = |k: &str| std::env::var(k).ok();
-    let (headers, skipped) = otlp::export_headers(env);
-    if skipped > 0 {
-        // Never the values: they are usually API keys.
-        tracing::warn!(
-            skipped,
-            "invalid OTEL_EXPORTER_OTLP_*HEADERS entries ignored"
-        );
-    }
+    let (headers, skipped_headers) = otlp::export_headers(env);
     let sink = otlp::HttpSink::new(&endpoint, headers).map_err(err)?;
     let (exporter, queue) = otel::Exporter::new(
         cfg.sampling_ratio,
@@ -288,7 +292,11 @@ fn build_pipeline(
         },
     )
     .map_err(|e| err(format!("cannot start the export thread: {e}")))?;
-    Ok(OtelPipeline { exporter, endpoint })
+    Ok(OtelPipeline {
+        exporter,
+        endpoint,
+        skipped_headers,
+    })
 }
 
 #[cfg(test)]

@@ -944,6 +944,13 @@ where
     }
 
     fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+        let span = ctx
+            .event_span(event)
+            .filter(|s| s.extensions().get::<Captured>().is_some());
+        if span.is_none() && with_current(|_| ()).is_none() {
+            // Neither inside a recorded span nor inside a request: a plain log line.
+            return;
+        }
         let mut v = FieldVisitor::default();
         event.record(&mut v);
         let meta = event.metadata();
@@ -958,13 +965,16 @@ where
             name: v.message.map_or(Cow::Borrowed("event"), Cow::Owned),
             attributes,
         };
-        if let Some(span) = ctx.event_span(event)
-            && let Some(c) = span.extensions_mut().get_mut::<Captured>()
-        {
-            c.add_event(record);
-            return;
+        match span {
+            Some(span) => {
+                if let Some(c) = span.extensions_mut().get_mut::<Captured>() {
+                    c.add_event(record);
+                }
+            }
+            None => {
+                with_current(|r| r.0.add_event(record));
+            }
         }
-        with_current(|r| r.0.add_event(record));
     }
 
     fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {

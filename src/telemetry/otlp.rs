@@ -128,6 +128,7 @@ const I32: u8 = 5;
 struct Pb(Vec<u8>);
 
 impl Pb {
+    #[inline]
     fn varint(&mut self, mut v: u64) {
         while v >= 0x80 {
             self.0.push((v as u8) | 0x80);
@@ -136,22 +137,26 @@ impl Pb {
         self.0.push(v as u8);
     }
 
+    #[inline]
     fn tag(&mut self, field: u32, wire: u8) {
         self.varint((u64::from(field) << 3) | u64::from(wire));
     }
 
+    #[inline]
     fn bytes(&mut self, field: u32, b: &[u8]) {
         self.tag(field, LEN);
         self.varint(b.len() as u64);
         self.0.extend_from_slice(b);
     }
 
+    #[inline]
     fn string(&mut self, field: u32, s: &str) {
         if !s.is_empty() {
             self.bytes(field, s.as_bytes());
         }
     }
 
+    #[inline]
     fn uint(&mut self, field: u32, v: u64) {
         if v != 0 {
             self.tag(field, VARINT);
@@ -159,11 +164,13 @@ impl Pb {
         }
     }
 
+    #[inline]
     fn fixed64(&mut self, field: u32, v: u64) {
         self.tag(field, I64);
         self.0.extend_from_slice(&v.to_le_bytes());
     }
 
+    #[inline]
     fn fixed32(&mut self, field: u32, v: u32) {
         self.tag(field, I32);
         self.0.extend_from_slice(&v.to_le_bytes());
@@ -223,6 +230,7 @@ impl Pb {
 }
 
 /// Bytes of `v` as a varint.
+#[inline]
 fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
@@ -282,6 +290,8 @@ fn span(
     events_dropped: u32,
     error: bool,
 ) {
+    // One allocation check for the common case (a span is a few hundred bytes).
+    pb.0.reserve(1024);
     pb.message(2, |s| {
         s.bytes(1, &head.trace_id.to_bytes());
         s.bytes(2, &head.span_id.to_bytes());

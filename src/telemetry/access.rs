@@ -19,7 +19,7 @@
 //! holding stdout's lock, so lines never interleave with the other log lines
 //! mid-line; [`flush`] (called at shutdown) waits for what is queued.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock};
@@ -185,7 +185,7 @@ fn tracing_line(f: &RequestFacts<'_>, bytes_in: Option<u64>, bytes_out: Option<u
 /// keys, order and number formats as `tracing-subscriber`'s JSON formatter
 /// (flattened event), timestamped `now` with microseconds.
 pub fn write_json_line(
-    buf: &mut Vec<u8>,
+    buf: &mut String,
     now: SystemTime,
     f: &RequestFacts<'_>,
     bytes_in: Option<u64>,
@@ -193,11 +193,11 @@ pub fn write_json_line(
 ) {
     let mut w = JsonWriter::new(buf);
     w.key("timestamp");
-    w.raw_str(&timestamp_micros(now));
+    w.plain_str(std::str::from_utf8(&timestamp_micros(now)).unwrap_or(""));
     w.key("level");
-    w.raw(b"\"INFO\"");
+    w.raw("\"INFO\"");
     w.key("message");
-    w.raw(b"\"request\"");
+    w.raw("\"request\"");
     w.key("track_id");
     w.str(f.track_id);
     if let Some(v) = f.trace_id {
@@ -247,57 +247,48 @@ pub fn write_json_line(
         w.str(code);
     }
     w.key("target");
-    w.raw(b"\"access\"");
+    w.raw("\"access\"");
     w.finish();
-    buf.push(b'\n');
+    buf.push('\n');
 }
 
 thread_local! {
-    /// The second last formatted on this thread, `YYYY-MM-DDTHH:MM:SS`.
-    static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
     /// Line buffer, reused by every access line made on this thread.
-    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-/// `2026-11-29T08:26:00.123456Z` (what `tracing-subscriber` writes); the
-/// date and time of day are formatted once per second per thread.
+/// `2026-11-29T08:26:00.123456Z` (what `tracing-subscriber` writes).
 fn timestamp_micros(now: SystemTime) -> [u8; 27] {
     let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (cached, mut text) = SECOND.get();
-    if cached != secs {
-        text = date_time_seconds(secs);
-        SECOND.set((secs, text));
-    }
     let mut out = [0u8; 27];
-    out[..19].copy_from_slice(&text);
+    out[..19].copy_from_slice(&date_time_seconds(d.as_secs()));
     out[19] = b'.';
     put_digits(&mut out[20..26], d.subsec_micros());
     out[26] = b'Z';
     out
 }
 
-/// A minimal JSON object writer over a byte buffer: keys are trusted
-/// literals; strings and numbers are formatted by `serde_json` (same
-/// escaping and float format as everywhere else).
+/// A minimal JSON object writer over a `String`: keys are trusted
+/// literals; strings are escaped as `serde_json` escapes them, integers
+/// in decimal, floats formatted by `serde_json` (shortest round trip).
 ///
 /// In values mode ([`JsonWriter::values`]) it writes no braces and no keys:
 /// each `key` call writes [`VALUE_SEPARATOR`] instead (none before the
 /// first), leaving the JSON-encoded values one after the other.
 pub(crate) struct JsonWriter<'a> {
-    buf: &'a mut Vec<u8>,
+    buf: &'a mut String,
     first: bool,
     values_only: bool,
 }
 
 /// Separates values in [`JsonWriter::values`] mode: a control character,
 /// which JSON text only ever holds escaped.
-pub(crate) const VALUE_SEPARATOR: u8 = 0x01;
+pub(crate) const VALUE_SEPARATOR: char = '\u{1}';
 
 impl<'a> JsonWriter<'a> {
     /// Opens an object at the end of `buf`.
-    pub(crate) fn new(buf: &'a mut Vec<u8>) -> Self {
-        buf.push(b'{');
+    pub(crate) fn new(buf: &'a mut String) -> Self {
+        buf.push('{');
         JsonWriter {
             buf,
             first: true,
@@ -306,7 +297,7 @@ impl<'a> JsonWriter<'a> {
     }
 
     /// Values only, separated by [`VALUE_SEPARATOR`], at the end of `buf`.
-    pub(crate) fn values(buf: &'a mut Vec<u8>) -> Self {
+    pub(crate) fn values(buf: &'a mut String) -> Self {
         JsonWriter {
             buf,
             first: true,
@@ -323,18 +314,18 @@ impl<'a> JsonWriter<'a> {
             }
             return;
         }
+        self.buf.reserve(key.len() + 4);
         if !first {
-            self.buf.push(b',');
+            self.buf.push(',');
         }
-        self.buf.push(b'"');
-        self.buf.extend_from_slice(key.as_bytes());
-        self.buf.extend_from_slice(b"\":");
+        self.buf.push('"');
+        self.buf.push_str(key);
+        self.buf.push_str("\":");
     }
 
     /// A JSON string.
     pub(crate) fn str(&mut self, s: &str) {
-        // Writing into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *self.buf, s);
+        escape_into(self.buf, s);
     }
 
     /// A string or `null`.
@@ -345,31 +336,55 @@ impl<'a> JsonWriter<'a> {
         }
     }
 
-    /// A string whose bytes need no escaping (digits, `-`, `:`, …).
-    pub(crate) fn raw_str(&mut self, s: &[u8]) {
-        self.buf.push(b'"');
-        self.buf.extend_from_slice(s);
-        self.buf.push(b'"');
+    /// A string that needs no escaping (a timestamp, …).
+    pub(crate) fn plain_str(&mut self, s: &str) {
+        self.buf.reserve(s.len() + 2);
+        self.buf.push('"');
+        self.buf.push_str(s);
+        self.buf.push('"');
     }
 
-    /// Bytes copied as they are (valid JSON by construction).
-    pub(crate) fn raw(&mut self, s: &[u8]) {
-        self.buf.extend_from_slice(s);
+    /// Text copied as it is (valid JSON by construction).
+    pub(crate) fn raw(&mut self, s: &str) {
+        self.buf.push_str(s);
     }
 
     /// An integer.
-    pub(crate) fn u64(&mut self, n: u64) {
-        let _ = serde_json::to_writer(&mut *self.buf, &n);
+    pub(crate) fn u64(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &d in &digits[at..] {
+            self.buf.push(char::from(d));
+        }
     }
 
-    /// A float (`null` if not finite, as `serde_json` does).
+    /// A float as `serde_json` writes it (`null` if not finite).
     pub(crate) fn f64(&mut self, n: f64) {
-        let _ = serde_json::to_writer(&mut *self.buf, &n);
+        let mut text = [0u8; 40];
+        let mut cursor = &mut text[..];
+        let room = cursor.len();
+        // 40 bytes hold any f64 `serde_json` writes; on failure: `null`.
+        let written = match serde_json::to_writer(&mut cursor, &n) {
+            Ok(()) => room - cursor.len(),
+            Err(_) => 0,
+        };
+        match text.get(..written).map(std::str::from_utf8) {
+            Some(Ok(t)) if !t.is_empty() => self.buf.push_str(t),
+            _ => self.null(),
+        }
     }
 
     /// `null`.
     pub(crate) fn null(&mut self) {
-        self.buf.extend_from_slice(b"null");
+        self.buf.push_str("null");
     }
 
     /// Bytes written to the buffer so far (all of it, not only this object).
@@ -380,9 +395,53 @@ impl<'a> JsonWriter<'a> {
     /// Closes the object.
     pub(crate) fn finish(self) {
         if !self.values_only {
-            self.buf.push(b'}');
+            self.buf.push('}');
         }
     }
+}
+
+/// Appends `s` as a JSON string, escaped exactly as `serde_json` escapes:
+/// `"` and `\`, control characters (`\b \f \n \r \t`, else `\u00xx`).
+pub(crate) fn escape_into(out: &mut String, s: &str) {
+    let bytes = s.as_bytes();
+    // No short-circuit: the compiler turns this into a wide scan.
+    let plain = bytes
+        .iter()
+        .fold(true, |ok, &b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    out.reserve(s.len() + 2);
+    out.push('"');
+    if plain {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // `i` is at an ASCII byte: a char boundary.
+        out.push_str(s.get(start..i).unwrap_or(""));
+        if short.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(short);
+        }
+        start = i + 1;
+    }
+    out.push_str(s.get(start..).unwrap_or(""));
+    out.push('"');
 }
 
 // ------------------------------------------------------------------ writer
@@ -493,13 +552,13 @@ impl LineSink {
             Ok(mut buf) => {
                 buf.clear();
                 write_json_line(&mut buf, now, f, bytes_in, bytes_out);
-                self.enqueue(&buf);
+                self.enqueue(buf.as_bytes());
             }
             // Only if re-entered on this thread: use a fresh buffer.
             Err(_) => {
-                let mut buf = Vec::new();
+                let mut buf = String::new();
                 write_json_line(&mut buf, now, f, bytes_in, bytes_out);
-                self.enqueue(&buf);
+                self.enqueue(buf.as_bytes());
             }
         });
     }
@@ -651,9 +710,9 @@ mod tests {
     }
 
     fn ours(f: &RequestFacts<'_>, bytes_in: Option<u64>, bytes_out: Option<u64>) -> String {
-        let mut buf = Vec::new();
+        let mut buf = String::new();
         write_json_line(&mut buf, SystemTime::now(), f, bytes_in, bytes_out);
-        String::from_utf8(buf).unwrap()
+        buf
     }
 
     /// Both lines with the timestamp value blanked.
@@ -692,6 +751,44 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&got).unwrap();
         assert!(v.get("route").is_none() && v.get("bytes_in").is_none());
         assert_eq!(v["latency_ms"], 2.0);
+    }
+
+    #[test]
+    fn strings_and_numbers_are_written_as_serde_json_writes_them() {
+        let mut samples: Vec<String> = (0u32..0x80)
+            .filter_map(char::from_u32)
+            .map(|c| format!("a{c}b"))
+            .collect();
+        samples.extend(
+            [
+                "",
+                "plain/path-123_ok",
+                "é \u{2028} \u{7f} 😀",
+                "\"\\\n\r\t\u{8}\u{c}\u{0}\u{1f}",
+                "tail\\",
+                "\"lead",
+            ]
+            .map(String::from),
+        );
+        for s in &samples {
+            let mut out = String::new();
+            escape_into(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+        for n in [0u64, 7, 10, 499, 65_535, 1 << 40, u64::MAX] {
+            let mut out = String::new();
+            JsonWriter::values(&mut out).u64(n);
+            assert_eq!(out, serde_json::to_string(&n).unwrap());
+        }
+        for micros in [0u64, 1, 864, 1000, 1500, 210_338, 999_999, 123_456_789_012] {
+            let v = ms(Duration::from_micros(micros));
+            let mut out = String::new();
+            JsonWriter::values(&mut out).f64(v);
+            assert_eq!(out, serde_json::to_string(&v).unwrap(), "{micros} µs");
+        }
+        let mut out = String::new();
+        JsonWriter::values(&mut out).f64(f64::NAN);
+        assert_eq!(out, "null");
     }
 
     #[test]

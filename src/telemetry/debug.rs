@@ -109,29 +109,29 @@ impl RequestRecord {
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buf) => Self::build(&mut buf, facts),
             // Only if re-entered on this thread: use a fresh buffer.
-            Err(_) => Self::build(&mut Vec::new(), facts),
+            Err(_) => Self::build(&mut String::new(), facts),
         })
     }
 
-    fn build(buf: &mut Vec<u8>, f: &RequestFacts<'_>) -> RequestRecord {
+    fn build(buf: &mut String, f: &RequestFacts<'_>) -> RequestRecord {
         buf.clear();
         // One `key` call per entry of KEYS, in that order.
         let mut w = JsonWriter::values(buf);
         w.key("caller");
         w.opt_str(f.caller);
         w.key("decisions");
-        w.raw(b"[");
+        w.raw("[");
         for (i, n) in f.notes.iter().enumerate() {
             if i > 0 {
-                w.raw(b",");
+                w.raw(",");
             }
-            w.raw(b"{\"kind\":");
+            w.raw("{\"kind\":");
             w.str(n.kind);
-            w.raw(b",\"text\":");
+            w.raw(",\"text\":");
             w.str(&n.text);
-            w.raw(b"}");
+            w.raw("}");
         }
-        w.raw(b"]");
+        w.raw("]");
         w.key("decisions_dropped");
         if f.notes_dropped != 0 {
             w.u64(f.notes_dropped.into());
@@ -153,7 +153,7 @@ impl RequestRecord {
         w.key("status");
         w.u64(f.status.into());
         w.key("time");
-        w.raw_str(&Rfc3339Millis(f.time).bytes());
+        w.plain_str(std::str::from_utf8(&Rfc3339Millis(f.time).bytes()).unwrap_or(""));
         w.key("trace_id");
         if let Some(t) = f.trace_id {
             w.str(t);
@@ -177,7 +177,7 @@ impl RequestRecord {
         w.key("zuora_request_id");
         w.opt_str(f.zuora_request_id);
         w.finish();
-        let values: Arc<str> = Arc::from(&*String::from_utf8_lossy(buf));
+        let values: Arc<str> = Arc::from(buf.as_str());
         // Track IDs are at most 64 characters; a longer one is not findable.
         let (track_at, track_len) = match (u32::try_from(track_at), u16::try_from(track_len)) {
             (Ok(at), Ok(len)) => (at, len),
@@ -195,7 +195,7 @@ impl RequestRecord {
     pub fn write_json(&self, out: &mut String) {
         out.push('{');
         let mut first = true;
-        let values = self.values.split(char::from(VALUE_SEPARATOR));
+        let values = self.values.split(VALUE_SEPARATOR);
         for (key, value) in KEYS.iter().zip(values) {
             if value.is_empty() {
                 continue;
@@ -246,7 +246,10 @@ impl RequestRecord {
 
 thread_local! {
     /// Serialization buffer, reused by every record made on this thread.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    /// The second last formatted on this thread, `YYYY-MM-DDTHH:MM:SS`.
+    static SECOND: std::cell::Cell<(u64, [u8; 19])> =
+        const { std::cell::Cell::new((u64::MAX, [0; 19])) };
 }
 
 /// A bounded ring of [`RequestRecord`]s (oldest evicted first).
@@ -459,8 +462,19 @@ impl Rfc3339Millis {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of `secs` since the epoch (UTC; years 0–9999).
+/// `YYYY-MM-DDTHH:MM:SS` of `secs` since the epoch (UTC; years 0–9999),
+/// formatted once per second per thread.
 pub(crate) fn date_time_seconds(secs: u64) -> [u8; 19] {
+    let (cached, text) = SECOND.get();
+    if cached == secs {
+        return text;
+    }
+    let text = format_date_time(secs);
+    SECOND.set((secs, text));
+    text
+}
+
+fn format_date_time(secs: u64) -> [u8; 19] {
     let days = (secs / 86_400) as i64;
     let rem = (secs % 86_400) as u32;
     let (y, m, d) = civil_from_days(days);

@@ -11,6 +11,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -186,7 +187,39 @@ const MAX_CACHED: usize = 1024;
 struct HandleCache {
     /// Lookup key being built: metrics id, status, route length, route, caller.
     key: Vec<u8>,
-    map: HashMap<Box<[u8]>, Handles>,
+    map: HashMap<Box<[u8]>, Handles, BuildHasherDefault<WordHasher>>,
+}
+
+/// A multiply-rotate hash over 8-byte words (FxHash's): a few instructions
+/// per key, against SipHash's hundreds. Keys are route and caller names
+/// the gateway itself admitted, and the map is capped at [`MAX_CACHED`]
+/// entries, so a crafted collision costs at most a bounded scan.
+#[derive(Default)]
+struct WordHasher(u64);
+
+impl Hasher for WordHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            self.add(u64::from_le_bytes(word));
+        }
+        let mut word = [0u8; 8];
+        let rest = chunks.remainder();
+        word[..rest.len()].copy_from_slice(rest);
+        self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 59));
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl WordHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
 }
 
 impl HandleCache {

@@ -227,10 +227,10 @@ pub fn write_json_line(
         w.str(v);
     }
     w.key("latency_ms");
-    w.f64(ms(f.latency));
+    w.millis(f.latency);
     if let Some(v) = f.upstream_latency {
         w.key("upstream_latency_ms");
-        w.f64(ms(v));
+        w.millis(v);
     }
     if let Some(v) = bytes_in {
         w.key("bytes_in");
@@ -315,10 +315,7 @@ impl<'a> JsonWriter<'a> {
             return;
         }
         self.buf.reserve(key.len() + 4);
-        if !first {
-            self.buf.push(',');
-        }
-        self.buf.push('"');
+        self.buf.push_str(if first { "\"" } else { ",\"" });
         self.buf.push_str(key);
         self.buf.push_str("\":");
     }
@@ -361,9 +358,39 @@ impl<'a> JsonWriter<'a> {
                 break;
             }
         }
-        for &d in &digits[at..] {
-            self.buf.push(char::from(d));
+        self.buf
+            .push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+    }
+
+    /// A duration in milliseconds with microsecond precision, exactly as
+    /// `serde_json` writes the `f64` `micros / 1000.0` (`1.5`, `2.0`,
+    /// `0.864`): that float's shortest round-trip form is the decimal itself
+    /// below 2^43 ms (278 years); past that, the float path is used.
+    pub(crate) fn millis(&mut self, d: Duration) {
+        let micros = d.as_micros();
+        let Ok(micros) = u64::try_from(micros) else {
+            return self.f64(ms(d));
+        };
+        if micros >= (1u64 << 43) * 1000 {
+            return self.f64(ms(d));
         }
+        self.u64(micros / 1000);
+        let frac = (micros % 1000) as u32;
+        if frac == 0 {
+            self.buf.push_str(".0");
+            return;
+        }
+        let mut text = *b".000";
+        super::debug::put_digits(&mut text[1..], frac);
+        let len = if frac.is_multiple_of(100) {
+            2
+        } else if frac.is_multiple_of(10) {
+            3
+        } else {
+            4
+        };
+        self.buf
+            .push_str(std::str::from_utf8(&text[..len]).unwrap_or(".0"));
     }
 
     /// A float as `serde_json` writes it (`null` if not finite).
@@ -789,6 +816,15 @@ mod tests {
         let mut out = String::new();
         JsonWriter::values(&mut out).f64(f64::NAN);
         assert_eq!(out, "null");
+        let mut micros: Vec<u64> = (0..200_000).collect();
+        micros.extend((0..2000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20));
+        micros.extend([(1 << 43) * 1000 - 1, (1 << 43) * 1000, u64::MAX]);
+        for m in micros {
+            let d = Duration::from_micros(m);
+            let mut out = String::new();
+            JsonWriter::values(&mut out).millis(d);
+            assert_eq!(out, serde_json::to_string(&ms(d)).unwrap(), "{m} µs");
+        }
     }
 
     #[test]

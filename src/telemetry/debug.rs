@@ -143,7 +143,7 @@ impl RequestRecord {
         w.key("error_kind");
         w.opt_str(f.error.map(|e| e.0));
         w.key("latency_ms");
-        w.f64(ms(f.latency));
+        w.millis(f.latency);
         w.key("method");
         w.str(f.method);
         w.key("path");
@@ -166,7 +166,7 @@ impl RequestRecord {
         w.u64(f.upstream_attempts.into());
         w.key("upstream_latency_ms");
         match f.upstream_latency {
-            Some(d) => w.f64(ms(d)),
+            Some(d) => w.millis(d),
             None => w.null(),
         }
         w.key("upstream_status");
@@ -398,10 +398,6 @@ impl DebugQuery {
         }
         Ok(q)
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_micros() as f64) / 1000.0
 }
 
 /// The `/debug/requests` response for `query` (the raw query string).
@@ -665,6 +661,10 @@ mod tests {
         decisions: Vec<serde_json::Value>,
         #[serde(skip_serializing_if = "is_zero")]
         decisions_dropped: u32,
+    }
+
+    fn ms(d: Duration) -> f64 {
+        (d.as_micros() as f64) / 1000.0
     }
 
     fn is_zero(n: &u32) -> bool {

@@ -28,7 +28,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use http::{HeaderValue, Method};
 use prometheus_client::metrics::counter::Counter;
 
-use super::debug::{DebugRing, RequestFacts, date_time_seconds, put_digits};
+use super::debug::{
+    DebugRing, RequestFacts, RequestRecord, Values, date_time_seconds, encode_values, field,
+    put_digits,
+};
 use super::trail::Trail;
 use crate::layers::rescue::RescuedError;
 use crate::metrics::RequestMetrics;
@@ -141,9 +144,9 @@ impl Recorder {
             notes: &t.notes,
             notes_dropped: t.notes_dropped,
         };
-        match SINK.get() {
-            Some(sink) => sink.write_line(&facts, c.bytes_in, c.bytes_out),
-            None => tracing_line(&facts, c.bytes_in, c.bytes_out),
+        let sink = SINK.get();
+        if sink.is_none() {
+            tracing_line(&facts, c.bytes_in, c.bytes_out);
         }
         if let Some(m) = &self.metrics {
             m.record(
@@ -154,8 +157,40 @@ impl Recorder {
                 upstream.filter(|u| u.attempts > 0).map(|u| u.latency),
             );
         }
-        self.ring.record(&facts);
+        if sink.is_some() || self.ring.enabled() {
+            // The facts are JSON-encoded once; the ring keeps that text and
+            // the access line copies its values.
+            with_buffers(|values, line| {
+                let v = encode_values(values, &facts);
+                if let Some(sink) = sink {
+                    line.clear();
+                    write_line_from_values(line, SystemTime::now(), &v, c.bytes_in, c.bytes_out);
+                    sink.enqueue(line);
+                }
+                if self.ring.enabled() {
+                    self.ring.push(RequestRecord::from_values(&v, facts.status));
+                }
+            });
+        }
     }
+}
+
+thread_local! {
+    /// Encoded values and access line, reused by every request on this thread.
+    static BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's (cleared) values buffer and its line buffer.
+fn with_buffers<R>(f: impl FnOnce(&mut Vec<u8>, &mut Vec<u8>) -> R) -> R {
+    BUFFERS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => {
+            let (values, line) = &mut *b;
+            values.clear();
+            f(values, line)
+        }
+        // Only if re-entered on this thread: fresh buffers.
+        Err(_) => f(&mut Vec::new(), &mut Vec::new()),
+    })
 }
 
 /// The access line as a `tracing` event (text format; no installed writer).
@@ -185,76 +220,71 @@ fn tracing_line(f: &RequestFacts<'_>, bytes_in: Option<u64>, bytes_out: Option<u
 /// keys, order and number formats as `tracing-subscriber`'s JSON formatter
 /// (flattened event), timestamped `now` with microseconds.
 pub fn write_json_line(
-    buf: &mut String,
+    buf: &mut Vec<u8>,
     now: SystemTime,
     f: &RequestFacts<'_>,
     bytes_in: Option<u64>,
     bytes_out: Option<u64>,
 ) {
-    let mut w = JsonWriter::new(buf);
-    w.key("timestamp");
-    w.plain_str(std::str::from_utf8(&timestamp_micros(now)).unwrap_or(""));
-    w.key("level");
-    w.raw("\"INFO\"");
-    w.key("message");
-    w.raw("\"request\"");
-    w.key("track_id");
-    w.str(f.track_id);
-    if let Some(v) = f.trace_id {
-        w.key("trace_id");
-        w.str(v);
-    }
-    w.key("method");
-    w.str(f.method);
-    if let Some(v) = f.route {
-        w.key("route");
-        w.str(v);
-    }
-    w.key("path");
-    w.str(f.path);
-    if let Some(v) = f.caller {
-        w.key("caller");
-        w.str(v);
-    }
-    w.key("status");
-    w.u64(f.status.into());
-    if let Some(v) = f.upstream_status {
-        w.key("upstream_status");
-        w.u64(v.into());
-    }
-    if let Some(v) = f.zuora_request_id {
-        w.key("zuora_request_id");
-        w.str(v);
-    }
-    w.key("latency_ms");
-    w.millis(f.latency);
-    if let Some(v) = f.upstream_latency {
-        w.key("upstream_latency_ms");
-        w.millis(v);
-    }
-    if let Some(v) = bytes_in {
-        w.key("bytes_in");
-        w.u64(v);
-    }
-    if let Some(v) = bytes_out {
-        w.key("bytes_out");
-        w.u64(v);
-    }
-    if let Some((kind, code)) = f.error {
-        w.key("error_kind");
-        w.str(kind);
-        w.key("error_code");
-        w.str(code);
-    }
-    w.key("target");
-    w.raw("\"access\"");
-    w.finish();
-    buf.push('\n');
+    let mut values = Vec::new();
+    let v = encode_values(&mut values, f);
+    write_line_from_values(buf, now, &v, bytes_in, bytes_out);
 }
 
-thread_local! {
-    /// Line buffer, reused by every access line made on this thread.
-    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+/// The access line from the already encoded values (see [`write_json_line`]):
+/// constant key texts between copies of the values; a value that is `null`
+/// or empty leaves its key out, as `tracing` leaves out a `None` field.
+fn write_line_from_values(
+    out: &mut Vec<u8>,
+    now: SystemTime,
+    v: &Values<'_>,
+    bytes_in: Option<u64>,
+    bytes_out: Option<u64>,
+) {
+    fn opt(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+        if !value.is_empty() && value != b"null" {
+            out.extend_from_slice(key);
+            out.extend_from_slice(value);
+        }
+    }
+    out.reserve(v.text_len() + 256);
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    out.extend_from_slice(&timestamp_micros(now));
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"track_id\":");
+    out.extend_from_slice(v.get(field::TRACK_ID));
+    opt(out, b",\"trace_id\":", v.get(field::TRACE_ID));
+    out.extend_from_slice(b",\"method\":");
+    out.extend_from_slice(v.get(field::METHOD));
+    opt(out, b",\"route\":", v.get(field::ROUTE));
+    out.extend_from_slice(b",\"path\":");
+    out.extend_from_slice(v.get(field::PATH));
+    opt(out, b",\"caller\":", v.get(field::CALLER));
+    out.extend_from_slice(b",\"status\":");
+    out.extend_from_slice(v.get(field::STATUS));
+    opt(out, b",\"upstream_status\":", v.get(field::UPSTREAM_STATUS));
+    opt(
+        out,
+        b",\"zuora_request_id\":",
+        v.get(field::ZUORA_REQUEST_ID),
+    );
+    out.extend_from_slice(b",\"latency_ms\":");
+    out.extend_from_slice(v.get(field::LATENCY_MS));
+    opt(
+        out,
+        b",\"upstream_latency_ms\":",
+        v.get(field::UPSTREAM_LATENCY_MS),
+    );
+    if let Some(n) = bytes_in {
+        out.extend_from_slice(b",\"bytes_in\":");
+        json::u64(out, n);
+    }
+    if let Some(n) = bytes_out {
+        out.extend_from_slice(b",\"bytes_out\":");
+        json::u64(out, n);
+    }
+    opt(out, b",\"error_kind\":", v.get(field::ERROR_KIND));
+    opt(out, b",\"error_code\":", v.get(field::ERROR_CODE));
+    out.extend_from_slice(b",\"target\":\"access\"}\n");
 }
 
 /// `2026-11-29T08:26:00.123456Z` (what `tracing-subscriber` writes).
@@ -268,86 +298,70 @@ fn timestamp_micros(now: SystemTime) -> [u8; 27] {
     out
 }
 
-/// A minimal JSON object writer over a `String`: keys are trusted
-/// literals; strings are escaped as `serde_json` escapes them, integers
-/// in decimal, floats formatted by `serde_json` (shortest round trip).
-///
-/// In values mode ([`JsonWriter::values`]) it writes no braces and no keys:
-/// each `key` call writes [`VALUE_SEPARATOR`] instead (none before the
-/// first), leaving the JSON-encoded values one after the other.
-pub(crate) struct JsonWriter<'a> {
-    buf: &'a mut String,
-    first: bool,
-    values_only: bool,
-}
+/// JSON values written into byte buffers, exactly as `serde_json` writes
+/// them (checked in the tests): strings escaped the same way, integers in
+/// decimal, durations as `serde_json` writes the `f64` milliseconds.
+pub(crate) mod json {
+    use std::time::Duration;
 
-/// Separates values in [`JsonWriter::values`] mode: a control character,
-/// which JSON text only ever holds escaped.
-pub(crate) const VALUE_SEPARATOR: char = '\u{1}';
-
-impl<'a> JsonWriter<'a> {
-    /// Opens an object at the end of `buf`.
-    pub(crate) fn new(buf: &'a mut String) -> Self {
-        buf.push('{');
-        JsonWriter {
-            buf,
-            first: true,
-            values_only: false,
-        }
-    }
-
-    /// Values only, separated by [`VALUE_SEPARATOR`], at the end of `buf`.
-    pub(crate) fn values(buf: &'a mut String) -> Self {
-        JsonWriter {
-            buf,
-            first: true,
-            values_only: true,
-        }
-    }
-
-    /// `,"key":` (no comma before the first key). `key` needs no escaping.
-    pub(crate) fn key(&mut self, key: &'static str) {
-        let first = std::mem::replace(&mut self.first, false);
-        if self.values_only {
-            if !first {
-                self.buf.push(VALUE_SEPARATOR);
-            }
+    /// `s` as a JSON string: `"` and `\`, and control characters escaped
+    /// (`\b \f \n \r \t`, else `\u00xx`); everything else as is.
+    pub(crate) fn str(out: &mut Vec<u8>, s: &str) {
+        let bytes = s.as_bytes();
+        // No short-circuit: the compiler turns this into a wide scan.
+        let plain = bytes
+            .iter()
+            .fold(true, |ok, &b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        if plain {
+            out.extend_from_slice(bytes);
+            out.push(b'"');
             return;
         }
-        self.buf.reserve(key.len() + 4);
-        self.buf.push_str(if first { "\"" } else { ",\"" });
-        self.buf.push_str(key);
-        self.buf.push_str("\":");
-    }
-
-    /// A JSON string.
-    pub(crate) fn str(&mut self, s: &str) {
-        escape_into(self.buf, s);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let short: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0x08 => b"\\b",
+                0x0c => b"\\f",
+                0x00..=0x1f => b"",
+                _ => continue,
+            };
+            out.extend_from_slice(bytes.get(start..i).unwrap_or(b""));
+            if short.is_empty() {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            } else {
+                out.extend_from_slice(short);
+            }
+            start = i + 1;
+        }
+        out.extend_from_slice(bytes.get(start..).unwrap_or(b""));
+        out.push(b'"');
     }
 
     /// A string or `null`.
-    pub(crate) fn opt_str(&mut self, s: Option<&str>) {
+    pub(crate) fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
         match s {
-            Some(s) => self.str(s),
-            None => self.null(),
+            Some(s) => str(out, s),
+            None => null(out),
         }
     }
 
-    /// A string that needs no escaping (a timestamp, …).
-    pub(crate) fn plain_str(&mut self, s: &str) {
-        self.buf.reserve(s.len() + 2);
-        self.buf.push('"');
-        self.buf.push_str(s);
-        self.buf.push('"');
+    /// `null`.
+    pub(crate) fn null(out: &mut Vec<u8>) {
+        out.extend_from_slice(b"null");
     }
 
-    /// Text copied as it is (valid JSON by construction).
-    pub(crate) fn raw(&mut self, s: &str) {
-        self.buf.push_str(s);
-    }
-
-    /// An integer.
-    pub(crate) fn u64(&mut self, mut n: u64) {
+    /// An integer in decimal.
+    pub(crate) fn u64(out: &mut Vec<u8>, mut n: u64) {
         let mut digits = [0u8; 20];
         let mut at = digits.len();
         loop {
@@ -358,30 +372,32 @@ impl<'a> JsonWriter<'a> {
                 break;
             }
         }
-        self.buf
-            .push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+        out.extend_from_slice(&digits[at..]);
+    }
+
+    /// A float as `serde_json` writes it (`null` if not finite).
+    pub(crate) fn f64(out: &mut Vec<u8>, n: f64) {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, &n);
     }
 
     /// A duration in milliseconds with microsecond precision, exactly as
     /// `serde_json` writes the `f64` `micros / 1000.0` (`1.5`, `2.0`,
     /// `0.864`): that float's shortest round-trip form is the decimal itself
     /// below 2^43 ms (278 years); past that, the float path is used.
-    pub(crate) fn millis(&mut self, d: Duration) {
-        let micros = d.as_micros();
-        let Ok(micros) = u64::try_from(micros) else {
-            return self.f64(ms(d));
+    pub(crate) fn millis(out: &mut Vec<u8>, d: Duration) {
+        let micros = match u64::try_from(d.as_micros()) {
+            Ok(m) if m < (1u64 << 43) * 1000 => m,
+            _ => return f64(out, (d.as_micros() as f64) / 1000.0),
         };
-        if micros >= (1u64 << 43) * 1000 {
-            return self.f64(ms(d));
-        }
-        self.u64(micros / 1000);
+        u64(out, micros / 1000);
         let frac = (micros % 1000) as u32;
         if frac == 0 {
-            self.buf.push_str(".0");
+            out.extend_from_slice(b".0");
             return;
         }
         let mut text = *b".000";
-        super::debug::put_digits(&mut text[1..], frac);
+        super::put_digits(&mut text[1..], frac);
         let len = if frac.is_multiple_of(100) {
             2
         } else if frac.is_multiple_of(10) {
@@ -389,86 +405,8 @@ impl<'a> JsonWriter<'a> {
         } else {
             4
         };
-        self.buf
-            .push_str(std::str::from_utf8(&text[..len]).unwrap_or(".0"));
+        out.extend_from_slice(&text[..len]);
     }
-
-    /// A float as `serde_json` writes it (`null` if not finite).
-    pub(crate) fn f64(&mut self, n: f64) {
-        let mut text = [0u8; 40];
-        let mut cursor = &mut text[..];
-        let room = cursor.len();
-        // 40 bytes hold any f64 `serde_json` writes; on failure: `null`.
-        let written = match serde_json::to_writer(&mut cursor, &n) {
-            Ok(()) => room - cursor.len(),
-            Err(_) => 0,
-        };
-        match text.get(..written).map(std::str::from_utf8) {
-            Some(Ok(t)) if !t.is_empty() => self.buf.push_str(t),
-            _ => self.null(),
-        }
-    }
-
-    /// `null`.
-    pub(crate) fn null(&mut self) {
-        self.buf.push_str("null");
-    }
-
-    /// Bytes written to the buffer so far (all of it, not only this object).
-    pub(crate) fn len(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Closes the object.
-    pub(crate) fn finish(self) {
-        if !self.values_only {
-            self.buf.push('}');
-        }
-    }
-}
-
-/// Appends `s` as a JSON string, escaped exactly as `serde_json` escapes:
-/// `"` and `\`, control characters (`\b \f \n \r \t`, else `\u00xx`).
-pub(crate) fn escape_into(out: &mut String, s: &str) {
-    let bytes = s.as_bytes();
-    // No short-circuit: the compiler turns this into a wide scan.
-    let plain = bytes
-        .iter()
-        .fold(true, |ok, &b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
-    out.reserve(s.len() + 2);
-    out.push('"');
-    if plain {
-        out.push_str(s);
-        out.push('"');
-        return;
-    }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0x00..=0x1f => "",
-            _ => continue,
-        };
-        // `i` is at an ASCII byte: a char boundary.
-        out.push_str(s.get(start..i).unwrap_or(""));
-        if short.is_empty() {
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
-        } else {
-            out.push_str(short);
-        }
-        start = i + 1;
-    }
-    out.push_str(s.get(start..).unwrap_or(""));
-    out.push('"');
 }
 
 // ------------------------------------------------------------------ writer
@@ -573,21 +511,11 @@ impl LineSink {
     }
 
     /// Formats `f`'s line on this thread and queues it.
+    #[cfg(test)]
     fn write_line(&self, f: &RequestFacts<'_>, bytes_in: Option<u64>, bytes_out: Option<u64>) {
-        let now = SystemTime::now();
-        LINE.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => {
-                buf.clear();
-                write_json_line(&mut buf, now, f, bytes_in, bytes_out);
-                self.enqueue(buf.as_bytes());
-            }
-            // Only if re-entered on this thread: use a fresh buffer.
-            Err(_) => {
-                let mut buf = String::new();
-                write_json_line(&mut buf, now, f, bytes_in, bytes_out);
-                self.enqueue(buf.as_bytes());
-            }
-        });
+        let mut line = Vec::new();
+        write_json_line(&mut line, SystemTime::now(), f, bytes_in, bytes_out);
+        self.enqueue(&line);
     }
 
     /// Queues whole lines; drops them (counted) when the queue is full.
@@ -737,9 +665,9 @@ mod tests {
     }
 
     fn ours(f: &RequestFacts<'_>, bytes_in: Option<u64>, bytes_out: Option<u64>) -> String {
-        let mut buf = String::new();
+        let mut buf = Vec::new();
         write_json_line(&mut buf, SystemTime::now(), f, bytes_in, bytes_out);
-        buf
+        String::from_utf8(buf).unwrap()
     }
 
     /// Both lines with the timestamp value blanked.
@@ -798,32 +726,32 @@ mod tests {
             .map(String::from),
         );
         for s in &samples {
-            let mut out = String::new();
-            escape_into(&mut out, s);
-            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+            let mut out = Vec::new();
+            json::str(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
         }
         for n in [0u64, 7, 10, 499, 65_535, 1 << 40, u64::MAX] {
-            let mut out = String::new();
-            JsonWriter::values(&mut out).u64(n);
-            assert_eq!(out, serde_json::to_string(&n).unwrap());
+            let mut out = Vec::new();
+            json::u64(&mut out, n);
+            assert_eq!(out, serde_json::to_vec(&n).unwrap());
         }
         for micros in [0u64, 1, 864, 1000, 1500, 210_338, 999_999, 123_456_789_012] {
             let v = ms(Duration::from_micros(micros));
-            let mut out = String::new();
-            JsonWriter::values(&mut out).f64(v);
-            assert_eq!(out, serde_json::to_string(&v).unwrap(), "{micros} µs");
+            let mut out = Vec::new();
+            json::f64(&mut out, v);
+            assert_eq!(out, serde_json::to_vec(&v).unwrap(), "{micros} µs");
         }
-        let mut out = String::new();
-        JsonWriter::values(&mut out).f64(f64::NAN);
-        assert_eq!(out, "null");
+        let mut out = Vec::new();
+        json::f64(&mut out, f64::NAN);
+        assert_eq!(out, b"null");
         let mut micros: Vec<u64> = (0..200_000).collect();
         micros.extend((0..2000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20));
         micros.extend([(1 << 43) * 1000 - 1, (1 << 43) * 1000, u64::MAX]);
         for m in micros {
             let d = Duration::from_micros(m);
-            let mut out = String::new();
-            JsonWriter::values(&mut out).millis(d);
-            assert_eq!(out, serde_json::to_string(&ms(d)).unwrap(), "{m} µs");
+            let mut out = Vec::new();
+            json::millis(&mut out, d);
+            assert_eq!(out, serde_json::to_vec(&ms(d)).unwrap(), "{m} µs");
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::access::{JsonWriter, VALUE_SEPARATOR};
+use super::access::json;
 use super::trail::Note;
 use crate::body::{Body, full};
 
@@ -69,7 +69,7 @@ pub struct RequestFacts<'a> {
 
 /// The keys of a record's JSON object, in the order `serde_json` sorts
 /// them (the order `/debug/requests` has always answered in).
-const KEYS: [&str; 18] = [
+const KEYS: [&str; FIELDS] = [
     "caller",
     "decisions",
     "decisions_dropped",
@@ -90,14 +90,145 @@ const KEYS: [&str; 18] = [
     "zuora_request_id",
 ];
 
-/// One request as kept in the ring: the JSON-encoded values of its
-/// `/debug/requests` object, in [`KEYS`] order, separated by
-/// [`VALUE_SEPARATOR`] (an empty value: the key is left out). The keys are
-/// put back when the record is answered.
+/// Number of fields of a record.
+pub(crate) const FIELDS: usize = 18;
+
+/// Position of each field in [`KEYS`] (and in an encoded record).
+pub(crate) mod field {
+    pub(crate) const CALLER: usize = 0;
+    pub(crate) const DECISIONS: usize = 1;
+    pub(crate) const DECISIONS_DROPPED: usize = 2;
+    pub(crate) const ENTITY_IDS: usize = 3;
+    pub(crate) const ERROR_CODE: usize = 4;
+    pub(crate) const ERROR_KIND: usize = 5;
+    pub(crate) const LATENCY_MS: usize = 6;
+    pub(crate) const METHOD: usize = 7;
+    pub(crate) const PATH: usize = 8;
+    pub(crate) const ROUTE: usize = 9;
+    pub(crate) const STATUS: usize = 10;
+    pub(crate) const TIME: usize = 11;
+    pub(crate) const TRACE_ID: usize = 12;
+    pub(crate) const TRACK_ID: usize = 13;
+    pub(crate) const UPSTREAM_ATTEMPTS: usize = 14;
+    pub(crate) const UPSTREAM_LATENCY_MS: usize = 15;
+    pub(crate) const UPSTREAM_STATUS: usize = 16;
+    pub(crate) const ZUORA_REQUEST_ID: usize = 17;
+}
+
+/// Separates the values of an encoded record: a control character, which
+/// JSON text only ever holds escaped.
+const SEPARATOR: u8 = 0x01;
+
+/// A record's fields JSON-encoded, in [`KEYS`] order, separated by
+/// [`SEPARATOR`]; an empty value means the key is left out.
+pub(crate) struct Values<'b> {
+    text: &'b [u8],
+    starts: [u32; FIELDS],
+}
+
+impl<'b> Values<'b> {
+    /// Byte range of field `i`'s value.
+    fn range(&self, i: usize) -> (usize, usize) {
+        let start = self.starts.get(i).map_or(self.text.len(), |&s| s as usize);
+        let end = self
+            .starts
+            .get(i + 1)
+            .map_or(self.text.len(), |&next| (next as usize).saturating_sub(1));
+        (start, end.max(start))
+    }
+
+    /// Field `i`'s JSON-encoded value (empty: absent).
+    pub(crate) fn get(&self, i: usize) -> &'b [u8] {
+        let (start, end) = self.range(i);
+        self.text.get(start..end).unwrap_or(b"")
+    }
+
+    /// Length of the whole encoded text.
+    pub(crate) fn text_len(&self) -> usize {
+        self.text.len()
+    }
+}
+
+/// Encodes `f` into `buf` (cleared first); see [`Values`].
+pub(crate) fn encode_values<'b>(buf: &'b mut Vec<u8>, f: &RequestFacts<'_>) -> Values<'b> {
+    buf.clear();
+    let mut starts = [0u32; FIELDS];
+    let mut next = |buf: &mut Vec<u8>, i: usize| {
+        if i > 0 {
+            buf.push(SEPARATOR);
+        }
+        if let Some(s) = starts.get_mut(i) {
+            *s = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+        }
+    };
+    next(buf, field::CALLER);
+    json::opt_str(buf, f.caller);
+    next(buf, field::DECISIONS);
+    buf.push(b'[');
+    for (i, n) in f.notes.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(b"{\"kind\":");
+        json::str(buf, n.kind);
+        buf.extend_from_slice(b",\"text\":");
+        json::str(buf, &n.text);
+        buf.push(b'}');
+    }
+    buf.push(b']');
+    next(buf, field::DECISIONS_DROPPED);
+    if f.notes_dropped != 0 {
+        json::u64(buf, f.notes_dropped.into());
+    }
+    next(buf, field::ENTITY_IDS);
+    json::opt_str(buf, f.entity_ids);
+    next(buf, field::ERROR_CODE);
+    json::opt_str(buf, f.error.map(|e| e.1));
+    next(buf, field::ERROR_KIND);
+    json::opt_str(buf, f.error.map(|e| e.0));
+    next(buf, field::LATENCY_MS);
+    json::millis(buf, f.latency);
+    next(buf, field::METHOD);
+    json::str(buf, f.method);
+    next(buf, field::PATH);
+    json::str(buf, f.path);
+    next(buf, field::ROUTE);
+    json::opt_str(buf, f.route);
+    next(buf, field::STATUS);
+    json::u64(buf, f.status.into());
+    next(buf, field::TIME);
+    buf.push(b'"');
+    buf.extend_from_slice(&Rfc3339Millis(f.time).bytes());
+    buf.push(b'"');
+    next(buf, field::TRACE_ID);
+    if let Some(t) = f.trace_id {
+        json::str(buf, t);
+    }
+    next(buf, field::TRACK_ID);
+    json::str(buf, f.track_id);
+    next(buf, field::UPSTREAM_ATTEMPTS);
+    json::u64(buf, f.upstream_attempts.into());
+    next(buf, field::UPSTREAM_LATENCY_MS);
+    match f.upstream_latency {
+        Some(d) => json::millis(buf, d),
+        None => json::null(buf),
+    }
+    next(buf, field::UPSTREAM_STATUS);
+    match f.upstream_status {
+        Some(s) => json::u64(buf, s.into()),
+        None => json::null(buf),
+    }
+    next(buf, field::ZUORA_REQUEST_ID);
+    json::opt_str(buf, f.zuora_request_id);
+    Values { text: buf, starts }
+}
+
+/// One request as kept in the ring: its encoded values ([`Values`]; the
+/// keys are put back when the record is answered).
 #[derive(Debug, Clone)]
 pub struct RequestRecord {
-    values: Arc<str>,
-    /// Byte offset of the (JSON-escaped) track ID inside `values`.
+    values: Arc<[u8]>,
+    /// Byte range of the (JSON-escaped) track ID inside `values`.
     track_at: u32,
     track_len: u16,
     status: u16,
@@ -106,97 +237,37 @@ pub struct RequestRecord {
 impl RequestRecord {
     /// Serializes `facts`.
     pub fn new(facts: &RequestFacts<'_>) -> RequestRecord {
-        SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => Self::build(&mut buf, facts),
-            // Only if re-entered on this thread: use a fresh buffer.
-            Err(_) => Self::build(&mut String::new(), facts),
-        })
+        let mut buf = Vec::new();
+        RequestRecord::from_values(&encode_values(&mut buf, facts), facts.status)
     }
 
-    fn build(buf: &mut String, f: &RequestFacts<'_>) -> RequestRecord {
-        buf.clear();
-        // One `key` call per entry of KEYS, in that order.
-        let mut w = JsonWriter::values(buf);
-        w.key("caller");
-        w.opt_str(f.caller);
-        w.key("decisions");
-        w.raw("[");
-        for (i, n) in f.notes.iter().enumerate() {
-            if i > 0 {
-                w.raw(",");
-            }
-            w.raw("{\"kind\":");
-            w.str(n.kind);
-            w.raw(",\"text\":");
-            w.str(&n.text);
-            w.raw("}");
-        }
-        w.raw("]");
-        w.key("decisions_dropped");
-        if f.notes_dropped != 0 {
-            w.u64(f.notes_dropped.into());
-        }
-        w.key("entity_ids");
-        w.opt_str(f.entity_ids);
-        w.key("error_code");
-        w.opt_str(f.error.map(|e| e.1));
-        w.key("error_kind");
-        w.opt_str(f.error.map(|e| e.0));
-        w.key("latency_ms");
-        w.millis(f.latency);
-        w.key("method");
-        w.str(f.method);
-        w.key("path");
-        w.str(f.path);
-        w.key("route");
-        w.opt_str(f.route);
-        w.key("status");
-        w.u64(f.status.into());
-        w.key("time");
-        w.plain_str(std::str::from_utf8(&Rfc3339Millis(f.time).bytes()).unwrap_or(""));
-        w.key("trace_id");
-        if let Some(t) = f.trace_id {
-            w.str(t);
-        }
-        w.key("track_id");
-        let track_at = w.len() + 1;
-        w.str(f.track_id);
-        let track_len = w.len() - 1 - track_at;
-        w.key("upstream_attempts");
-        w.u64(f.upstream_attempts.into());
-        w.key("upstream_latency_ms");
-        match f.upstream_latency {
-            Some(d) => w.millis(d),
-            None => w.null(),
-        }
-        w.key("upstream_status");
-        match f.upstream_status {
-            Some(s) => w.u64(s.into()),
-            None => w.null(),
-        }
-        w.key("zuora_request_id");
-        w.opt_str(f.zuora_request_id);
-        w.finish();
-        let values: Arc<str> = Arc::from(buf.as_str());
-        // Track IDs are at most 64 characters; a longer one is not findable.
-        let (track_at, track_len) = match (u32::try_from(track_at), u16::try_from(track_len)) {
-            (Ok(at), Ok(len)) => (at, len),
+    /// The record of already encoded values.
+    pub(crate) fn from_values(v: &Values<'_>, status: u16) -> RequestRecord {
+        // Inside the quotes of the track ID's JSON string.
+        let (start, end) = v.range(field::TRACK_ID);
+        let (track_at, track_len) = match (
+            u32::try_from(start + 1),
+            u16::try_from(end.saturating_sub(start + 2)),
+        ) {
+            (Ok(at), Ok(len)) if len < u16::MAX => (at, len),
+            // Track IDs are at most 64 characters; a longer one is not findable.
             _ => (0, u16::MAX),
         };
         RequestRecord {
-            values,
+            values: Arc::from(v.text),
             track_at,
             track_len,
-            status: f.status,
+            status,
         }
     }
 
     /// Appends the record's JSON object (as `/debug/requests` returns it).
     pub fn write_json(&self, out: &mut String) {
+        // Built from `&str`s and JSON punctuation: valid UTF-8.
+        let text = String::from_utf8_lossy(&self.values);
         out.push('{');
         let mut first = true;
-        let values = self.values.split(VALUE_SEPARATOR);
-        for (key, value) in KEYS.iter().zip(values) {
+        for (key, value) in KEYS.iter().zip(text.split(char::from(SEPARATOR))) {
             if value.is_empty() {
                 continue;
             }
@@ -229,7 +300,7 @@ impl RequestRecord {
     }
 
     /// The track ID as it appears in the stored text (JSON-escaped).
-    fn track_id_json(&self) -> Option<&str> {
+    fn track_id_json(&self) -> Option<&[u8]> {
         if self.track_len == u16::MAX {
             return None;
         }
@@ -245,8 +316,6 @@ impl RequestRecord {
 }
 
 thread_local! {
-    /// Serialization buffer, reused by every record made on this thread.
-    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     /// The second last formatted on this thread, `YYYY-MM-DDTHH:MM:SS`.
     static SECOND: std::cell::Cell<(u64, [u8; 19])> =
         const { std::cell::Cell::new((u64::MAX, [0; 19])) };
@@ -331,7 +400,7 @@ impl DebugRing {
         q.iter()
             .rev()
             .filter(|r| query.status.is_none_or(|s| r.status == s))
-            .filter(|r| track.is_none_or(|t| r.track_id_json() == Some(t)))
+            .filter(|r| track.is_none_or(|t| r.track_id_json() == Some(t.as_bytes())))
             .take(limit)
             .cloned()
             .collect()

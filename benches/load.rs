@@ -117,7 +117,7 @@ cargo bench --bench load [-- OPTIONS]
   --no-otlp            no OTLP endpoint (the gateway's tracing without export)
   --sampling R         telemetry.sampling_ratio (default: the gateway's default, 1.0)
   --debug-requests N   telemetry.debug_requests (default: the gateway's default, 10000)
-  --workers N          gateway worker threads (TOKIO_WORKER_THREADS) = nginx worker_processes (default: nproc)";
+  --workers N          gateway `server.worker_threads` = nginx worker_processes (default: nproc)";
 
 fn parse_opts(args: &[String]) -> R<Opts> {
     let mut o = Opts::default();
@@ -446,6 +446,7 @@ fn gateway_yaml(
     trusted_identity: bool,
     sampling: Option<f64>,
     debug_requests: Option<u64>,
+    workers: usize,
 ) -> String {
     let mut otlp = otlp
         .map(|a| format!("  otlp_endpoint: http://{a}\n"))
@@ -472,6 +473,7 @@ server:
   max_connections: 4096
   max_in_flight: 4096
   shutdown_grace: 2s
+  worker_threads: {workers}
 upstreams:
   zuora:
     base_url: http://{sim}
@@ -1094,6 +1096,7 @@ async fn run(o: Opts) -> R<()> {
         o.trusted_identity,
         o.sampling,
         o.debug_requests,
+        workers,
     );
     let gw_conf = d.join("gateway.yaml");
     std::fs::write(&gw_conf, &yaml).map_err(|e| e.to_string())?;
@@ -1104,7 +1107,6 @@ async fn run(o: Opts) -> R<()> {
             .arg("serve")
             .arg("--config")
             .arg(&gw_conf)
-            .env("TOKIO_WORKER_THREADS", workers.to_string())
             .env(
                 "RUST_LOG",
                 if o.access_log {
@@ -1148,7 +1150,7 @@ async fn run(o: Opts) -> R<()> {
     let _ = writeln!(report, "\n## zuora-gateway load bench\n");
     let _ = writeln!(
         report,
-        "nproc {nproc}; gateway: {workers} tokio worker thread(s); nginx: worker_processes {workers}; simulator: {nproc} tokio workers; load generator: wrk -t{} on the same cores",
+        "nproc {nproc}; gateway: worker_threads {workers} (1 = current-thread runtime); nginx: worker_processes {workers}; simulator: {nproc} tokio workers; load generator: wrk -t{} on the same cores",
         o.threads
     );
     let _ = writeln!(

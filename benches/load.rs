@@ -443,11 +443,11 @@ fn gateway_yaml(
     admin: u16,
     sim: SocketAddr,
     otlp: Option<SocketAddr>,
-    trusted_identity: bool,
-    sampling: Option<f64>,
-    debug_requests: Option<u64>,
+    o: &Opts,
     workers: usize,
 ) -> String {
+    let (trusted_identity, sampling, debug_requests) =
+        (o.trusted_identity, o.sampling, o.debug_requests);
     let mut otlp = otlp
         .map(|a| format!("  otlp_endpoint: http://{a}\n"))
         .unwrap_or_default();
@@ -1093,9 +1093,7 @@ async fn run(o: Opts) -> R<()> {
         admin_port,
         sim_addr,
         o.otlp.then_some(otlp.addr),
-        o.trusted_identity,
-        o.sampling,
-        o.debug_requests,
+        &o,
         workers,
     );
     let gw_conf = d.join("gateway.yaml");

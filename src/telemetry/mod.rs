@@ -264,6 +264,7 @@ impl Telemetry {
     /// Exports what is queued (waiting at most `timeout`), then stops the
     /// pipeline. Call after the server has drained.
     pub async fn shutdown(self, timeout: Duration) {
+        // Access-log lines still queued for stdout go out first.
         access::flush(timeout).await;
         let Some(o) = self.otel else { return };
         let (ack, done) = oneshot::channel();

@@ -223,7 +223,8 @@ pub(crate) fn encode_values<'b>(buf: &'b mut Vec<u8>, f: &RequestFacts<'_>) -> V
     Values { text: buf, starts }
 }
 
-/// One request as kept in the ring: its encoded values ([`Values`]; the
+/// One request as kept in the ring: the JSON-encoded values of its
+/// `/debug/requests` object in key order, in one shared allocation (the
 /// keys are put back when the record is answered).
 #[derive(Debug, Clone)]
 pub struct RequestRecord {

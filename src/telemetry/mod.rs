@@ -142,6 +142,21 @@ pub fn log_filter_directives(log_level: &str, rust_log: Option<&str>) -> String 
     }
 }
 
+/// Whether `directives` let INFO events of target `access` through (asked of
+/// a throwaway subscriber, before the global one is installed).
+fn access_enabled(directives: &str) -> bool {
+    EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .parse(directives)
+        .is_ok_and(|filter| {
+            let probe = TracingRegistry::default().with(filter);
+            tracing::subscriber::with_default(
+                probe,
+                || tracing::enabled!(target: "access", tracing::Level::INFO),
+            )
+        })
+}
+
 impl Telemetry {
     /// Installs the global subscriber and, when an endpoint is configured
     /// (`telemetry.otlp_endpoint` or the `OTEL_EXPORTER_OTLP_*` variables),
@@ -184,9 +199,14 @@ impl Telemetry {
             }
         };
         let skipped_headers = otel.as_ref().map_or(0, |o| o.skipped_headers);
+        // JSON access lines get their own writer unless `access` is filtered out.
+        let access_json = cfg.log_format == LogFormat::Json && access_enabled(&directives);
         let subscriber = TracingRegistry::default().with(fmt).with(capture);
         tracing::subscriber::set_global_default(subscriber)
             .map_err(|_| TelemetryError::AlreadyInstalled)?;
+        if access_json {
+            access::install_json_writer();
+        }
         if let Some(o) = &otel {
             if !otel::install(o.exporter.clone()) {
                 return Err(TelemetryError::AlreadyInstalled);
@@ -245,6 +265,8 @@ impl Telemetry {
     /// Exports what is queued (waiting at most `timeout`), then stops the
     /// pipeline. Call after the server has drained.
     pub async fn shutdown(self, timeout: Duration) {
+        // Access-log lines still queued for stdout go out first.
+        access::flush(timeout).await;
         let Some(o) = self.otel else { return };
         let done = o.exporter.flush();
         if tokio::time::timeout(timeout, done).await.is_err() {
@@ -300,9 +322,19 @@ fn build_pipeline(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_target_is_probed_from_the_filter() {
+        assert!(access_enabled(&log_filter_directives("warn", None)));
+        assert!(access_enabled(&log_filter_directives("info", Some("off"))));
+        assert!(!access_enabled(&log_filter_directives(
+            "info",
+            Some("warn,access=off")
+        )));
+        assert!(!access_enabled("access=warn"));
+    }
 
     #[test]
     fn access_log_stays_on_unless_named() {

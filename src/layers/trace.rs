@@ -32,6 +32,7 @@ use crate::context::{Caller, RouteMatch, TrackId};
 use crate::layers::rescue::RescuedError;
 use crate::telemetry::Recorder;
 use crate::telemetry::access::Completion;
+use crate::telemetry::otel::IdExt as _;
 use crate::telemetry::otel::{self, Exporter, RequestSpans, ServerRecord};
 use crate::telemetry::trail::DecisionTrail;
 use crate::telemetry::upstream::{CallerTraceContext, ZUORA_REQUEST_ID};
@@ -564,7 +565,7 @@ mod tests {
             r.trace_id.to_hex().as_ref(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
-        assert_eq!(r.parent, Some(otel::SpanId(0x00f0_67aa_0ba9_02b7)));
+        assert_eq!(r.parent, Some(otel::SpanId::from(0x00f0_67aa_0ba9_02b7)));
         assert_eq!(r.track_id, "t-otel");
         let found = rec.ring().find(&DebugQuery::parse(None).unwrap());
         assert_eq!(

@@ -103,23 +103,22 @@ fn lower_hex(s: &[u8]) -> Option<u128> {
     Some(n)
 }
 
-/// A 128-bit trace ID (zero is invalid).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TraceId(pub u128);
+/// Trace and span IDs are OpenTelemetry's own types (zero is invalid).
+pub use opentelemetry::{SpanId, TraceId};
 
-impl TraceId {
-    /// A random, non-zero trace ID.
-    pub fn random() -> TraceId {
-        TraceId(fastrand::u128(1..))
+/// What the gateway needs of trace and span IDs beyond OpenTelemetry's API.
+pub trait IdExt: Sized {
+    /// A random, valid (non-zero) ID.
+    fn random() -> Self;
+    /// Lowercase hex, as in `traceparent` (32 or 16 characters).
+    fn to_hex(&self) -> Box<str>;
+}
+
+impl IdExt for TraceId {
+    fn random() -> TraceId {
+        TraceId::from(fastrand::u128(1..))
     }
-
-    /// Big-endian bytes, as on the wire.
-    pub fn to_bytes(self) -> [u8; 16] {
-        self.0.to_be_bytes()
-    }
-
-    /// 32 lowercase hex characters.
-    pub fn to_hex(self) -> Box<str> {
+    fn to_hex(&self) -> Box<str> {
         let mut buf = [0u8; 32];
         hex_into(&self.to_bytes(), &mut buf);
         // Hex digits are ASCII: never the empty fallback.
@@ -127,19 +126,14 @@ impl TraceId {
     }
 }
 
-/// A 64-bit span ID (zero is invalid).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SpanId(pub u64);
-
-impl SpanId {
-    /// A random, non-zero span ID.
-    pub fn random() -> SpanId {
-        SpanId(fastrand::u64(1..))
+impl IdExt for SpanId {
+    fn random() -> SpanId {
+        SpanId::from(fastrand::u64(1..))
     }
-
-    /// Big-endian bytes, as on the wire.
-    pub fn to_bytes(self) -> [u8; 8] {
-        self.0.to_be_bytes()
+    fn to_hex(&self) -> Box<str> {
+        let mut buf = [0u8; 16];
+        hex_into(&self.to_bytes(), &mut buf);
+        std::str::from_utf8(&buf).unwrap_or_default().into()
     }
 }
 
@@ -153,7 +147,7 @@ pub fn ratio_keeps(trace_id: TraceId, ratio: f64) -> bool {
         return false;
     }
     // The low 8 bytes, big-endian, without their lowest bit.
-    let rnd = (trace_id.0 as u64) >> 1;
+    let rnd = (u128::from_be_bytes(trace_id.to_bytes()) as u64) >> 1;
     let bound = (ratio * (1u64 << 63) as f64) as u64;
     rnd < bound
 }
@@ -187,8 +181,8 @@ pub fn parse_traceparent(v: &[u8]) -> Option<RemoteParent> {
         return None;
     }
     Some(RemoteParent {
-        trace_id: TraceId(trace_id),
-        span_id: SpanId(span_id),
+        trace_id: TraceId::from(trace_id),
+        span_id: SpanId::from(span_id),
         sampled: flags & 1 == 1,
     })
 }
@@ -1027,14 +1021,14 @@ mod tests {
 
     #[test]
     fn ratio_matches_the_sdk_rule() {
-        assert!(ratio_keeps(TraceId(KEPT), 0.01));
-        assert!(!ratio_keeps(TraceId(NOT_KEPT), 0.99));
-        assert!(ratio_keeps(TraceId(NOT_KEPT), 1.0));
-        assert!(!ratio_keeps(TraceId(KEPT), 0.0));
+        assert!(ratio_keeps(TraceId::from(KEPT), 0.01));
+        assert!(!ratio_keeps(TraceId::from(NOT_KEPT), 0.99));
+        assert!(ratio_keeps(TraceId::from(NOT_KEPT), 1.0));
+        assert!(!ratio_keeps(TraceId::from(KEPT), 0.0));
         let kept = (0..10_000u128)
             .filter(|i| {
                 ratio_keeps(
-                    TraceId(i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)),
+                    TraceId::from(i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835)),
                     0.25,
                 )
             })
@@ -1052,7 +1046,7 @@ mod tests {
             p.trace_id.to_hex().as_ref(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
-        assert_eq!(p.span_id, SpanId(0x00f0_67aa_0ba9_02b7));
+        assert_eq!(p.span_id, SpanId::from(0x00f0_67aa_0ba9_02b7));
         assert!(p.sampled);
         let unsampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
         assert!(!parse_traceparent(unsampled).unwrap().sampled);
@@ -1083,7 +1077,7 @@ mod tests {
         let remote = parse_traceparent(TP);
         let r = RequestSpans::start(&e, remote, Some(HeaderValue::from_static("a=b")));
         assert!(r.sampled(), "a sampled caller is followed");
-        let (tp, ts) = r.context_headers(SpanId(0xab));
+        let (tp, ts) = r.context_headers(SpanId::from(0xab));
         assert_eq!(
             tp,
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00000000000000ab-01"
@@ -1091,15 +1085,15 @@ mod tests {
         assert_eq!(ts.unwrap(), "a=b");
         let r = RequestSpans::start(&e, None, Some(HeaderValue::from_static("a=b")));
         assert!(!r.sampled());
-        let (tp, ts) = r.context_headers(SpanId(1));
+        let (tp, ts) = r.context_headers(SpanId::from(1));
         assert!(tp.to_str().unwrap().ends_with("-00"));
         assert!(ts.is_none(), "no tracestate without a caller trace");
     }
 
     fn record(trace: u128, id: u64) -> SpanRecord {
         SpanRecord {
-            trace_id: TraceId(trace),
-            span_id: SpanId(id),
+            trace_id: TraceId::from(trace),
+            span_id: SpanId::from(id),
             parent: None,
             parent_remote: false,
             trace_state: None,
@@ -1133,12 +1127,12 @@ mod tests {
         let (e, mut q, dropped) = exporter(0.0, 1000);
         let r = RequestSpans::start(&e, None, None);
         for i in 0..(MAX_CHILDREN as u64 + 3) {
-            r.0.add_span(record(r.trace_id().0, i + 1));
+            r.0.add_span(record(u128::from_be_bytes(r.trace_id().to_bytes()), i + 1));
         }
         assert_eq!(dropped.get(), 3);
         let kids = r.finish(true).unwrap();
         assert_eq!(kids.spans.len(), MAX_CHILDREN);
-        r.0.add_span(record(r.trace_id().0, 999));
+        r.0.add_span(record(u128::from_be_bytes(r.trace_id().to_bytes()), 999));
         assert_eq!(
             drain(&mut q).len(),
             1,
@@ -1147,9 +1141,9 @@ mod tests {
 
         let r = RequestSpans::start(&e, None, None);
         assert!(r.finish(false).is_none());
-        r.0.add_span(record(r.trace_id().0, 7));
+        r.0.add_span(record(u128::from_be_bytes(r.trace_id().to_bytes()), 7));
         r.add_call(CallRecord {
-            span_id: SpanId(8),
+            span_id: SpanId::from(8),
             started: Instant::now(),
             ended: Instant::now(),
             method: Method::GET,

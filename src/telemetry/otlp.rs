@@ -740,9 +740,9 @@ mod tests {
 
     fn server(now: Instant, children: Children) -> ServerRecord {
         ServerRecord {
-            trace_id: TraceId(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
-            span_id: SpanId(7),
-            parent: Some(SpanId(0x00f0_67aa_0ba9_02b7)),
+            trace_id: TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
+            span_id: SpanId::from(7),
+            parent: Some(SpanId::from(0x00f0_67aa_0ba9_02b7)),
             trace_state: Some(HeaderValue::from_static("congo=t61rcWkgMzE")),
             time: SystemTime::now(),
             started: now,
@@ -789,7 +789,7 @@ mod tests {
         let now = Instant::now();
         let mut children = Children::default();
         children.calls.push(CallRecord {
-            span_id: SpanId(8),
+            span_id: SpanId::from(8),
             started: now + Duration::from_millis(1),
             ended: now + Duration::from_millis(2),
             method: Method::PUT,
@@ -868,8 +868,8 @@ mod tests {
     #[test]
     fn span_records_keep_their_attribute_types() {
         let span = SpanRecord {
-            trace_id: TraceId(1),
-            span_id: SpanId(2),
+            trace_id: TraceId::from(1),
+            span_id: SpanId::from(2),
             parent: None,
             parent_remote: false,
             trace_state: None,
@@ -943,8 +943,8 @@ mod tests {
         Item::Spans(
             (0..n)
                 .map(|i| SpanRecord {
-                    trace_id: TraceId(1),
-                    span_id: SpanId(i + 1),
+                    trace_id: TraceId::from(1),
+                    span_id: SpanId::from(i + 1),
                     parent: None,
                     parent_remote: false,
                     trace_state: None,

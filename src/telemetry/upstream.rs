@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 
-use super::otel::{CallError, CallRecord, RemoteParent, RequestSpans, SpanId};
+use super::otel::{CallError, CallRecord, IdExt as _, RemoteParent, RequestSpans, SpanId};
 use super::trail::DecisionTrail;
 use crate::error::GatewayError;
 
@@ -316,7 +316,7 @@ mod tests {
             tp,
             format!(
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-01",
-                c.span_id.0
+                u64::from_be_bytes(c.span_id.to_bytes())
             )
         );
     }

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::header::{
@@ -32,7 +32,7 @@ use tower::{Layer, Service};
 
 use super::rescue::RescuedError;
 use super::{GwResult, LayerFuture, Req, Resp};
-use crate::body::{Body, boxed, full};
+use crate::body::{Body, Chunks, boxed, full};
 use crate::config::Validation;
 use crate::context::{Caller, RouteMatch, TrackId};
 use crate::error::GatewayError;
@@ -362,25 +362,27 @@ enum ReadError {
 
 /// Reads `body` whole if it is at most `max` bytes.
 async fn read_bounded(mut body: Body, max: usize) -> Result<Bytes, ReadError> {
-    let mut buf = BytesMut::new();
+    let mut buf = Chunks::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ReadError::Failed(e.to_string()))?;
         match frame.into_data() {
             Ok(data) => {
-                if buf.len() + data.len() > max {
-                    buf.extend_from_slice(&data);
-                    return Err(ReadError::TooLarge(prefixed(buf.freeze(), body)));
+                buf.push(data);
+                if buf.len() > max {
+                    return Err(ReadError::TooLarge(prefixed(buf.into_bytes(), body)));
                 }
-                buf.extend_from_slice(&data);
             }
             Err(trailers) => {
                 // Trailers are not buffered for sharing: hand the whole body back.
                 let trailers = trailers.into_trailers().unwrap_or_default();
-                return Err(ReadError::TooLarge(with_trailers(buf.freeze(), trailers)));
+                return Err(ReadError::TooLarge(with_trailers(
+                    buf.into_bytes(),
+                    trailers,
+                )));
             }
         }
     }
-    Ok(buf.freeze())
+    Ok(buf.into_bytes())
 }
 
 fn prefixed(head: Bytes, rest: Body) -> Body {

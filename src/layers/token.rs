@@ -6,7 +6,9 @@
 //! - On a 401 from Zuora the token is invalidated (only if still current, so
 //!   a burst of 401s causes one token request) and the request is replayed
 //!   once with the new token. Bodies up to 64 KiB are kept for that; a larger
-//!   or unfinished body means the 401 is passed through.
+//!   or unfinished body means the 401 is passed through. The request's
+//!   extensions are not copied for this: [`Forward`](crate::upstream::Forward)
+//!   hands them back with the 401 ([`RequestExtensions`]).
 //! - With no token to be had the request fails with
 //!   [`GatewayError::TokenUnavailable`] (503, category 61).
 
@@ -15,15 +17,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Request, StatusCode, header};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode, Uri, Version, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use super::{GwResult, LayerFuture, Req, Resp};
-use crate::body::{Body, BoxError, boxed};
-use crate::context::RouteMatch;
+use crate::body::{Body, BoxError, Buffered, Chunks, boxed};
+use crate::context::{RequestExtensions, RouteMatch};
 use crate::error::GatewayError;
 use crate::oauth::TokenCache;
 
@@ -111,13 +113,27 @@ where
         .headers
         .insert(header::AUTHORIZATION, token.header_value());
     let (body, kept) = keep_for_replay(body).await;
-    let replay = kept.map(|kept| (parts.clone(), kept));
-    let response = inner.call(Request::from_parts(parts, body)).await?;
+    // A replay needs the head again, but not the extensions: those come back
+    // with the 401 (`RequestExtensions`), so they are moved, never cloned.
+    let replay = kept.map(|kept| (Head::of(&parts), kept));
+    if let Some((_, kept)) = &replay
+        && kept.trailers.is_none()
+        && !kept.data.is_empty()
+    {
+        // Forward's retries reuse these bytes instead of buffering the body again.
+        parts.extensions.insert(Buffered(kept.data.clone()));
+    }
+    let mut response = inner.call(Request::from_parts(parts, body)).await?;
     if response.status() != StatusCode::UNAUTHORIZED {
         return Ok(response);
     }
+    let extensions = response
+        .extensions_mut()
+        .remove::<RequestExtensions>()
+        .map(|r| r.0)
+        .unwrap_or_default();
 
-    let Some((mut parts, kept)) = replay else {
+    let Some((head, kept)) = replay else {
         // The body is gone: the 401 goes back, but the token still goes.
         cache.invalidate(&token);
         cache.record_401("not_replayable");
@@ -139,13 +155,44 @@ where
         generation = fresh.generation(),
         "replaying a request Zuora answered 401 with a new token"
     );
-    parts
-        .headers
+    let mut req = head.into_request(kept.into_body(), extensions);
+    req.headers_mut()
         .insert(header::AUTHORIZATION, fresh.header_value());
     std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
-    inner
-        .call(Request::from_parts(parts, kept.into_body()))
-        .await
+    let mut response = inner.call(req).await?;
+    // A second 401 goes back as it is, without the extensions handed back with it.
+    response.extensions_mut().remove::<RequestExtensions>();
+    Ok(response)
+}
+
+/// What a replay sends again besides the body and the extensions.
+#[derive(Debug)]
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn of(parts: &http::request::Parts) -> Self {
+        Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn into_request(self, body: Body, extensions: http::Extensions) -> Req {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        *req.extensions_mut() = extensions;
+        req
+    }
 }
 
 /// A body read to its end, small enough to send twice.
@@ -157,11 +204,14 @@ struct Kept {
 
 impl Kept {
     fn into_body(self) -> Body {
-        boxed(Replay {
-            data: Some(self.data),
-            trailers: self.trailers,
-            rest: Rest::Done,
-        })
+        match self.trailers {
+            None => crate::body::full(self.data),
+            trailers => boxed(Replay {
+                data: Some(self.data),
+                trailers,
+                rest: Rest::Done,
+            }),
+        }
     }
 }
 
@@ -175,24 +225,22 @@ async fn keep_for_replay(mut body: Body) -> (Body, Option<Kept>) {
             data: Bytes::new(),
             trailers: None,
         };
-        return (kept.clone().into_body(), Some(kept));
+        // Nothing to read: the body goes as it is.
+        return (body, Some(kept));
     }
     if body.size_hint().lower() > MAX_REPLAY_BYTES as u64 {
         return (body, None);
     }
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
+    let mut chunks = Chunks::default();
     let mut trailers = None;
     loop {
         match body.frame().await {
             None => break,
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
-                    len += data.len();
                     chunks.push(data);
-                    if len > MAX_REPLAY_BYTES {
-                        let read = concat(chunks);
-                        return (prefixed(read, Rest::Body(body)), None);
+                    if chunks.len() > MAX_REPLAY_BYTES {
+                        return (prefixed(chunks.into_bytes(), Rest::Body(body)), None);
                     }
                 }
                 Err(frame) => {
@@ -201,25 +249,16 @@ async fn keep_for_replay(mut body: Body) -> (Body, Option<Kept>) {
                     }
                 }
             },
-            Some(Err(e)) => return (prefixed(concat(chunks), Rest::Error(Some(e))), None),
+            Some(Err(e)) => {
+                return (prefixed(chunks.into_bytes(), Rest::Error(Some(e))), None);
+            }
         }
     }
     let kept = Kept {
-        data: concat(chunks),
+        data: chunks.into_bytes(),
         trailers,
     };
     (kept.clone().into_body(), Some(kept))
-}
-
-fn concat(mut chunks: Vec<Bytes>) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.pop().unwrap_or_default();
-    }
-    let mut out = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
-    for c in chunks {
-        out.extend_from_slice(&c);
-    }
-    out.freeze()
 }
 
 fn prefixed(data: Bytes, rest: Rest) -> Body {
@@ -513,6 +552,76 @@ mod tests {
         assert!(kept.is_none());
         let err = first.collect().await.unwrap_err();
         assert_eq!(err.to_string(), "reset by caller");
+    }
+
+    /// Like Forward: answers 401 to the first call, handing the request's
+    /// extensions back; records what each call carried.
+    #[allow(clippy::type_complexity)]
+    fn forward_like(
+        seen: Arc<Mutex<Vec<(bool, Option<Bytes>, Bytes)>>>,
+        always_401: bool,
+    ) -> impl Service<Req, Response = Resp, Error = GatewayError, Future = LayerFuture>
+    + Clone
+    + Send
+    + 'static {
+        service_fn(move |req: Req| {
+            let seen = seen.clone();
+            let fut: LayerFuture = Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                let routed = parts.extensions.get::<RouteMatch>().is_some();
+                let buffered = parts.extensions.get::<Buffered>().map(|b| b.0.clone());
+                let body = body.collect().await.unwrap().to_bytes();
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push((routed, buffered, body));
+                    seen.len() == 1
+                };
+                let mut resp = Response::new(empty());
+                if first || always_401 {
+                    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+                    resp.extensions_mut()
+                        .insert(RequestExtensions(parts.extensions));
+                }
+                Ok(resp)
+            });
+            fut
+        })
+    }
+
+    #[tokio::test]
+    async fn the_replay_gets_the_extensions_handed_back_and_the_same_buffered_body() {
+        let (_ep, h, layer) = setup().await;
+        h.cache.token().await.unwrap();
+        let seen = Arc::default();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(forward_like(Arc::clone(&seen), false));
+        let resp = svc.oneshot(request(&h, full("{\"a\":1}"))).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        for (routed, buffered, body) in seen.iter() {
+            assert!(routed, "the RouteMatch reached both calls");
+            assert_eq!(body, "{\"a\":1}");
+            assert_eq!(buffered.as_ref(), Some(body), "Buffered matches the body");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_passed_through_401_does_not_carry_the_request_extensions_out() {
+        let (_ep, h, layer) = setup().await;
+        h.cache.token().await.unwrap();
+        let seen = Arc::default();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(forward_like(Arc::clone(&seen), true));
+        let resp = svc.oneshot(request(&h, empty())).await.unwrap();
+        assert_eq!(resp.status(), 401);
+        assert!(resp.extensions().get::<RequestExtensions>().is_none());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "replayed once");
+        assert!(seen[1].0, "the replay was routed");
+        assert_eq!(seen[1].1, None, "no Buffered for an empty body");
     }
 
     #[tokio::test]

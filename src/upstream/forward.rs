@@ -2,7 +2,8 @@
 //! upstream, cleans headers, sends the request over the pooled client with
 //! the upstream's deadline, and hands Zuora's response back (headers such as
 //! `Zuora-Request-Id`, `ratelimit-*`, `Concurrency-Limit-*` and `Retry-After`
-//! pass through untouched).
+//! pass through untouched). A 401 carries the request's extensions back for
+//! the token layer's replay ([`RequestExtensions`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,9 +19,9 @@ use tracing::Instrument as _;
 use super::breaker::{Admission, CircuitBreaker};
 use super::client::HttpClient;
 use super::headers::strip_hop_by_hop;
-use crate::body::{self, Body};
+use crate::body::{self, Body, Buffered};
 use crate::config::UpstreamConfig;
-use crate::context::RouteMatch;
+use crate::context::{RequestExtensions, RouteMatch};
 use crate::error::GatewayError;
 use crate::layers::{GwResult, LayerFuture, Req};
 use crate::telemetry::upstream::CallTrace;
@@ -186,18 +187,18 @@ async fn buffer_if_small(
     }
     use http_body_util::BodyExt;
     let mut body = body;
-    let mut buf = bytes::BytesMut::new();
+    let mut buf = body::Chunks::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| body::body_error(&*e))?;
         if let Ok(data) = frame.into_data() {
-            buf.extend_from_slice(&data);
+            buf.push(data);
             if buf.len() as u64 > REPLAY_LIMIT {
                 // Larger than announced: stream what we have plus the rest, no replay.
-                return Ok(Err(concat(body::full(buf.freeze()), body)));
+                return Ok(Err(concat(body::full(buf.into_bytes()), body)));
             }
         }
     }
-    Ok(Ok(buf.freeze()))
+    Ok(Ok(buf.into_bytes()))
 }
 
 /// `first` followed by `rest`, as one body.
@@ -224,15 +225,6 @@ fn concat(first: Body, rest: Body) -> Body {
     http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
-fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req
-}
-
 async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     let timeout = upstream.config.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -241,31 +233,41 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
         return Err(GatewayError::CircuitOpen);
     }
     let probe = admission == Admission::Probe;
-    let (parts, body) = req.into_parts();
+    let (mut head, body) = req.into_parts();
+    // Kept aside: read by each attempt's trace, handed back with a 401.
+    let extensions = std::mem::take(&mut head.extensions);
     let retry = upstream.config.retry;
-    // Without retries there is nothing to buffer for.
-    let mut body = if retry.max_attempts > 1 {
-        buffer_if_small(&parts, body).await?
-    } else {
-        Err(body)
+    let mut body = match extensions.get::<Buffered>() {
+        // Already in memory (the token layer read it): no second buffer.
+        Some(Buffered(bytes))
+            if http_body::Body::size_hint(&body).exact() == Some(bytes.len() as u64) =>
+        {
+            Ok(bytes.clone())
+        }
+        // Without retries there is nothing to buffer for.
+        _ if retry.max_attempts > 1 => buffer_if_small(&head, body).await?,
+        _ => Err(body),
     };
-    let may_resend_after_send = idempotent(&parts);
+    let may_resend_after_send = idempotent(&head);
+    let mut head = Some(head);
     let mut attempt = 1u32;
     loop {
-        let (mut req, replayable) = match &mut body {
-            Ok(bytes) => (rebuild(&parts, body::full(bytes.clone())), true),
-            Err(streaming) => (
-                rebuild(&parts, std::mem::replace(streaming, body::empty())),
-                false,
-            ),
-        };
+        let replayable = body.is_ok();
         let more = attempt < retry.max_attempts && replayable;
+        // The head is copied only for an attempt that may be followed by another.
+        let this_head = if more { head.clone() } else { head.take() };
+        let Some(this_head) = this_head else {
+            return Err(GatewayError::Internal(
+                "forward: no request head left for another attempt".into(),
+            ));
+        };
+        let this_body = match &mut body {
+            Ok(bytes) => body::full(bytes.clone()),
+            Err(streaming) => std::mem::replace(streaming, body::empty()),
+        };
+        let mut req = Request::from_parts(this_head, this_body);
         // Telemetry: this attempt's `zuora.call` span, trace headers, decision-trail entry.
-        let call = CallTrace::start(
-            &mut req,
-            &parts.extensions,
-            upstream.config.forward_traceparent,
-        );
+        let call = CallTrace::start(&mut req, &extensions, upstream.config.forward_traceparent);
         let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req))
             .instrument(call.span().clone())
             .await;
@@ -294,7 +296,7 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
                     } else {
                         upstream.breaker.success();
                     }
-                    return Ok(finish(resp));
+                    return Ok(finish(resp, extensions));
                 }
             }
             Ok(Err(e)) => {
@@ -332,10 +334,16 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     }
 }
 
-fn finish(resp: http::Response<Body>) -> http::Response<Body> {
+/// The response for the caller: hop-by-hop headers and the client's
+/// extensions dropped. A 401 carries the request's `extensions` back
+/// ([`RequestExtensions`]) for the token layer's replay.
+fn finish(resp: http::Response<Body>, extensions: http::Extensions) -> http::Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.extensions = http::Extensions::new();
+    if parts.status == http::StatusCode::UNAUTHORIZED {
+        parts.extensions.insert(RequestExtensions(extensions));
+    }
     http::Response::from_parts(parts, body)
 }
 

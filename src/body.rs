@@ -26,14 +26,6 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
-/// Request extension: the request's whole body, already read into memory by
-/// the layer that set it. The request's body yields exactly these bytes and
-/// no trailers, so a later reader that needs the bytes (the forward
-/// service's retry buffer) takes them from here instead of reading and
-/// copying the body again. Whoever replaces the body must remove it.
-#[derive(Debug, Clone)]
-pub struct Buffered(pub Bytes);
-
 /// An empty body.
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()

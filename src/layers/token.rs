@@ -6,9 +6,11 @@
 //! - On a 401 from Zuora the token is invalidated (only if still current, so
 //!   a burst of 401s causes one token request) and the request is replayed
 //!   once with the new token. Bodies up to 64 KiB are kept for that; a larger
-//!   or unfinished body means the 401 is passed through. The request's
-//!   extensions are not copied for this: [`Forward`](crate::upstream::Forward)
-//!   hands them back with the 401 ([`RequestExtensions`]).
+//!   or unfinished body means the 401 is passed through. One copy of the
+//!   request ([`ReplayCopy`], a request extension) serves this replay and
+//!   the forward service's own retries; the request's extensions are not
+//!   copied at all: [`Forward`](crate::upstream::Forward) hands them back
+//!   with the 401 ([`RequestExtensions`]), the copy among them.
 //! - With no token to be had the request fails with
 //!   [`GatewayError::TokenUnavailable`] (503, category 61).
 
@@ -24,10 +26,11 @@ use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use super::{GwResult, LayerFuture, Req, Resp};
-use crate::body::{Body, BoxError, Buffered, Chunks, boxed};
+use crate::body::{Body, BoxError, Chunks, boxed};
 use crate::context::{RequestExtensions, RouteMatch};
 use crate::error::GatewayError;
 use crate::oauth::TokenCache;
+use crate::upstream::forward::ByName;
 
 /// Request bodies up to this size are kept so a 401 can be replayed.
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
@@ -35,13 +38,19 @@ pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
 /// Builds [`Token`] over the token caches of all upstreams, by upstream name.
 #[derive(Clone, Debug)]
 pub struct TokenLayer {
-    caches: Arc<HashMap<String, TokenCache>>,
+    caches: Arc<ByName<TokenCache>>,
 }
 
 impl TokenLayer {
     /// Uses `caches` (one per upstream, keyed by upstream name).
     pub fn new(caches: Arc<HashMap<String, TokenCache>>) -> Self {
-        TokenLayer { caches }
+        let caches = caches
+            .iter()
+            .map(|(name, c)| (name.clone(), c.clone()))
+            .collect();
+        TokenLayer {
+            caches: Arc::new(caches),
+        }
     }
 }
 
@@ -59,7 +68,7 @@ impl<S> Layer<S> for TokenLayer {
 #[derive(Clone, Debug)]
 pub struct Token<S> {
     inner: S,
-    caches: Arc<HashMap<String, TokenCache>>,
+    caches: Arc<ByName<TokenCache>>,
 }
 
 impl<S> Service<Req> for Token<S>
@@ -87,7 +96,7 @@ where
     }
 }
 
-fn cache_for(caches: &HashMap<String, TokenCache>, req: &Req) -> Result<TokenCache, GatewayError> {
+fn cache_for(caches: &ByName<TokenCache>, req: &Req) -> Result<TokenCache, GatewayError> {
     let Some(route) = req.extensions().get::<RouteMatch>() else {
         return Err(GatewayError::Internal(
             "token layer reached without a RouteMatch".to_owned(),
@@ -113,33 +122,28 @@ where
         .headers
         .insert(header::AUTHORIZATION, token.header_value());
     let (body, kept) = keep_for_replay(body).await;
-    // A replay needs the head again, but not the extensions: those come back
-    // with the 401 (`RequestExtensions`), so they are moved, never cloned.
-    let replay = kept.map(|kept| (Head::of(&parts), kept));
-    if let Some((_, kept)) = &replay
-        && kept.trailers.is_none()
-        && !kept.data.is_empty()
-    {
-        // Forward's retries reuse these bytes instead of buffering the body again.
-        parts.extensions.insert(Buffered(kept.data.clone()));
+    if let Some(kept) = kept {
+        let copy = ReplayCopy::of(&parts, kept);
+        parts.extensions.insert(copy);
     }
     let mut response = inner.call(Request::from_parts(parts, body)).await?;
     if response.status() != StatusCode::UNAUTHORIZED {
         return Ok(response);
     }
-    let extensions = response
+    // The rejected token goes, whether or not the request can be replayed.
+    cache.invalidate(&token);
+    let handed_back = response
         .extensions_mut()
         .remove::<RequestExtensions>()
-        .map(|r| r.0)
-        .unwrap_or_default();
-
-    let Some((head, kept)) = replay else {
-        // The body is gone: the 401 goes back, but the token still goes.
-        cache.invalidate(&token);
+        .and_then(|RequestExtensions(mut extensions)| {
+            let copy = extensions.remove::<ReplayCopy>()?;
+            Some((extensions, copy))
+        });
+    let Some((mut extensions, mut copy)) = handed_back else {
+        // The body is gone (or the inner service kept the request).
         cache.record_401("not_replayable");
         return Ok(response);
     };
-    cache.invalidate(&token);
     let fresh = match cache.token().await {
         Ok(fresh) if !fresh.same_as(&token) => fresh,
         Ok(_) => return Ok(response),
@@ -155,42 +159,70 @@ where
         generation = fresh.generation(),
         "replaying a request Zuora answered 401 with a new token"
     );
-    let mut req = head.into_request(kept.into_body(), extensions);
-    req.headers_mut()
+    // The copy goes along again (with the new token) for Forward's retries of the replay.
+    copy.headers
         .insert(header::AUTHORIZATION, fresh.header_value());
+    let (mut parts, body) = copy.to_request().into_parts();
+    extensions.insert(copy);
+    parts.extensions = extensions;
     std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
-    let mut response = inner.call(req).await?;
+    let mut response = inner.call(Request::from_parts(parts, body)).await?;
     // A second 401 goes back as it is, without the extensions handed back with it.
     response.extensions_mut().remove::<RequestExtensions>();
     Ok(response)
 }
 
-/// What a replay sends again besides the body and the extensions.
-#[derive(Debug)]
-struct Head {
+/// Request extension: the token layer's copy of a request it can replay
+/// after a 401 (head with the Zuora token, and the body read into memory).
+///
+/// The one copy serves two purposes, so that nothing else is copied unless
+/// a resend actually happens: the forward service's retries resend it
+/// ([`ReplayCopy::head`], [`ReplayCopy::plain_body`]), and it comes back to
+/// the token layer with a 401, among the request's extensions
+/// ([`RequestExtensions`]), for the replay.
+#[derive(Debug, Clone)]
+pub struct ReplayCopy {
     method: Method,
     uri: Uri,
     version: Version,
     headers: HeaderMap,
+    body: Kept,
 }
 
-impl Head {
-    fn of(parts: &http::request::Parts) -> Self {
-        Head {
+impl ReplayCopy {
+    fn of(parts: &http::request::Parts, body: Kept) -> Self {
+        ReplayCopy {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
             headers: parts.headers.clone(),
+            body,
         }
     }
 
-    fn into_request(self, body: Body, extensions: http::Extensions) -> Req {
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
+    /// A new copy of the request head (without extensions).
+    pub fn head(&self) -> http::request::Parts {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method.clone();
+        parts.uri = self.uri.clone();
+        parts.version = self.version;
+        parts.headers = self.headers.clone();
+        parts
+    }
+
+    /// The body, when it is exactly these bytes (no trailers).
+    pub fn plain_body(&self) -> Option<&Bytes> {
+        self.body.trailers.is_none().then_some(&self.body.data)
+    }
+
+    /// A new request from the copy (without extensions).
+    fn to_request(&self) -> Req {
+        let (parts, ()) = Request::new(()).into_parts();
+        let mut req = Request::from_parts(parts, self.body.clone().into_body());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers;
-        *req.extensions_mut() = extensions;
+        *req.headers_mut() = self.headers.clone();
         req
     }
 }
@@ -353,7 +385,8 @@ mod tests {
     /// What the fake upstream saw: the Authorization header and body of each call.
     type Calls = Arc<Mutex<Vec<(String, Bytes)>>>;
 
-    /// An upstream that answers 401 to any token in `revoked`, else 200.
+    /// An upstream that answers 401 to any token in `revoked`, else 200;
+    /// like Forward, it hands the request's extensions back with a 401.
     fn upstream(
         calls: Calls,
         revoked: Arc<Mutex<Vec<String>>>,
@@ -369,8 +402,8 @@ mod tests {
                     .to_str()
                     .unwrap()
                     .to_owned();
-                let body = req
-                    .into_body()
+                let (parts, body) = req.into_parts();
+                let body = body
                     .collect()
                     .await
                     .map(|c| c.to_bytes())
@@ -386,7 +419,12 @@ mod tests {
                 } else {
                     200
                 };
-                Ok(Response::builder().status(status).body(empty()).unwrap())
+                let mut resp = Response::builder().status(status).body(empty()).unwrap();
+                if status == 401 {
+                    resp.extensions_mut()
+                        .insert(RequestExtensions(parts.extensions));
+                }
+                Ok(resp)
             });
             fut
         })
@@ -568,8 +606,20 @@ mod tests {
             let seen = seen.clone();
             let fut: LayerFuture = Box::pin(async move {
                 let (parts, body) = req.into_parts();
+                if let Some(copy) = parts.extensions.get::<ReplayCopy>() {
+                    // What Forward would resend on a retry: this very request, current token included.
+                    let head = copy.head();
+                    assert_eq!(head.headers, parts.headers);
+                    assert_eq!(
+                        (head.method, head.uri),
+                        (parts.method.clone(), parts.uri.clone())
+                    );
+                }
                 let routed = parts.extensions.get::<RouteMatch>().is_some();
-                let buffered = parts.extensions.get::<Buffered>().map(|b| b.0.clone());
+                let buffered = parts
+                    .extensions
+                    .get::<ReplayCopy>()
+                    .and_then(|c| c.plain_body().cloned());
                 let body = body.collect().await.unwrap().to_bytes();
                 let first = {
                     let mut seen = seen.lock().unwrap();
@@ -589,7 +639,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_replay_gets_the_extensions_handed_back_and_the_same_buffered_body() {
+    async fn the_replay_gets_the_extensions_handed_back_and_the_same_body() {
         let (_ep, h, layer) = setup().await;
         h.cache.token().await.unwrap();
         let seen = Arc::default();
@@ -603,7 +653,7 @@ mod tests {
         for (routed, buffered, body) in seen.iter() {
             assert!(routed, "the RouteMatch reached both calls");
             assert_eq!(body, "{\"a\":1}");
-            assert_eq!(buffered.as_ref(), Some(body), "Buffered matches the body");
+            assert_eq!(buffered.as_ref(), Some(body), "the copy's body is the body");
         }
     }
 
@@ -621,7 +671,11 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 2, "replayed once");
         assert!(seen[1].0, "the replay was routed");
-        assert_eq!(seen[1].1, None, "no Buffered for an empty body");
+        assert_eq!(
+            seen[1].1,
+            Some(Bytes::new()),
+            "the replay carries the copy too"
+        );
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 //! the token layer's replay ([`RequestExtensions`]).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -19,10 +20,11 @@ use tracing::Instrument as _;
 use super::breaker::{Admission, CircuitBreaker};
 use super::client::HttpClient;
 use super::headers::strip_hop_by_hop;
-use crate::body::{self, Body, Buffered};
+use crate::body::{self, Body};
 use crate::config::UpstreamConfig;
 use crate::context::{RequestExtensions, RouteMatch};
 use crate::error::GatewayError;
+use crate::layers::token::ReplayCopy;
 use crate::layers::{GwResult, LayerFuture, Req};
 use crate::telemetry::upstream::CallTrace;
 
@@ -51,6 +53,33 @@ impl Upstream {
 
 /// Upstreams by name.
 pub type Upstreams = Arc<HashMap<String, Upstream>>;
+
+/// A map by upstream name, for lookups on every request. The names come from
+/// the configuration, never from a caller, so a simple FNV-1a hash (several
+/// times cheaper than the default SipHash for names of a few bytes) is safe.
+pub type ByName<V> = HashMap<String, V, BuildHasherDefault<NameHasher>>;
+
+/// FNV-1a, for [`ByName`].
+#[derive(Debug)]
+pub struct NameHasher(u64);
+
+impl Default for NameHasher {
+    fn default() -> Self {
+        NameHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
 
 /// Builds `base` + `path` (+ `?query`), keeping a path prefix of `base`.
 fn join(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
@@ -95,13 +124,19 @@ fn rebase(base: &Uri, uri: &Uri) -> Result<Uri, GatewayError> {
 /// The innermost service.
 #[derive(Clone)]
 pub struct Forward {
-    upstreams: Upstreams,
+    upstreams: Arc<ByName<Arc<Upstream>>>,
 }
 
 impl Forward {
     /// Forwards to `upstreams` (looked up by the matched route's `upstream`).
     pub fn new(upstreams: Upstreams) -> Self {
-        Forward { upstreams }
+        let upstreams = upstreams
+            .iter()
+            .map(|(name, u)| (name.clone(), Arc::new(u.clone())))
+            .collect();
+        Forward {
+            upstreams: Arc::new(upstreams),
+        }
     }
 }
 
@@ -124,7 +159,7 @@ impl Service<Req> for Forward {
 }
 
 impl Forward {
-    fn prepare(&self, req: Req) -> Result<(Upstream, Request<Body>), GatewayError> {
+    fn prepare(&self, req: Req) -> Result<(Arc<Upstream>, Request<Body>), GatewayError> {
         let upstream = {
             let m = req.extensions().get::<RouteMatch>().ok_or_else(|| {
                 GatewayError::Internal("request reached forward without a route".into())
@@ -135,19 +170,26 @@ impl Forward {
             })?
         };
         let (mut parts, body) = req.into_parts();
-        parts.uri = rebase(&upstream.base, &parts.uri)?;
-        strip_hop_by_hop(&mut parts.headers);
-        // The client sets Host from the URI authority.
-        parts.headers.remove(header::HOST);
-        if let Some(v) = &upstream.config.zuora_version
-            && !parts.headers.contains_key("zuora-version")
-        {
-            parts.headers.insert("zuora-version", v.clone());
-        }
-        // HTTP/2 to the upstream is negotiated by the connector, not inherited from the caller.
-        parts.version = http::Version::HTTP_11;
+        prepare_head(&upstream, &mut parts)?;
         Ok((upstream, Request::from_parts(parts, body)))
     }
+}
+
+/// The request head as it goes to `upstream`: URI rebased, hop-by-hop
+/// headers and `Host` removed, `Zuora-Version` defaulted, HTTP/1.1.
+fn prepare_head(upstream: &Upstream, parts: &mut http::request::Parts) -> Result<(), GatewayError> {
+    parts.uri = rebase(&upstream.base, &parts.uri)?;
+    strip_hop_by_hop(&mut parts.headers);
+    // The client sets Host from the URI authority.
+    parts.headers.remove(header::HOST);
+    if let Some(v) = &upstream.config.zuora_version
+        && !parts.headers.contains_key("zuora-version")
+    {
+        parts.headers.insert("zuora-version", v.clone());
+    }
+    // HTTP/2 to the upstream is negotiated by the connector, not inherited from the caller.
+    parts.version = http::Version::HTTP_11;
+    Ok(())
 }
 
 /// Bodies up to this size are buffered so a safe retry can resend them.
@@ -236,12 +278,12 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     let (mut head, body) = req.into_parts();
     // Kept aside: read by each attempt's trace, handed back with a 401.
     let extensions = std::mem::take(&mut head.extensions);
+    // The token layer's copy of the request, if it made one: retries resend it.
+    let copy = extensions.get::<ReplayCopy>();
     let retry = upstream.config.retry;
-    let mut body = match extensions.get::<Buffered>() {
-        // Already in memory (the token layer read it): no second buffer.
-        Some(Buffered(bytes))
-            if http_body::Body::size_hint(&body).exact() == Some(bytes.len() as u64) =>
-        {
+    let mut body = match copy.and_then(ReplayCopy::plain_body) {
+        // Already in memory: no second buffer.
+        Some(bytes) if http_body::Body::size_hint(&body).exact() == Some(bytes.len() as u64) => {
             Ok(bytes.clone())
         }
         // Without retries there is nothing to buffer for.
@@ -254,12 +296,24 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     loop {
         let replayable = body.is_ok();
         let more = attempt < retry.max_attempts && replayable;
-        // The head is copied only for an attempt that may be followed by another.
-        let this_head = if more { head.clone() } else { head.take() };
-        let Some(this_head) = this_head else {
-            return Err(GatewayError::Internal(
-                "forward: no request head left for another attempt".into(),
-            ));
+        // The head is copied only when a retry actually happens (from the
+        // token layer's copy), or up front if there is no such copy.
+        let this_head = match (head.take(), copy) {
+            (Some(h), None) if more => {
+                head = Some(h.clone());
+                h
+            }
+            (Some(h), _) => h,
+            (None, Some(copy)) => {
+                let mut h = copy.head();
+                prepare_head(upstream, &mut h)?;
+                h
+            }
+            (None, None) => {
+                return Err(GatewayError::Internal(
+                    "forward: no request head left for another attempt".into(),
+                ));
+            }
         };
         let this_body = match &mut body {
             Ok(bytes) => body::full(bytes.clone()),

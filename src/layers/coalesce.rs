@@ -87,14 +87,14 @@ type Slot = watch::Receiver<Option<Outcome>>;
 
 #[derive(Debug, Default)]
 struct InFlight {
-    stops: Mutex<HashMap<StopKey, Slot>>,
+    stops: Mutex<HashMap<Arc<StopKey>, Slot>>,
 }
 
 /// A leader's registration; dropping it unpublished (the leader's caller
 /// went away) releases the followers to retry.
 struct Leader {
     inflight: Arc<InFlight>,
-    key: StopKey,
+    key: Arc<StopKey>,
     tx: watch::Sender<Option<Outcome>>,
 }
 
@@ -216,7 +216,8 @@ where
             ));
         }
     };
-    let key = StopKey {
+    // Shared by the table and the leader: built once, never copied.
+    let key = Arc::new(StopKey {
         caller: parts.extensions.get::<Caller>().map(|c| c.identity.clone()),
         method: parts.method.clone(),
         target: parts
@@ -225,7 +226,7 @@ where
             .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
         scope: std::array::from_fn(|i| parts.headers.get(&SCOPE_HEADERS[i]).cloned()),
         body: body.clone(),
-    };
+    });
     let track_id = parts.extensions.get::<TrackId>().map(|t| t.0.clone());
     loop {
         let role = {
@@ -237,10 +238,10 @@ where
                 Some(rx) => Err(rx.clone()),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    stops.insert(key.clone(), rx);
+                    stops.insert(Arc::clone(&key), rx);
                     Ok(Leader {
                         inflight: inflight.clone(),
-                        key: key.clone(),
+                        key: Arc::clone(&key),
                         tx,
                     })
                 }

@@ -3,9 +3,9 @@
 //! signature check. Bounded: when full, expired entries go first, then
 //! arbitrary ones.
 //!
-//! Entries are found by a keyed 64-bit hash of the token and served only if
-//! the whole token is byte-for-byte the one that was verified: the hash picks
-//! the slot, the comparison decides. A collision (two verified tokens with one
+//! Entries are found by a keyed 64-bit hash of the token (its length and its
+//! tail, the signature) and served only if the whole token is byte-for-byte
+//! the one that was verified: the hash picks the slot, the comparison decides. A collision (two verified tokens with one
 //! hash) costs the older one a re-verification, never a wrong caller.
 //!
 //! The map is split into shards, each behind a [`RwLock`]: a hit takes only a
@@ -100,13 +100,16 @@ impl TokenCache {
         {
             let map = Self::read(shard);
             let entry = map.get(&hash)?;
-            // A plain (early-exit) comparison is deliberate. It only ever runs
-            // against the one entry that the caller's own token hashes to
-            // under a per-process secret key, so a caller cannot choose which
-            // cached token its guess is compared with, and changing any byte
-            // of the guess moves it to an unrelated slot: the timing reveals
-            // nothing a byte-by-byte search could build on. (The slot lookup
-            // itself only compares hashes.)
+            // A plain (early-exit) comparison is deliberate: its timing can
+            // only tell a caller how much of a cached token it already has.
+            // It runs against the one entry the caller's own token hashes to,
+            // under a per-process secret key, over the length and the tail
+            // (the signature). Reaching a given cached token's slot takes that
+            // token's signature, the only secret part of a JWT (header and
+            // claims are readable base64), i.e. the credential itself; any
+            // other guess lands in an unrelated slot, so there is no
+            // byte-by-byte search to build on. (The slot lookup itself only
+            // compares hashes.)
             if entry.token.as_bytes() != token {
                 return None;
             }
@@ -164,12 +167,17 @@ impl TokenCache {
     }
 }
 
-/// A keyed 64-bit hash of token bytes: a folded multiply over 16-byte blocks
-/// (the construction of foldhash and wyhash), keyed with random values drawn
-/// once per cache from the standard library's per-process random source.
+/// A keyed 64-bit hash of a token: its length and its last [`HASHED_TAIL`]
+/// bytes, by a folded multiply over 16-byte blocks (the construction of
+/// foldhash and wyhash), keyed with random values drawn once per cache from
+/// the standard library's per-process random source.
+///
 /// Not cryptographic, and it need not be: it only picks a slot (hits compare
 /// the whole token), and only verified tokens are ever inserted, so a caller
-/// without a valid token cannot fill the map with collisions either.
+/// without a valid token cannot fill the map with collisions either. The tail
+/// of a JWT is its signature (at least 43 characters), which differs between
+/// any two tokens, so hashing only the tail keeps slots apart at a cost that
+/// does not grow with the claims.
 #[derive(Debug, Clone, Copy)]
 struct TokenHasher {
     keys: [u64; 4],
@@ -186,8 +194,9 @@ impl TokenHasher {
     fn hash(&self, bytes: &[u8]) -> u64 {
         let [k0, k1, k2, k3] = self.keys;
         let len = bytes.len() as u64;
+        let tail = &bytes[bytes.len().saturating_sub(HASHED_TAIL)..];
         let mut h = k0 ^ len;
-        let mut blocks = bytes.chunks_exact(16);
+        let mut blocks = tail.chunks_exact(16);
         for block in &mut blocks {
             let (a, b) = block.split_at(8);
             h = folded_multiply(word(a) ^ k1, word(b) ^ h);
@@ -201,6 +210,9 @@ impl TokenHasher {
         folded_multiply(h ^ k3, len ^ k1)
     }
 }
+
+/// How many bytes at the end of a token are hashed.
+const HASHED_TAIL: usize = 64;
 
 /// Up to 8 bytes as a little-endian word (zero-padded).
 fn word(bytes: &[u8]) -> u64 {
@@ -315,12 +327,12 @@ mod tests {
     }
 
     #[test]
-    fn the_hash_covers_every_byte_and_the_length() {
+    fn the_hash_covers_the_tail_and_the_length() {
         let h = TokenHasher::new();
         let base = vec![b'x'; 300];
         let mut seen = std::collections::HashSet::new();
         assert!(seen.insert(h.hash(&base)));
-        for i in 0..base.len() {
+        for i in base.len() - HASHED_TAIL..base.len() {
             let mut t = base.clone();
             t[i] = b'y';
             assert!(seen.insert(h.hash(&t)), "flipping byte {i} changed nothing");
@@ -328,6 +340,19 @@ mod tests {
         for n in 0..base.len() {
             assert!(seen.insert(h.hash(&base[..n])), "prefix of {n} bytes");
         }
+        // Before the tail only the length counts: such tokens share a slot, and
+        // the full comparison keeps them apart.
+        let mut head_differs = base.clone();
+        head_differs[0] = b'y';
+        assert_eq!(h.hash(&head_differs), h.hash(&base));
+        let c = TokenCache::new(10);
+        let (a, b) = (
+            String::from_utf8(base.clone()).unwrap(),
+            String::from_utf8(head_differs).unwrap(),
+        );
+        c.insert(&a, Caller::named("a"), 1000, 0);
+        assert!(c.get(b.as_bytes(), 1).is_none());
+        assert_eq!(&*c.get(a.as_bytes(), 1).unwrap().identity, "a");
         // Zero padding of the tail does not make lengths collide.
         assert_ne!(h.hash(b"ab"), h.hash(b"ab\0"));
         // Keys differ per cache: the same token hashes differently.

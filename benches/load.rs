@@ -117,7 +117,7 @@ cargo bench --bench load [-- OPTIONS]
   --no-otlp            no OTLP endpoint (the gateway's tracing without export)
   --sampling R         telemetry.sampling_ratio (default: the gateway's default, 1.0)
   --debug-requests N   telemetry.debug_requests (default: the gateway's default, 10000)
-  --workers N          gateway worker threads (TOKIO_WORKER_THREADS) = nginx worker_processes (default: nproc)";
+  --workers N          gateway `server.worker_threads` = nginx worker_processes (default: nproc)";
 
 fn parse_opts(args: &[String]) -> R<Opts> {
     let mut o = Opts::default();
@@ -443,10 +443,11 @@ fn gateway_yaml(
     admin: u16,
     sim: SocketAddr,
     otlp: Option<SocketAddr>,
-    trusted_identity: bool,
-    sampling: Option<f64>,
-    debug_requests: Option<u64>,
+    o: &Opts,
+    workers: usize,
 ) -> String {
+    let (trusted_identity, sampling, debug_requests) =
+        (o.trusted_identity, o.sampling, o.debug_requests);
     let mut otlp = otlp
         .map(|a| format!("  otlp_endpoint: http://{a}\n"))
         .unwrap_or_default();
@@ -472,6 +473,7 @@ server:
   max_connections: 4096
   max_in_flight: 4096
   shutdown_grace: 2s
+  worker_threads: {workers}
 upstreams:
   zuora:
     base_url: http://{sim}
@@ -1091,9 +1093,8 @@ async fn run(o: Opts) -> R<()> {
         admin_port,
         sim_addr,
         o.otlp.then_some(otlp.addr),
-        o.trusted_identity,
-        o.sampling,
-        o.debug_requests,
+        &o,
+        workers,
     );
     let gw_conf = d.join("gateway.yaml");
     std::fs::write(&gw_conf, &yaml).map_err(|e| e.to_string())?;
@@ -1104,7 +1105,6 @@ async fn run(o: Opts) -> R<()> {
             .arg("serve")
             .arg("--config")
             .arg(&gw_conf)
-            .env("TOKIO_WORKER_THREADS", workers.to_string())
             .env(
                 "RUST_LOG",
                 if o.access_log {
@@ -1148,7 +1148,7 @@ async fn run(o: Opts) -> R<()> {
     let _ = writeln!(report, "\n## zuora-gateway load bench\n");
     let _ = writeln!(
         report,
-        "nproc {nproc}; gateway: {workers} tokio worker thread(s); nginx: worker_processes {workers}; simulator: {nproc} tokio workers; load generator: wrk -t{} on the same cores",
+        "nproc {nproc}; gateway: worker_threads {workers} (1 = current-thread runtime); nginx: worker_processes {workers}; simulator: {nproc} tokio workers; load generator: wrk -t{} on the same cores",
         o.threads
     );
     let _ = writeln!(

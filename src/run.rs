@@ -5,10 +5,24 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+/// The runtime: `server.worker_threads: 1` is a current-thread runtime
+/// (accept loop, connections and the Zuora client on one thread: no
+/// cross-thread wake-ups, the cheapest per request); otherwise a
+/// multi-thread runtime with that many workers, or tokio's default (one
+/// per CPU the process may use, or `TOKIO_WORKER_THREADS`).
+fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -26,7 +40,7 @@ async fn terminate_signal() {
 
 /// `serve`: run until SIGTERM/SIGINT, then drain and exit 0.
 pub fn serve(config: Config) -> ExitCode {
-    let rt = match runtime() {
+    let rt = match runtime(config.server.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -60,7 +74,7 @@ pub fn serve(config: Config) -> ExitCode {
 /// `simulate`: run the embedded simulator alone (`fixed_answer`: bench mode,
 /// see [`crate::sim::SimOptions::fixed_answer`]).
 pub fn simulate(listen: SocketAddr, fixed_answer: bool) -> ExitCode {
-    let rt = match runtime() {
+    let rt = match runtime(None) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -8,9 +8,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,8 +22,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-use tower::ServiceExt;
 use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
 
 use crate::admin::Admin;
 use crate::body::{self, Body};
@@ -280,9 +282,9 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
 /// framing guard's verdict attached to its stand-in request, body boxing, no
 /// async block. Every check happens inside the stack, so every refusal gets a
 /// track ID and a log line.
-#[derive(Clone)]
 struct HyperAdapter {
-    service: GatewayService,
+    /// The connection's own copy of the stack, called in place (see `call`).
+    service: std::sync::Mutex<GatewayService>,
     /// Set on the first request of the connection (see `serve`).
     first_request: Arc<AtomicBool>,
     /// What the connection's framing guard refused, if anything.
@@ -292,7 +294,10 @@ struct HyperAdapter {
 impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
     type Response = Response<Body>;
     type Error = std::convert::Infallible;
-    type Future = Oneshot<GatewayService, Request<Body>>;
+    type Future = Either<
+        <GatewayService as Service<Request<Body>>>::Future,
+        Oneshot<GatewayService, Request<Body>>,
+    >;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.first_request.store(true, Ordering::Relaxed);
@@ -308,7 +313,23 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         // `Connection: authorization, zuora-entity-ids` to strip what the
         // gateway sets later.
         strip_hop_by_hop(req.headers_mut());
-        self.service.clone().oneshot(req.map(caller_body))
+        let req = req.map(caller_body);
+        // Every layer of the stack is always ready, so the connection's copy
+        // is called in place: cloning the boxed stack for each request (an
+        // allocation and an Arc count per layer) was measurable. The lock is
+        // uncontended (one connection's requests) and never held across an
+        // await; if a layer ever reports not-ready, fall back to a clone.
+        // (A panic inside `call` cannot leave the stack half-updated: take it
+        // even if the lock is poisoned.)
+        let mut svc = self
+            .service
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cx = Context::from_waker(Waker::noop());
+        match svc.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Either::Left(svc.call(req)),
+            _ => Either::Right(svc.clone().oneshot(req)),
+        }
     }
 }
 
@@ -368,7 +389,7 @@ async fn serve(
                 let first_request = Arc::new(AtomicBool::new(false));
                 let framing = Arc::new(h1_guard::Verdict::default());
                 let hyper_svc = HyperAdapter {
-                    service: service.clone(),
+                    service: std::sync::Mutex::new(service.clone()),
                     first_request: first_request.clone(),
                     framing: framing.clone(),
                 };

@@ -329,3 +329,90 @@ fn check_rejects_broken_configs_naming_the_key() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// The binary on `config/local.yaml` (embedded simulator, JWT callers), with
+/// the runtime `worker_threads` picks: a request with a `dev-token` is
+/// proxied, and SIGTERM drains and exits 0.
+fn serve_local_config_with(worker_threads: Option<usize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut yaml = std::fs::read_to_string(format!("{root}/config/local.yaml"))
+        .unwrap()
+        .replace("listen: 127.0.0.1:8080", "listen: 127.0.0.1:0")
+        .replace("admin_listen: 127.0.0.1:9901", "admin_listen: 127.0.0.1:0")
+        .replace("keys/", &format!("{root}/config/keys/"));
+    if let Some(n) = worker_threads {
+        yaml = yaml.replacen("server:\n", &format!("server:\n  worker_threads: {n}\n"), 1);
+    }
+    let config = dir.path().join("local.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let token = std::process::Command::new(bin())
+        .args(["dev-token", "--config"])
+        .arg(&config)
+        .args(["--caller", "billing-eu-1"])
+        .output()
+        .unwrap();
+    assert!(token.status.success(), "{token:?}");
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listen = loop {
+        let line = lines.next().expect("gateway output").unwrap();
+        if line.contains("zuora-gateway listening") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let addr = v["listen"].as_str().map(str::to_owned).unwrap_or_else(|| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix("listen="))
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_owned()
+            });
+            break addr;
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let request = format!(
+        "GET /v1/uno/data-backfill/propagation/jobs?pageSize=2 HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+    );
+    let mut status = String::new();
+    for _ in 0..50 {
+        let mut s = std::net::TcpStream::connect(&listen).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        status = response.lines().next().unwrap_or("").to_owned();
+        if status.contains(" 200 ") {
+            break;
+        }
+        // 503 until the first Zuora token has been fetched.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(status.contains(" 200 "), "{worker_threads:?}: {status}");
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{worker_threads:?}: {exit}");
+}
+
+#[test]
+fn serves_on_a_current_thread_runtime_with_one_worker_thread() {
+    serve_local_config_with(Some(1));
+}
+
+#[test]
+fn serves_on_the_default_multi_thread_runtime() {
+    serve_local_config_with(None);
+}

@@ -454,6 +454,73 @@ async fn text_log_format_writes_key_value_access_lines() {
     assert!(!line.starts_with('{'), "not JSON: {line}");
 }
 
+#[tokio::test]
+async fn access_off_in_rust_log_silences_only_the_access_log() {
+    let sim = simulator().await;
+    let p = Proc::spawn(
+        &yaml(&sim, "", "  log_format: json\n"),
+        &[("RUST_LOG", "info,access=off")],
+    );
+    let r = send(with_track_id(&list_url_of(&p), b"silent-1"))
+        .await
+        .unwrap();
+    assert_answered_by_zuora(&r);
+    // Long enough for the access-log writer's batch delay, many times over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = p.stdout();
+    assert!(
+        lines.iter().any(|l| l.contains("zuora-gateway listening")),
+        "other INFO lines still written: {lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("silent-1")),
+        "no access line: {lines:#?}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_give_whole_json_lines_and_shutdown_flushes_them() {
+    let sim = simulator().await;
+    let mut p = Proc::spawn(&yaml(&sim, "", "  log_format: json\n"), &[]);
+    let url = list_url_of(&p);
+    let sent: Vec<_> = (0..200)
+        .map(|i| {
+            let req = with_track_id(&url, format!("burst-{i}").as_bytes());
+            tokio::spawn(send(req))
+        })
+        .collect();
+    for s in sent {
+        assert_answered_by_zuora(&s.await.unwrap().unwrap());
+    }
+    // SIGTERM at once: lines still queued must be written before exit.
+    let pid = p.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = p.child.wait();
+        (p, status)
+    });
+    let (p, status) = tokio::time::timeout(Duration::from_secs(20), exited)
+        .await
+        .expect("the gateway exits after SIGTERM")
+        .unwrap();
+    assert!(status.unwrap().success());
+    // The reader thread sees EOF shortly after exit.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines = p.stdout();
+    let mut seen = std::collections::HashSet::new();
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON line ({e}): {l}"));
+        if v["target"] == "access" {
+            assert!(seen.insert(v["track_id"].as_str().unwrap().to_owned()));
+        }
+    }
+    for i in 0..200 {
+        assert!(seen.contains(&format!("burst-{i}")), "burst-{i} missing");
+    }
+}
+
 fn list_url_of(p: &Proc) -> String {
     p.url("/v1/uno/data-backfill/propagation/jobs?pageSize=5")
 }

@@ -67,6 +67,10 @@ pub struct ServerConfig {
     pub compress_responses_over: Option<u64>,
     /// Permit `trusted_identity` on a non-loopback listener.
     pub allow_unauthenticated_network: bool,
+    /// Runtime worker threads; `None`: one per CPU the process may use
+    /// (cgroup quota included), or `TOKIO_WORKER_THREADS`. `Some(1)` runs
+    /// everything on one thread (a current-thread runtime).
+    pub worker_threads: Option<usize>,
 }
 
 /// Where an upstream is.

@@ -61,6 +61,7 @@ pub(crate) struct RawServer {
     pub(crate) http2_max_concurrent_streams: Option<Scalar>,
     pub(crate) compress_responses_over: Option<Scalar>,
     pub(crate) allow_unauthenticated_network: Option<Scalar>,
+    pub(crate) worker_threads: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -184,3 +184,23 @@ fn durations_parse() {
     assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
     assert_eq!(parse_duration("x"), None);
 }
+
+#[test]
+fn worker_threads_defaults_to_the_runtime_and_is_bounded() {
+    assert_eq!(load(MIN, &[]).unwrap().server.worker_threads, None);
+    let with = |n: &str| {
+        load(
+            &MIN.replace(
+                "{ listen: 127.0.0.1:8080 }",
+                &format!("{{ listen: 127.0.0.1:8080, worker_threads: {n} }}"),
+            ),
+            &[],
+        )
+    };
+    assert_eq!(with("1").unwrap().server.worker_threads, Some(1));
+    assert_eq!(with("4").unwrap().server.worker_threads, Some(4));
+    for bad in ["0", "257", "two"] {
+        let e = with(bad).unwrap_err();
+        assert_eq!(e.path, "server.worker_threads", "{bad}: {e}");
+    }
+}

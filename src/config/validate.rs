@@ -193,6 +193,15 @@ impl<'a> Validator<'a> {
         usize::try_from(n).map_err(|_| self.err(path, "number too large"))
     }
 
+    fn worker_threads(&self, v: &Option<Scalar>) -> R<usize> {
+        const PATH: &str = "server.worker_threads";
+        let n = self.usize(PATH, v, 1)?;
+        if !(1..=256).contains(&n) {
+            return Err(self.err(PATH, "must be between 1 and 256"));
+        }
+        Ok(n)
+    }
+
     fn positive_u32(&self, path: &str, v: &Option<Scalar>, default: u32) -> R<u32> {
         let n = self.u64(path, v, u64::from(default))?;
         if n == 0 {
@@ -409,6 +418,10 @@ impl<'a> Validator<'a> {
                 &s.allow_unauthenticated_network,
                 false,
             )?,
+            worker_threads: match &s.worker_threads {
+                None => None,
+                v => Some(self.worker_threads(v)?),
+            },
         })
     }
 

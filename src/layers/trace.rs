@@ -430,15 +430,12 @@ mod tests {
             .ring()
             .find(&DebugQuery::parse(Some("status=429")).unwrap());
         assert_eq!(found.len(), 1);
-        let r = &found[0];
-        assert_eq!(r.track_id, "t-1");
-        assert_eq!(&*r.path, "/v1/x", "no query string");
-        assert_eq!(r.error.as_ref().unwrap().0, "rate_limited");
-        assert_eq!(r.trail.notes[0].text, "stop-per-job: denied");
-        assert_eq!(
-            r.trace_id.as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
+        let r = found[0].to_value();
+        assert_eq!(r["track_id"], "t-1");
+        assert_eq!(r["path"], "/v1/x", "no query string");
+        assert_eq!(r["error_kind"], "rate_limited");
+        assert_eq!(r["decisions"][0]["text"], "stop-per-job: denied");
+        assert_eq!(r["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
     #[tokio::test]
@@ -450,6 +447,6 @@ mod tests {
         let fut = svc.ready().await.unwrap().call(Req::new(empty()));
         drop(fut);
         let found = rec.ring().find(&DebugQuery::parse(None).unwrap());
-        assert_eq!(found[0].status, 499);
+        assert_eq!(found[0].status(), 499);
     }
 }

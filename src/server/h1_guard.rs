@@ -507,8 +507,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
             if this.scanner.is_passthrough() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let mut tmp = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut tmp);
+            // Uninitialised: zeroing 8 KiB on every read (most of which
+            // return Pending) cost more than everything else the guard does.
+            let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+            let mut rb = ReadBuf::uninit(&mut tmp);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
             let data = rb.filled();
             if data.is_empty() {

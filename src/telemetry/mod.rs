@@ -152,6 +152,21 @@ pub fn log_filter_directives(log_level: &str, rust_log: Option<&str>) -> String 
     }
 }
 
+/// Whether `directives` let INFO events of target `access` through (asked of
+/// a throwaway subscriber, before the global one is installed).
+fn access_enabled(directives: &str) -> bool {
+    EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .parse(directives)
+        .is_ok_and(|filter| {
+            let probe = TracingRegistry::default().with(filter);
+            tracing::subscriber::with_default(
+                probe,
+                || tracing::enabled!(target: "access", tracing::Level::INFO),
+            )
+        })
+}
+
 impl Telemetry {
     /// Installs the global subscriber and, when an endpoint is configured
     /// (`telemetry.otlp_endpoint` or the `OTEL_EXPORTER_OTLP_*` variables),
@@ -192,9 +207,14 @@ impl Telemetry {
                 (Some(pipeline), Some(otel_layer(tracer)))
             }
         };
+        // JSON access lines get their own writer unless `access` is filtered out.
+        let access_json = cfg.log_format == LogFormat::Json && access_enabled(&directives);
         let subscriber = TracingRegistry::default().with(fmt).with(otel_layer);
         tracing::subscriber::set_global_default(subscriber)
             .map_err(|_| TelemetryError::AlreadyInstalled)?;
+        if access_json {
+            access::install_json_writer();
+        }
         OTEL_ACTIVE.store(otel.is_some(), Ordering::Relaxed);
         if let Some(o) = &otel {
             tracing::info!(endpoint = %o.endpoint, ratio = cfg.sampling_ratio, "exporting traces over OTLP/HTTP");
@@ -244,6 +264,8 @@ impl Telemetry {
     /// Exports what is queued (waiting at most `timeout`), then stops the
     /// pipeline. Call after the server has drained.
     pub async fn shutdown(self, timeout: Duration) {
+        // Access-log lines still queued for stdout go out first.
+        access::flush(timeout).await;
         let Some(o) = self.otel else { return };
         let (ack, done) = oneshot::channel();
         let flushed = tokio::time::timeout(timeout, async {
@@ -391,6 +413,17 @@ mod tests {
         );
         let events: Vec<_> = request.events.iter().map(|e| e.name.to_string()).collect();
         assert_eq!(events, ["rate limit: denied"]);
+    }
+
+    #[test]
+    fn access_target_is_probed_from_the_filter() {
+        assert!(access_enabled(&log_filter_directives("warn", None)));
+        assert!(access_enabled(&log_filter_directives("info", Some("off"))));
+        assert!(!access_enabled(&log_filter_directives(
+            "info",
+            Some("warn,access=off")
+        )));
+        assert!(!access_enabled("access=warn"));
     }
 
     #[test]

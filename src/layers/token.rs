@@ -217,8 +217,7 @@ impl ReplayCopy {
 
     /// A new request from the copy (without extensions).
     fn to_request(&self) -> Req {
-        let (parts, ()) = Request::new(()).into_parts();
-        let mut req = Request::from_parts(parts, self.body.clone().into_body());
+        let mut req = Request::new(self.body.clone().into_body());
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;

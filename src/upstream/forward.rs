@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header;
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower::Service;
@@ -124,7 +124,16 @@ fn rebase(base: &Uri, uri: &Uri) -> Result<Uri, GatewayError> {
 /// The innermost service.
 #[derive(Clone)]
 pub struct Forward {
-    upstreams: Arc<ByName<Arc<Upstream>>>,
+    upstreams: Arc<ByName<Arc<Target>>>,
+}
+
+/// An upstream with what every request to it shares, computed once.
+struct Target {
+    upstream: Upstream,
+    /// `Host` for a plain-http upstream (always HTTP/1.1): what the client
+    /// would otherwise format (`host:port`) into every single request.
+    /// `None` for https, where ALPN may pick HTTP/2 (no `Host` there).
+    host: Option<HeaderValue>,
 }
 
 impl Forward {
@@ -132,12 +141,34 @@ impl Forward {
     pub fn new(upstreams: Upstreams) -> Self {
         let upstreams = upstreams
             .iter()
-            .map(|(name, u)| (name.clone(), Arc::new(u.clone())))
+            .map(|(name, u)| {
+                let target = Target {
+                    upstream: u.clone(),
+                    host: http_host(&u.base),
+                };
+                (name.clone(), Arc::new(target))
+            })
             .collect();
         Forward {
             upstreams: Arc::new(upstreams),
         }
     }
+}
+
+/// The `Host` hyper-util's client sets on an HTTP/1 request to `base`
+/// (host, and the port unless it is the scheme's default), for plain-http
+/// bases only.
+fn http_host(base: &Uri) -> Option<HeaderValue> {
+    let probe = rebase(base, &Uri::from_static("/")).ok()?;
+    if probe.scheme() != Some(&Scheme::HTTP) {
+        return None;
+    }
+    let host = probe.host()?;
+    let value = match probe.port_u16() {
+        Some(port) if port != 80 => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 impl Service<Req> for Forward {
@@ -159,7 +190,7 @@ impl Service<Req> for Forward {
 }
 
 impl Forward {
-    fn prepare(&self, req: Req) -> Result<(Arc<Upstream>, Request<Body>), GatewayError> {
+    fn prepare(&self, req: Req) -> Result<(Arc<Target>, Request<Body>), GatewayError> {
         let upstream = {
             let m = req.extensions().get::<RouteMatch>().ok_or_else(|| {
                 GatewayError::Internal("request reached forward without a route".into())
@@ -175,17 +206,24 @@ impl Forward {
     }
 }
 
-/// The request head as it goes to `upstream`: URI rebased, hop-by-hop
-/// headers and `Host` removed, `Zuora-Version` defaulted, HTTP/1.1.
-fn prepare_head(upstream: &Upstream, parts: &mut http::request::Parts) -> Result<(), GatewayError> {
+/// `Zuora-Version`.
+static ZUORA_VERSION: HeaderName = HeaderName::from_static("zuora-version");
+
+/// The request head as it goes to `target`: URI rebased, hop-by-hop
+/// headers removed, `Host` the upstream's, `Zuora-Version` defaulted, HTTP/1.1.
+fn prepare_head(target: &Target, parts: &mut http::request::Parts) -> Result<(), GatewayError> {
+    let upstream = &target.upstream;
     parts.uri = rebase(&upstream.base, &parts.uri)?;
     strip_hop_by_hop(&mut parts.headers);
-    // The client sets Host from the URI authority.
-    parts.headers.remove(header::HOST);
+    // Never the caller's Host: ours, or the client sets it from the URI authority.
+    match &target.host {
+        Some(host) => parts.headers.insert(header::HOST, host.clone()),
+        None => parts.headers.remove(header::HOST),
+    };
     if let Some(v) = &upstream.config.zuora_version
-        && !parts.headers.contains_key("zuora-version")
+        && !parts.headers.contains_key(&ZUORA_VERSION)
     {
-        parts.headers.insert("zuora-version", v.clone());
+        parts.headers.insert(ZUORA_VERSION.clone(), v.clone());
     }
     // HTTP/2 to the upstream is negotiated by the connector, not inherited from the caller.
     parts.version = http::Version::HTTP_11;
@@ -267,7 +305,8 @@ fn concat(first: Body, rest: Body) -> Body {
     http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
-async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
+async fn send(target: &Target, req: Request<Body>) -> GwResult {
+    let upstream = &target.upstream;
     let timeout = upstream.config.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let admission = upstream.breaker.admit();
@@ -306,7 +345,7 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
             (Some(h), _) => h,
             (None, Some(copy)) => {
                 let mut h = copy.head();
-                prepare_head(upstream, &mut h)?;
+                prepare_head(target, &mut h)?;
                 h
             }
             (None, None) => {
@@ -542,6 +581,25 @@ mod tests {
                     "{base} + {caller}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_host_of_a_plain_http_upstream_is_what_the_client_would_set() {
+        for (base, host) in [
+            ("http://127.0.0.1:18090", Some("127.0.0.1:18090")),
+            ("http://sim.local", Some("sim.local")),
+            ("http://sim.local:80/prefix/", Some("sim.local")),
+            ("http://[::1]:8080", Some("[::1]:8080")),
+            ("https://rest.zuora.com", None),
+            ("https://rest.zuora.com:8443", None),
+        ] {
+            let base: Uri = base.parse().unwrap();
+            assert_eq!(
+                http_host(&base).as_ref().map(|h| h.to_str().unwrap()),
+                host,
+                "{base}"
+            );
         }
     }
 

@@ -219,10 +219,7 @@ pub fn explain(
         };
         map.insert(k.to_owned(), v.into());
     }
-    let caller = crate::context::Caller {
-        identity: caller.into(),
-        claims: std::sync::Arc::new(map),
-    };
+    let caller = crate::context::Caller::new(caller, map);
     let policy = crate::policy::Policy::compile(std::sync::Arc::new(config));
     print!(
         "{}",

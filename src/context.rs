@@ -11,22 +11,42 @@ use crate::policy::Policy;
 #[derive(Debug, Clone)]
 pub struct TrackId(pub HeaderValue);
 
-/// The authenticated caller.
+/// The authenticated caller. Cheap to clone: one shared, immutable record
+/// (the JWT cache hands out the same one to every request with that token).
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub struct Caller(Arc<CallerInfo>);
+
+/// What is known about a caller (reached through [`Caller`]'s `Deref`).
+#[derive(Debug)]
+pub struct CallerInfo {
     /// The identity (`identity_claim` of the JWT, or the trusted identity).
     pub identity: Arc<str>,
     /// All claims of the caller's token (empty in trusted-identity mode).
-    pub claims: Arc<serde_json::Map<String, serde_json::Value>>,
+    pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Caller {
+    /// A caller with these claims.
+    pub fn new(
+        identity: impl Into<Arc<str>>,
+        claims: serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        Caller(Arc::new(CallerInfo {
+            identity: identity.into(),
+            claims,
+        }))
+    }
+
     /// A caller with no claims (trusted-identity mode, tests).
     pub fn named(identity: impl Into<Arc<str>>) -> Self {
-        Caller {
-            identity: identity.into(),
-            claims: Arc::new(serde_json::Map::new()),
-        }
+        Caller::new(identity, serde_json::Map::new())
+    }
+}
+
+impl std::ops::Deref for Caller {
+    type Target = CallerInfo;
+    fn deref(&self) -> &CallerInfo {
+        &self.0
     }
 }
 
@@ -63,3 +83,10 @@ impl RouteMatch {
             .map(String::as_str)
     }
 }
+
+/// Response extension on a 401 from Zuora: the extensions of the request
+/// that got it, handed back by the forward service so that the token layer
+/// can replay the request with a new token without having copied them. The
+/// token layer removes it; it never leaves the stack.
+#[derive(Debug, Clone)]
+pub struct RequestExtensions(pub http::Extensions);

@@ -439,3 +439,43 @@ async fn the_gateway_survives_every_fault_in_turn_on_one_pool() {
     }
     g.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_retried_request_is_resent_exactly_head_and_body() {
+    let sim = simulator().await;
+    let g = start_gateway(&config_yaml(
+        &sim.base_url(),
+        None,
+        &["retry: { max_attempts: 3, backoff: 10ms }"],
+    ))
+    .await;
+    assert_eq!(list(&g).await.status, StatusCode::OK);
+    let c = sim.control();
+    for (method, attempts) in [(Method::POST, 3), (Method::GET, 3)] {
+        c.inject_status(503, attempts - 1, None);
+        let before = c.requests().len();
+        let r = if method == Method::POST {
+            create(&g, &[("idempotency-key", "job-create-resent")]).await
+        } else {
+            list(&g).await
+        };
+        assert_ne!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+        let sent: Vec<_> = c
+            .requests()
+            .into_iter()
+            .skip(before)
+            .filter(|s| s.method == method)
+            .collect();
+        assert_eq!(sent.len(), attempts, "{method}");
+        for again in &sent[1..] {
+            assert_eq!(again.path_and_query, sent[0].path_and_query, "{method}");
+            assert_eq!(again.headers, sent[0].headers, "{method}");
+            assert_eq!(again.body, sent[0].body, "{method}");
+        }
+        if method == Method::POST {
+            assert!(!sent[0].body.is_empty());
+            assert!(sent[0].bearer_token.is_some());
+        }
+    }
+    g.shutdown().await;
+}

@@ -5,8 +5,8 @@
 //!   one algorithm; a token whose header `alg` differs from its key's is
 //!   refused (no HS/RS confusion, never `none`). `exp` is required; `nbf`,
 //!   `iss` and `aud` are checked with `leeway`. The caller's identity is the
-//!   `identity_claim` (a non-empty string). Verified tokens are cached by
-//!   SHA-256 until their `exp`.
+//!   `identity_claim` (a non-empty string). Verified tokens are cached until
+//!   their `exp` (found by a keyed hash, served only to the identical token).
 //! - Trusted-identity mode (`callers.trusted_identity`, sidecar): no
 //!   credentials; every request is that caller.
 //!
@@ -26,7 +26,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Header};
 use serde_json::{Map, Value};
 
-use self::cache::{TokenCache, TokenHash, token_hash};
+use self::cache::TokenCache;
 use self::jwks::JwksSource;
 pub use self::jwks::MISS_FETCH_INTERVAL;
 use self::keys::{ClaimRules, VerifyKey};
@@ -162,12 +162,50 @@ impl Authenticator {
             Authenticator::Unavailable(why) => Attempt::Done(Err(GatewayError::Internal(format!(
                 "caller authentication is unavailable: {why}"
             )))),
-            Authenticator::Jwt(j) => match bearer_token(headers) {
-                Ok(token) => j.attempt(token),
-                Err(e) => Attempt::Done(Err(e)),
-            },
+            Authenticator::Jwt(j) => {
+                // The common case first: the very token verified before, found
+                // without parsing or validating the header text.
+                if let Some(caller) = bearer_candidate(headers).and_then(|t| j.cached(t)) {
+                    return Attempt::Done(Ok(caller));
+                }
+                match bearer_token(headers) {
+                    Ok(token) => j.attempt(token),
+                    Err(e) => Attempt::Done(Err(e)),
+                }
+            }
         }
     }
+}
+
+/// The token part of a single `Authorization: Bearer <token>` header, as
+/// bytes and unvalidated: [`bearer_token`] with the same splitting (on the
+/// first space, trimming spaces and tabs) but none of its checks. Only good
+/// for a cache lookup: a hit is byte-for-byte a token that passed
+/// `bearer_token` once, so the header would pass it now too.
+fn bearer_candidate(headers: &HeaderMap) -> Option<&[u8]> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let text = trim_ows(value.as_bytes());
+    let space = text.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = text.split_at(space);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| trim_ows(rest))
+}
+
+/// Without leading and trailing spaces and tabs (the only whitespace a
+/// header value can hold).
+fn trim_ows(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = b {
+        b = rest;
+    }
+    b
 }
 
 /// Extracts the token of the (single) `Authorization: Bearer` header.
@@ -264,14 +302,21 @@ impl JwtAuthenticator {
         self.cache.len()
     }
 
+    /// The caller of `token` if it was verified before and has not expired.
+    fn cached(&self, token: &[u8]) -> Option<Caller> {
+        if let Some(src) = &self.jwks {
+            src.ensure_refresher(true);
+        }
+        self.cache.get(token, now_secs())
+    }
+
     /// Verifies `token` without waiting for the network.
     pub fn attempt(&self, token: &str) -> Attempt {
         if let Some(src) = &self.jwks {
             src.ensure_refresher(true);
         }
-        let hash = token_hash(token);
         let now = now_secs();
-        if let Some(caller) = self.cache.get(&hash, now) {
+        if let Some(caller) = self.cache.get(token.as_bytes(), now) {
             return Attempt::Done(Ok(caller));
         }
         let header = match jsonwebtoken::decode_header(token) {
@@ -280,9 +325,7 @@ impl JwtAuthenticator {
         };
         let generation = self.jwks.as_ref().map_or(0, |j| j.generation());
         match self.select(&header) {
-            Ok(Selection::Keys(keys)) => {
-                Attempt::Done(self.verify(token, &header, &keys, hash, now))
-            }
+            Ok(Selection::Keys(keys)) => Attempt::Done(self.verify(token, &header, &keys, now)),
             Ok(Selection::UnknownKid(kid)) if self.jwks.is_some() => {
                 Attempt::NeedsKeys(PendingToken {
                     token: token.to_owned(),
@@ -309,13 +352,7 @@ impl JwtAuthenticator {
         let header = jsonwebtoken::decode_header(&pending.token)
             .map_err(|_| header_error(&pending.token))?;
         match self.select(&header)? {
-            Selection::Keys(keys) => self.verify(
-                &pending.token,
-                &header,
-                &keys,
-                token_hash(&pending.token),
-                now_secs(),
-            ),
+            Selection::Keys(keys) => self.verify(&pending.token, &header, &keys, now_secs()),
             Selection::UnknownKid(_) => Err(unknown_kid(&pending.kid)),
         }
     }
@@ -374,7 +411,6 @@ impl JwtAuthenticator {
         token: &str,
         header: &Header,
         keys: &[Arc<VerifyKey>],
-        hash: TokenHash,
         now: u64,
     ) -> Result<Caller, GatewayError> {
         let mut first_error: Option<ErrorKind> = None;
@@ -384,7 +420,7 @@ impl JwtAuthenticator {
                 Ok(data) => {
                     let caller = self.caller(data.claims)?;
                     if let Some(exp) = caller.claims.get("exp").and_then(numeric_date) {
-                        self.cache.insert(hash, caller.clone(), exp, now);
+                        self.cache.insert(token, caller.clone(), exp, now);
                     }
                     return Ok(caller);
                 }
@@ -424,10 +460,7 @@ impl JwtAuthenticator {
                 )));
             }
         };
-        Ok(Caller {
-            identity,
-            claims: Arc::new(claims),
-        })
+        Ok(Caller::new(identity, claims))
     }
 }
 

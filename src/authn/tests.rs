@@ -474,3 +474,42 @@ fn unusable_jwks_entries_are_skipped_not_fatal() {
     assert_eq!(keys[0].kid.as_deref(), Some("k1"));
     assert_eq!(keys[0].alg, Algorithm::RS256);
 }
+
+#[test]
+fn a_cached_token_is_served_only_from_a_header_the_full_parser_accepts() {
+    let a = Authenticator::Jwt(jwt(&base_config()));
+    let token = hs_token(Some("hs1"), &claims("billing-1"));
+    let header = |v: &[u8]| {
+        let mut h = HeaderMap::new();
+        h.append(header::AUTHORIZATION, HeaderValue::from_bytes(v).unwrap());
+        h
+    };
+    let outcome = |h: &HeaderMap| match a.attempt(h) {
+        Attempt::Done(r) => r,
+        Attempt::NeedsKeys(_) => panic!("no key fetch expected"),
+    };
+    outcome(&bearer(&token)).unwrap();
+    // Same token, other spelling of the scheme and whitespace: the cached caller.
+    for spelled in [format!("bEaReR {token}"), format!(" \tBearer   {token}\t ")] {
+        let c = outcome(&header(spelled.as_bytes())).unwrap();
+        assert_eq!(&*c.identity, "billing-1", "{spelled:?}");
+    }
+    // Same token, but a header the parser refuses: refused with its message, cache or not.
+    let mut obs_text = format!("Bearer {token}").into_bytes();
+    obs_text.push(0xE9);
+    let mut two = bearer(&token);
+    two.append(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    for (headers, says) in [
+        (header(&obs_text), "not visible ASCII"),
+        (two, "more than one"),
+        (header(format!("Bearer\t{token}").as_bytes()), "scheme"),
+        (header(format!("Basic {token}").as_bytes()), "scheme"),
+        (header(format!("Bearer {token}x").as_bytes()), "signature"),
+    ] {
+        let msg = refused(outcome(&headers));
+        assert!(msg.contains(says), "{says}: {msg}");
+    }
+}

@@ -65,6 +65,9 @@ fn minimal_sidecar_config_is_valid() {
     let c = load(MIN, &[]).unwrap();
     assert!(matches!(c.callers, CallerAuthConfig::TrustedIdentity(ref s) if s == "svc"));
     assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
+    let zuora = &c.upstreams["zuora"];
+    assert_eq!(zuora.pool_max_idle_per_host, 32);
+    assert_eq!(zuora.pool_idle_timeout, std::time::Duration::from_secs(30));
 }
 
 #[test]

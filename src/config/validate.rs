@@ -477,15 +477,19 @@ impl<'a> Validator<'a> {
                 &timeouts.and_then(|t| t.request.clone()),
                 Duration::from_secs(125),
             )?,
+            // Closed by us before the usual 60 s idle timeout of load balancers in front of
+            // Zuora, so a request never races the server closing an idle connection.
             pool_idle_timeout: self.positive_duration(
                 &format!("{p}.pool.idle_timeout"),
                 &pool.and_then(|t| t.idle_timeout.clone()),
-                Duration::from_secs(60),
+                Duration::from_secs(30),
             )?,
+            // Zuora allows about 40 concurrent requests per tenant: more idle connections
+            // than that are never all needed again, and each costs about 30 KiB.
             pool_max_idle_per_host: self.usize(
                 &format!("{p}.pool.max_idle_per_host"),
                 &pool.and_then(|t| t.max_idle_per_host.clone()),
-                256,
+                32,
             )?,
             oauth,
             forward_traceparent: self.bool(

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::header::{
@@ -32,7 +32,7 @@ use tower::{Layer, Service};
 
 use super::rescue::RescuedError;
 use super::{GwResult, LayerFuture, Req, Resp};
-use crate::body::{Body, boxed, full};
+use crate::body::{Body, Chunks, boxed, full};
 use crate::config::Validation;
 use crate::context::{Caller, RouteMatch, TrackId};
 use crate::error::GatewayError;
@@ -87,14 +87,14 @@ type Slot = watch::Receiver<Option<Outcome>>;
 
 #[derive(Debug, Default)]
 struct InFlight {
-    stops: Mutex<HashMap<StopKey, Slot>>,
+    stops: Mutex<HashMap<Arc<StopKey>, Slot>>,
 }
 
 /// A leader's registration; dropping it unpublished (the leader's caller
 /// went away) releases the followers to retry.
 struct Leader {
     inflight: Arc<InFlight>,
-    key: StopKey,
+    key: Arc<StopKey>,
     tx: watch::Sender<Option<Outcome>>,
 }
 
@@ -216,7 +216,8 @@ where
             ));
         }
     };
-    let key = StopKey {
+    // Shared by the table and the leader: built once, never copied.
+    let key = Arc::new(StopKey {
         caller: parts.extensions.get::<Caller>().map(|c| c.identity.clone()),
         method: parts.method.clone(),
         target: parts
@@ -225,7 +226,7 @@ where
             .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
         scope: std::array::from_fn(|i| parts.headers.get(&SCOPE_HEADERS[i]).cloned()),
         body: body.clone(),
-    };
+    });
     let track_id = parts.extensions.get::<TrackId>().map(|t| t.0.clone());
     loop {
         let role = {
@@ -237,10 +238,10 @@ where
                 Some(rx) => Err(rx.clone()),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    stops.insert(key.clone(), rx);
+                    stops.insert(Arc::clone(&key), rx);
                     Ok(Leader {
                         inflight: inflight.clone(),
-                        key: key.clone(),
+                        key: Arc::clone(&key),
                         tx,
                     })
                 }
@@ -362,25 +363,27 @@ enum ReadError {
 
 /// Reads `body` whole if it is at most `max` bytes.
 async fn read_bounded(mut body: Body, max: usize) -> Result<Bytes, ReadError> {
-    let mut buf = BytesMut::new();
+    let mut buf = Chunks::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ReadError::Failed(e.to_string()))?;
         match frame.into_data() {
             Ok(data) => {
-                if buf.len() + data.len() > max {
-                    buf.extend_from_slice(&data);
-                    return Err(ReadError::TooLarge(prefixed(buf.freeze(), body)));
+                buf.push(data);
+                if buf.len() > max {
+                    return Err(ReadError::TooLarge(prefixed(buf.into_bytes(), body)));
                 }
-                buf.extend_from_slice(&data);
             }
             Err(trailers) => {
                 // Trailers are not buffered for sharing: hand the whole body back.
                 let trailers = trailers.into_trailers().unwrap_or_default();
-                return Err(ReadError::TooLarge(with_trailers(buf.freeze(), trailers)));
+                return Err(ReadError::TooLarge(with_trailers(
+                    buf.into_bytes(),
+                    trailers,
+                )));
             }
         }
     }
-    Ok(buf.freeze())
+    Ok(buf.into_bytes())
 }
 
 fn prefixed(head: Bytes, rest: Body) -> Body {

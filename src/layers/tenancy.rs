@@ -32,6 +32,24 @@ pub struct Tenancy<S> {
     inner: S,
 }
 
+/// `tenancy[i]`, without formatting for the first rules (one note per request).
+fn rule_label(i: usize) -> std::borrow::Cow<'static, str> {
+    const LABELS: [&str; 8] = [
+        "tenancy[0]",
+        "tenancy[1]",
+        "tenancy[2]",
+        "tenancy[3]",
+        "tenancy[4]",
+        "tenancy[5]",
+        "tenancy[6]",
+        "tenancy[7]",
+    ];
+    match LABELS.get(i) {
+        Some(label) => (*label).into(),
+        None => format!("tenancy[{i}]").into(),
+    }
+}
+
 impl<S> Service<Req> for Tenancy<S>
 where
     S: Service<Req, Response = Resp, Error = GatewayError>,
@@ -60,13 +78,25 @@ where
             Ok(rule) => {
                 if let Some(trail) = parts.extensions.get::<DecisionTrail>() {
                     match rule {
-                        Some(i) => trail.note("tenancy", format!("tenancy[{i}]")),
+                        Some(i) => trail.note("tenancy", rule_label(i)),
                         None => trail.note("tenancy", "no rule matched: no entity/org headers"),
                     }
                 }
                 Either::Right(self.inner.call(Request::from_parts(parts, body)))
             }
             Err(e) => reject(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_labels_name_the_rule_index() {
+        for i in 0..20 {
+            assert_eq!(rule_label(i), format!("tenancy[{i}]"));
         }
     }
 }

@@ -6,7 +6,11 @@
 //! - On a 401 from Zuora the token is invalidated (only if still current, so
 //!   a burst of 401s causes one token request) and the request is replayed
 //!   once with the new token. Bodies up to 64 KiB are kept for that; a larger
-//!   or unfinished body means the 401 is passed through.
+//!   or unfinished body means the 401 is passed through. One copy of the
+//!   request ([`ReplayCopy`], a request extension) serves this replay and
+//!   the forward service's own retries; the request's extensions are not
+//!   copied at all: [`Forward`](crate::upstream::Forward) hands them back
+//!   with the 401 ([`RequestExtensions`]), the copy among them.
 //! - With no token to be had the request fails with
 //!   [`GatewayError::TokenUnavailable`] (503, category 61).
 
@@ -15,17 +19,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Request, StatusCode, header};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode, Uri, Version, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use super::{GwResult, LayerFuture, Req, Resp};
-use crate::body::{Body, BoxError, boxed};
-use crate::context::RouteMatch;
+use crate::body::{Body, BoxError, Chunks, boxed};
+use crate::context::{RequestExtensions, RouteMatch};
 use crate::error::GatewayError;
 use crate::oauth::TokenCache;
+use crate::upstream::forward::ByName;
 
 /// Request bodies up to this size are kept so a 401 can be replayed.
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
@@ -33,13 +38,19 @@ pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
 /// Builds [`Token`] over the token caches of all upstreams, by upstream name.
 #[derive(Clone, Debug)]
 pub struct TokenLayer {
-    caches: Arc<HashMap<String, TokenCache>>,
+    caches: Arc<ByName<TokenCache>>,
 }
 
 impl TokenLayer {
     /// Uses `caches` (one per upstream, keyed by upstream name).
     pub fn new(caches: Arc<HashMap<String, TokenCache>>) -> Self {
-        TokenLayer { caches }
+        let caches = caches
+            .iter()
+            .map(|(name, c)| (name.clone(), c.clone()))
+            .collect();
+        TokenLayer {
+            caches: Arc::new(caches),
+        }
     }
 }
 
@@ -57,7 +68,7 @@ impl<S> Layer<S> for TokenLayer {
 #[derive(Clone, Debug)]
 pub struct Token<S> {
     inner: S,
-    caches: Arc<HashMap<String, TokenCache>>,
+    caches: Arc<ByName<TokenCache>>,
 }
 
 impl<S> Service<Req> for Token<S>
@@ -85,7 +96,7 @@ where
     }
 }
 
-fn cache_for(caches: &HashMap<String, TokenCache>, req: &Req) -> Result<TokenCache, GatewayError> {
+fn cache_for(caches: &ByName<TokenCache>, req: &Req) -> Result<TokenCache, GatewayError> {
     let Some(route) = req.extensions().get::<RouteMatch>() else {
         return Err(GatewayError::Internal(
             "token layer reached without a RouteMatch".to_owned(),
@@ -111,19 +122,28 @@ where
         .headers
         .insert(header::AUTHORIZATION, token.header_value());
     let (body, kept) = keep_for_replay(body).await;
-    let replay = kept.map(|kept| (parts.clone(), kept));
-    let response = inner.call(Request::from_parts(parts, body)).await?;
+    if let Some(kept) = kept {
+        let copy = ReplayCopy::of(&parts, kept);
+        parts.extensions.insert(copy);
+    }
+    let mut response = inner.call(Request::from_parts(parts, body)).await?;
     if response.status() != StatusCode::UNAUTHORIZED {
         return Ok(response);
     }
-
-    let Some((mut parts, kept)) = replay else {
-        // The body is gone: the 401 goes back, but the token still goes.
-        cache.invalidate(&token);
+    // The rejected token goes, whether or not the request can be replayed.
+    cache.invalidate(&token);
+    let handed_back = response
+        .extensions_mut()
+        .remove::<RequestExtensions>()
+        .and_then(|RequestExtensions(mut extensions)| {
+            let copy = extensions.remove::<ReplayCopy>()?;
+            Some((extensions, copy))
+        });
+    let Some((mut extensions, mut copy)) = handed_back else {
+        // The body is gone (or the inner service kept the request).
         cache.record_401("not_replayable");
         return Ok(response);
     };
-    cache.invalidate(&token);
     let fresh = match cache.token().await {
         Ok(fresh) if !fresh.same_as(&token) => fresh,
         Ok(_) => return Ok(response),
@@ -139,13 +159,71 @@ where
         generation = fresh.generation(),
         "replaying a request Zuora answered 401 with a new token"
     );
-    parts
-        .headers
+    // The copy goes along again (with the new token) for Forward's retries of the replay.
+    copy.headers
         .insert(header::AUTHORIZATION, fresh.header_value());
+    let (mut parts, body) = copy.to_request().into_parts();
+    extensions.insert(copy);
+    parts.extensions = extensions;
     std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
-    inner
-        .call(Request::from_parts(parts, kept.into_body()))
-        .await
+    let mut response = inner.call(Request::from_parts(parts, body)).await?;
+    // A second 401 goes back as it is, without the extensions handed back with it.
+    response.extensions_mut().remove::<RequestExtensions>();
+    Ok(response)
+}
+
+/// Request extension: the token layer's copy of a request it can replay
+/// after a 401 (head with the Zuora token, and the body read into memory).
+///
+/// The one copy serves two purposes, so that nothing else is copied unless
+/// a resend actually happens: the forward service's retries resend it
+/// ([`ReplayCopy::head`], [`ReplayCopy::plain_body`]), and it comes back to
+/// the token layer with a 401, among the request's extensions
+/// ([`RequestExtensions`]), for the replay.
+#[derive(Debug, Clone)]
+pub struct ReplayCopy {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: Kept,
+}
+
+impl ReplayCopy {
+    fn of(parts: &http::request::Parts, body: Kept) -> Self {
+        ReplayCopy {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body,
+        }
+    }
+
+    /// A new copy of the request head (without extensions).
+    pub fn head(&self) -> http::request::Parts {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method.clone();
+        parts.uri = self.uri.clone();
+        parts.version = self.version;
+        parts.headers = self.headers.clone();
+        parts
+    }
+
+    /// The body, when it is exactly these bytes (no trailers).
+    pub fn plain_body(&self) -> Option<&Bytes> {
+        self.body.trailers.is_none().then_some(&self.body.data)
+    }
+
+    /// A new request from the copy (without extensions).
+    fn to_request(&self) -> Req {
+        let mut req = Request::new(self.body.clone().into_body());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
 }
 
 /// A body read to its end, small enough to send twice.
@@ -157,11 +235,14 @@ struct Kept {
 
 impl Kept {
     fn into_body(self) -> Body {
-        boxed(Replay {
-            data: Some(self.data),
-            trailers: self.trailers,
-            rest: Rest::Done,
-        })
+        match self.trailers {
+            None => crate::body::full(self.data),
+            trailers => boxed(Replay {
+                data: Some(self.data),
+                trailers,
+                rest: Rest::Done,
+            }),
+        }
     }
 }
 
@@ -175,24 +256,22 @@ async fn keep_for_replay(mut body: Body) -> (Body, Option<Kept>) {
             data: Bytes::new(),
             trailers: None,
         };
-        return (kept.clone().into_body(), Some(kept));
+        // Nothing to read: the body goes as it is.
+        return (body, Some(kept));
     }
     if body.size_hint().lower() > MAX_REPLAY_BYTES as u64 {
         return (body, None);
     }
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
+    let mut chunks = Chunks::default();
     let mut trailers = None;
     loop {
         match body.frame().await {
             None => break,
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
-                    len += data.len();
                     chunks.push(data);
-                    if len > MAX_REPLAY_BYTES {
-                        let read = concat(chunks);
-                        return (prefixed(read, Rest::Body(body)), None);
+                    if chunks.len() > MAX_REPLAY_BYTES {
+                        return (prefixed(chunks.into_bytes(), Rest::Body(body)), None);
                     }
                 }
                 Err(frame) => {
@@ -201,25 +280,16 @@ async fn keep_for_replay(mut body: Body) -> (Body, Option<Kept>) {
                     }
                 }
             },
-            Some(Err(e)) => return (prefixed(concat(chunks), Rest::Error(Some(e))), None),
+            Some(Err(e)) => {
+                return (prefixed(chunks.into_bytes(), Rest::Error(Some(e))), None);
+            }
         }
     }
     let kept = Kept {
-        data: concat(chunks),
+        data: chunks.into_bytes(),
         trailers,
     };
     (kept.clone().into_body(), Some(kept))
-}
-
-fn concat(mut chunks: Vec<Bytes>) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.pop().unwrap_or_default();
-    }
-    let mut out = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
-    for c in chunks {
-        out.extend_from_slice(&c);
-    }
-    out.freeze()
 }
 
 fn prefixed(data: Bytes, rest: Rest) -> Body {
@@ -314,7 +384,8 @@ mod tests {
     /// What the fake upstream saw: the Authorization header and body of each call.
     type Calls = Arc<Mutex<Vec<(String, Bytes)>>>;
 
-    /// An upstream that answers 401 to any token in `revoked`, else 200.
+    /// An upstream that answers 401 to any token in `revoked`, else 200;
+    /// like Forward, it hands the request's extensions back with a 401.
     fn upstream(
         calls: Calls,
         revoked: Arc<Mutex<Vec<String>>>,
@@ -330,8 +401,8 @@ mod tests {
                     .to_str()
                     .unwrap()
                     .to_owned();
-                let body = req
-                    .into_body()
+                let (parts, body) = req.into_parts();
+                let body = body
                     .collect()
                     .await
                     .map(|c| c.to_bytes())
@@ -347,7 +418,12 @@ mod tests {
                 } else {
                     200
                 };
-                Ok(Response::builder().status(status).body(empty()).unwrap())
+                let mut resp = Response::builder().status(status).body(empty()).unwrap();
+                if status == 401 {
+                    resp.extensions_mut()
+                        .insert(RequestExtensions(parts.extensions));
+                }
+                Ok(resp)
             });
             fut
         })
@@ -513,6 +589,92 @@ mod tests {
         assert!(kept.is_none());
         let err = first.collect().await.unwrap_err();
         assert_eq!(err.to_string(), "reset by caller");
+    }
+
+    /// Like Forward: answers 401 to the first call, handing the request's
+    /// extensions back; records what each call carried.
+    #[allow(clippy::type_complexity)]
+    fn forward_like(
+        seen: Arc<Mutex<Vec<(bool, Option<Bytes>, Bytes)>>>,
+        always_401: bool,
+    ) -> impl Service<Req, Response = Resp, Error = GatewayError, Future = LayerFuture>
+    + Clone
+    + Send
+    + 'static {
+        service_fn(move |req: Req| {
+            let seen = seen.clone();
+            let fut: LayerFuture = Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                if let Some(copy) = parts.extensions.get::<ReplayCopy>() {
+                    // What Forward would resend on a retry: this very request, current token included.
+                    let head = copy.head();
+                    assert_eq!(head.headers, parts.headers);
+                    assert_eq!(
+                        (head.method, head.uri),
+                        (parts.method.clone(), parts.uri.clone())
+                    );
+                }
+                let routed = parts.extensions.get::<RouteMatch>().is_some();
+                let buffered = parts
+                    .extensions
+                    .get::<ReplayCopy>()
+                    .and_then(|c| c.plain_body().cloned());
+                let body = body.collect().await.unwrap().to_bytes();
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push((routed, buffered, body));
+                    seen.len() == 1
+                };
+                let mut resp = Response::new(empty());
+                if first || always_401 {
+                    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+                    resp.extensions_mut()
+                        .insert(RequestExtensions(parts.extensions));
+                }
+                Ok(resp)
+            });
+            fut
+        })
+    }
+
+    #[tokio::test]
+    async fn the_replay_gets_the_extensions_handed_back_and_the_same_body() {
+        let (_ep, h, layer) = setup().await;
+        h.cache.token().await.unwrap();
+        let seen = Arc::default();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(forward_like(Arc::clone(&seen), false));
+        let resp = svc.oneshot(request(&h, full("{\"a\":1}"))).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        for (routed, buffered, body) in seen.iter() {
+            assert!(routed, "the RouteMatch reached both calls");
+            assert_eq!(body, "{\"a\":1}");
+            assert_eq!(buffered.as_ref(), Some(body), "the copy's body is the body");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_passed_through_401_does_not_carry_the_request_extensions_out() {
+        let (_ep, h, layer) = setup().await;
+        h.cache.token().await.unwrap();
+        let seen = Arc::default();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(forward_like(Arc::clone(&seen), true));
+        let resp = svc.oneshot(request(&h, empty())).await.unwrap();
+        assert_eq!(resp.status(), 401);
+        assert!(resp.extensions().get::<RequestExtensions>().is_none());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "replayed once");
+        assert!(seen[1].0, "the replay was routed");
+        assert_eq!(
+            seen[1].1,
+            Some(Bytes::new()),
+            "the replay carries the copy too"
+        );
     }
 
     #[tokio::test]

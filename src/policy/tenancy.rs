@@ -294,7 +294,6 @@ fn truncate(s: &str, max: usize) -> &str {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::sync::Arc;
 
     use super::*;
     use crate::config::Validation;
@@ -323,10 +322,7 @@ mod tests {
     }
 
     fn caller(name: &str, claims: serde_json::Value) -> Caller {
-        Caller {
-            identity: name.into(),
-            claims: Arc::new(claims.as_object().cloned().unwrap_or_default()),
-        }
+        Caller::new(name, claims.as_object().cloned().unwrap_or_default())
     }
 
     fn routes() -> Vec<RouteConfig> {

@@ -642,10 +642,7 @@ pub(crate) fn spawn<K: Sink + Send + 'static>(
 /// OTLP/HTTP: `POST <endpoint>` with `application/x-protobuf`.
 #[derive(Debug)]
 pub(crate) struct HttpSink {
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
+    client: hyper_util::client::legacy::Client<crate::upstream::client::Connector, Full<Bytes>>,
     endpoint: Uri,
     headers: HeaderMap,
 }

@@ -83,8 +83,14 @@ impl CircuitBreaker {
 
     /// Records a successful exchange: the circuit closes.
     pub fn success(&self) {
-        self.inner.failures.store(0, Ordering::Release);
-        self.inner.open_until.store(0, Ordering::Release);
+        // Read first: on the usual success nothing changes, and a store would
+        // pull the shared cache line away from the other workers every time.
+        if self.inner.failures.load(Ordering::Acquire) != 0 {
+            self.inner.failures.store(0, Ordering::Release);
+        }
+        if self.inner.open_until.load(Ordering::Acquire) != 0 {
+            self.inner.open_until.store(0, Ordering::Release);
+        }
     }
 
     /// Records a failure; opens the circuit at the threshold (or when a probe failed).

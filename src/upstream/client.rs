@@ -2,22 +2,118 @@
 //! hyper-util's legacy client over rustls with webpki roots plus the
 //! upstream's `ca_file`, HTTP/1.1 and HTTP/2 by ALPN, plain http for the
 //! simulator.
+//!
+//! Pool: at most `pool.max_idle_per_host` idle connections are kept (each
+//! idle HTTP/1.1 connection holds about 30 KiB: buffers plus the client's
+//! dispatch task), and an idle one is closed after `pool.idle_timeout`.
+//! Busy connections are not capped here: the gateway's `max_in_flight`
+//! bounds them (see the README's configuration reference).
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use hyper_rustls::HttpsConnector;
+use http::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpStream;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
 
 /// The client type used for every upstream call.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type HttpClient = Client<Connector, Body>;
+
+/// The connector: rustls (or plain http) over hyper-util's TCP connector.
+/// Its connections report no `HttpInfo` (peer and local address), which the
+/// stock connector attaches to every single response: one map allocation
+/// per call that nothing here reads.
+#[derive(Clone, Debug)]
+pub struct Connector(HttpsConnector<HttpConnector>);
+
+impl tower::Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move { connecting.await.map(Conn) })
+    }
+}
+
+/// A connection made by [`Connector`].
+#[derive(Debug)]
+pub struct Conn(MaybeHttpsStream<TokioIo<TcpStream>>);
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        let h2 = match &self.0 {
+            MaybeHttpsStream::Http(_) => false,
+            MaybeHttpsStream::Https(tls) => {
+                tls.inner().get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
+            }
+        };
+        let connected = Connected::new();
+        if h2 {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl Write for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}
 
 /// Errors building a client (only from bad CA material, which config
 /// validation already checked, so this is a belt-and-braces path).
@@ -71,7 +167,7 @@ pub fn https_client<B>(
     connect_timeout: std::time::Duration,
     idle_timeout: std::time::Duration,
     max_idle_per_host: usize,
-) -> Client<HttpsConnector<HttpConnector>, B>
+) -> Client<Connector, B>
 where
     B: http_body::Body + Send,
     B::Data: Send,
@@ -92,5 +188,92 @@ where
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(idle_timeout)
         .pool_max_idle_per_host(max_idle_per_host)
-        .build(connector)
+        .build(Connector(connector))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response, Version};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::client::legacy::connect::HttpInfo;
+
+    use super::*;
+
+    /// A `localhost` certificate signed by a fresh CA: (server config, CA PEM).
+    fn pki(alpn: &[&[u8]]) -> (rustls::ServerConfig, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        (server, ca_cert.pem())
+    }
+
+    /// Serves over TLS, HTTP/2 only; answers with the version it was spoken to in.
+    async fn h2_only_server(server: rustls::ServerConfig) -> u16 {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let answer = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let version = format!("{:?}", req.version());
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(version))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), answer)
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn an_upstream_choosing_h2_by_alpn_is_spoken_to_in_http2_without_http_info() {
+        let (server, ca_pem) = pki(&[b"h2"]);
+        let port = h2_only_server(server).await;
+        let client: Client<Connector, Full<Bytes>> = https_client(
+            tls_config(Some(ca_pem.as_bytes())).unwrap(),
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            4,
+        );
+        for _ in 0..2 {
+            let uri: Uri = format!("https://localhost:{port}/v1/x").parse().unwrap();
+            let resp = client.get(uri).await.unwrap();
+            assert_eq!(resp.version(), Version::HTTP_2);
+            assert!(resp.extensions().get::<HttpInfo>().is_none());
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "HTTP/2.0");
+        }
+    }
 }

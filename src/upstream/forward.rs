@@ -2,14 +2,16 @@
 //! upstream, cleans headers, sends the request over the pooled client with
 //! the upstream's deadline, and hands Zuora's response back (headers such as
 //! `Zuora-Request-Id`, `ratelimit-*`, `Concurrency-Limit-*` and `Retry-After`
-//! pass through untouched).
+//! pass through untouched). A 401 carries the request's extensions back for
+//! the token layer's replay ([`RequestExtensions`]).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header;
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower::Service;
@@ -19,8 +21,9 @@ use super::client::HttpClient;
 use super::headers::strip_hop_by_hop;
 use crate::body::{self, Body};
 use crate::config::UpstreamConfig;
-use crate::context::RouteMatch;
+use crate::context::{RequestExtensions, RouteMatch};
 use crate::error::GatewayError;
+use crate::layers::token::ReplayCopy;
 use crate::layers::{GwResult, LayerFuture, Req};
 use crate::telemetry::upstream::CallTrace;
 
@@ -49,6 +52,33 @@ impl Upstream {
 
 /// Upstreams by name.
 pub type Upstreams = Arc<HashMap<String, Upstream>>;
+
+/// A map by upstream name, for lookups on every request. The names come from
+/// the configuration, never from a caller, so a simple FNV-1a hash (several
+/// times cheaper than the default SipHash for names of a few bytes) is safe.
+pub type ByName<V> = HashMap<String, V, BuildHasherDefault<NameHasher>>;
+
+/// FNV-1a, for [`ByName`].
+#[derive(Debug)]
+pub struct NameHasher(u64);
+
+impl Default for NameHasher {
+    fn default() -> Self {
+        NameHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
 
 /// Builds `base` + `path` (+ `?query`), keeping a path prefix of `base`.
 fn join(base: &Uri, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
@@ -93,14 +123,51 @@ fn rebase(base: &Uri, uri: &Uri) -> Result<Uri, GatewayError> {
 /// The innermost service.
 #[derive(Clone)]
 pub struct Forward {
-    upstreams: Upstreams,
+    upstreams: Arc<ByName<Arc<Target>>>,
+}
+
+/// An upstream with what every request to it shares, computed once.
+struct Target {
+    upstream: Upstream,
+    /// `Host` for a plain-http upstream (always HTTP/1.1): what the client
+    /// would otherwise format (`host:port`) into every single request.
+    /// `None` for https, where ALPN may pick HTTP/2 (no `Host` there).
+    host: Option<HeaderValue>,
 }
 
 impl Forward {
     /// Forwards to `upstreams` (looked up by the matched route's `upstream`).
     pub fn new(upstreams: Upstreams) -> Self {
-        Forward { upstreams }
+        let upstreams = upstreams
+            .iter()
+            .map(|(name, u)| {
+                let target = Target {
+                    upstream: u.clone(),
+                    host: http_host(&u.base),
+                };
+                (name.clone(), Arc::new(target))
+            })
+            .collect();
+        Forward {
+            upstreams: Arc::new(upstreams),
+        }
     }
+}
+
+/// The `Host` hyper-util's client sets on an HTTP/1 request to `base`
+/// (host, and the port unless it is the scheme's default), for plain-http
+/// bases only.
+fn http_host(base: &Uri) -> Option<HeaderValue> {
+    let probe = rebase(base, &Uri::from_static("/")).ok()?;
+    if probe.scheme() != Some(&Scheme::HTTP) {
+        return None;
+    }
+    let host = probe.host()?;
+    let value = match probe.port_u16() {
+        Some(port) if port != 80 => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 impl Service<Req> for Forward {
@@ -122,7 +189,7 @@ impl Service<Req> for Forward {
 }
 
 impl Forward {
-    fn prepare(&self, req: Req) -> Result<(Upstream, Request<Body>), GatewayError> {
+    fn prepare(&self, req: Req) -> Result<(Arc<Target>, Request<Body>), GatewayError> {
         let upstream = {
             let m = req.extensions().get::<RouteMatch>().ok_or_else(|| {
                 GatewayError::Internal("request reached forward without a route".into())
@@ -133,19 +200,33 @@ impl Forward {
             })?
         };
         let (mut parts, body) = req.into_parts();
-        parts.uri = rebase(&upstream.base, &parts.uri)?;
-        strip_hop_by_hop(&mut parts.headers);
-        // The client sets Host from the URI authority.
-        parts.headers.remove(header::HOST);
-        if let Some(v) = &upstream.config.zuora_version
-            && !parts.headers.contains_key("zuora-version")
-        {
-            parts.headers.insert("zuora-version", v.clone());
-        }
-        // HTTP/2 to the upstream is negotiated by the connector, not inherited from the caller.
-        parts.version = http::Version::HTTP_11;
+        prepare_head(&upstream, &mut parts)?;
         Ok((upstream, Request::from_parts(parts, body)))
     }
+}
+
+/// `Zuora-Version`.
+static ZUORA_VERSION: HeaderName = HeaderName::from_static("zuora-version");
+
+/// The request head as it goes to `target`: URI rebased, hop-by-hop
+/// headers removed, `Host` the upstream's, `Zuora-Version` defaulted, HTTP/1.1.
+fn prepare_head(target: &Target, parts: &mut http::request::Parts) -> Result<(), GatewayError> {
+    let upstream = &target.upstream;
+    parts.uri = rebase(&upstream.base, &parts.uri)?;
+    strip_hop_by_hop(&mut parts.headers);
+    // Never the caller's Host: ours, or the client sets it from the URI authority.
+    match &target.host {
+        Some(host) => parts.headers.insert(header::HOST, host.clone()),
+        None => parts.headers.remove(header::HOST),
+    };
+    if let Some(v) = &upstream.config.zuora_version
+        && !parts.headers.contains_key(&ZUORA_VERSION)
+    {
+        parts.headers.insert(ZUORA_VERSION.clone(), v.clone());
+    }
+    // HTTP/2 to the upstream is negotiated by the connector, not inherited from the caller.
+    parts.version = http::Version::HTTP_11;
+    Ok(())
 }
 
 /// Bodies up to this size are buffered so a safe retry can resend them.
@@ -185,18 +266,18 @@ async fn buffer_if_small(
     }
     use http_body_util::BodyExt;
     let mut body = body;
-    let mut buf = bytes::BytesMut::new();
+    let mut buf = body::Chunks::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| body::body_error(&*e))?;
         if let Ok(data) = frame.into_data() {
-            buf.extend_from_slice(&data);
+            buf.push(data);
             if buf.len() as u64 > REPLAY_LIMIT {
                 // Larger than announced: stream what we have plus the rest, no replay.
-                return Ok(Err(concat(body::full(buf.freeze()), body)));
+                return Ok(Err(concat(body::full(buf.into_bytes()), body)));
             }
         }
     }
-    Ok(Ok(buf.freeze()))
+    Ok(Ok(buf.into_bytes()))
 }
 
 /// `first` followed by `rest`, as one body.
@@ -223,16 +304,8 @@ fn concat(first: Body, rest: Body) -> Body {
     http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
-fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req
-}
-
-async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
+async fn send(target: &Target, req: Request<Body>) -> GwResult {
+    let upstream = &target.upstream;
     let timeout = upstream.config.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let admission = upstream.breaker.admit();
@@ -240,31 +313,53 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
         return Err(GatewayError::CircuitOpen);
     }
     let probe = admission == Admission::Probe;
-    let (parts, body) = req.into_parts();
+    let (mut head, body) = req.into_parts();
+    // Kept aside: read by each attempt's trace, handed back with a 401.
+    let extensions = std::mem::take(&mut head.extensions);
+    // The token layer's copy of the request, if it made one: retries resend it.
+    let copy = extensions.get::<ReplayCopy>();
     let retry = upstream.config.retry;
-    // Without retries there is nothing to buffer for.
-    let mut body = if retry.max_attempts > 1 {
-        buffer_if_small(&parts, body).await?
-    } else {
-        Err(body)
+    let mut body = match copy.and_then(ReplayCopy::plain_body) {
+        // Already in memory: no second buffer.
+        Some(bytes) if http_body::Body::size_hint(&body).exact() == Some(bytes.len() as u64) => {
+            Ok(bytes.clone())
+        }
+        // Without retries there is nothing to buffer for.
+        _ if retry.max_attempts > 1 => buffer_if_small(&head, body).await?,
+        _ => Err(body),
     };
-    let may_resend_after_send = idempotent(&parts);
+    let may_resend_after_send = idempotent(&head);
+    let mut head = Some(head);
     let mut attempt = 1u32;
     loop {
-        let (mut req, replayable) = match &mut body {
-            Ok(bytes) => (rebuild(&parts, body::full(bytes.clone())), true),
-            Err(streaming) => (
-                rebuild(&parts, std::mem::replace(streaming, body::empty())),
-                false,
-            ),
-        };
+        let replayable = body.is_ok();
         let more = attempt < retry.max_attempts && replayable;
+        // The head is copied only when a retry actually happens (from the
+        // token layer's copy), or up front if there is no such copy.
+        let this_head = match (head.take(), copy) {
+            (Some(h), None) if more => {
+                head = Some(h.clone());
+                h
+            }
+            (Some(h), _) => h,
+            (None, Some(copy)) => {
+                let mut h = copy.head();
+                prepare_head(target, &mut h)?;
+                h
+            }
+            (None, None) => {
+                return Err(GatewayError::Internal(
+                    "forward: no request head left for another attempt".into(),
+                ));
+            }
+        };
+        let this_body = match &mut body {
+            Ok(bytes) => body::full(bytes.clone()),
+            Err(streaming) => std::mem::replace(streaming, body::empty()),
+        };
+        let mut req = Request::from_parts(this_head, this_body);
         // Telemetry: this attempt's `zuora.call` span, trace headers, decision-trail entry.
-        let call = CallTrace::start(
-            &mut req,
-            &parts.extensions,
-            upstream.config.forward_traceparent,
-        );
+        let call = CallTrace::start(&mut req, &extensions, upstream.config.forward_traceparent);
         let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req)).await;
         call.finish_attempt(&outcome);
         let retry_reason = match outcome {
@@ -291,7 +386,7 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
                     } else {
                         upstream.breaker.success();
                     }
-                    return Ok(finish(resp));
+                    return Ok(finish(resp, extensions));
                 }
             }
             Ok(Err(e)) => {
@@ -329,10 +424,16 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> GwResult {
     }
 }
 
-fn finish(resp: http::Response<Body>) -> http::Response<Body> {
+/// The response for the caller: hop-by-hop headers and the client's
+/// extensions dropped. A 401 carries the request's `extensions` back
+/// ([`RequestExtensions`]) for the token layer's replay.
+fn finish(resp: http::Response<Body>, extensions: http::Extensions) -> http::Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.extensions = http::Extensions::new();
+    if parts.status == http::StatusCode::UNAUTHORIZED {
+        parts.extensions.insert(RequestExtensions(extensions));
+    }
     http::Response::from_parts(parts, body)
 }
 
@@ -477,6 +578,25 @@ mod tests {
                     "{base} + {caller}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_host_of_a_plain_http_upstream_is_what_the_client_would_set() {
+        for (base, host) in [
+            ("http://127.0.0.1:18090", Some("127.0.0.1:18090")),
+            ("http://sim.local", Some("sim.local")),
+            ("http://sim.local:80/prefix/", Some("sim.local")),
+            ("http://[::1]:8080", Some("[::1]:8080")),
+            ("https://rest.zuora.com", None),
+            ("https://rest.zuora.com:8443", None),
+        ] {
+            let base: Uri = base.parse().unwrap();
+            assert_eq!(
+                http_host(&base).as_ref().map(|h| h.to_str().unwrap()),
+                host,
+                "{base}"
+            );
         }
     }
 

@@ -146,6 +146,7 @@ pub async fn start_with_telemetry(
                 base,
                 client,
                 breaker: crate::upstream::breaker::CircuitBreaker::new(&up.circuit_breaker),
+                slots: Arc::new(tokio::sync::Semaphore::new(up.max_concurrent_requests)),
             },
         );
     }

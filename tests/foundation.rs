@@ -416,3 +416,75 @@ fn serves_on_a_current_thread_runtime_with_one_worker_thread() {
 fn serves_on_the_default_multi_thread_runtime() {
     serve_local_config_with(None);
 }
+
+/// `sidecar_yaml` with `max_concurrent_requests` and a connect timeout
+/// (which also bounds the wait for a slot).
+fn capped_yaml(sim: &zuora_gateway::sim::SimHandle, slots: usize, connect: &str) -> String {
+    sidecar_yaml(sim, "").replace(
+        "timeouts: { connect: 2s, request: 10s }",
+        &format!(
+            "timeouts: {{ connect: {connect}, request: 10s }}\n    max_concurrent_requests: {slots}"
+        ),
+    )
+}
+
+const LIST: &str = "/v1/uno/data-backfill/propagation/jobs?pageSize=5";
+
+#[tokio::test]
+async fn requests_beyond_max_concurrent_requests_wait_for_a_slot() {
+    let sim = simulator().await;
+    let g = gateway(&capped_yaml(&sim, 1, "5s")).await;
+    wait_ready(&g, Duration::from_secs(5)).await;
+    sim.control().set_latency(Duration::from_millis(150));
+    let before = sim.control().api_requests();
+    let started = std::time::Instant::now();
+    let replies = futures_util::future::join_all((0..3).map(|_| get_url(&g))).await;
+    for r in &replies {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    assert_eq!(sim.control().api_requests() - before, 3);
+    // One at a time: three 150 ms calls cannot finish in under 450 ms.
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_get_a_slot_in_time_is_503_without_reaching_zuora() {
+    let sim = simulator().await;
+    let g = gateway(&capped_yaml(&sim, 2, "200ms")).await;
+    wait_ready(&g, Duration::from_secs(5)).await;
+    sim.control().set_latency(Duration::from_millis(1500));
+    let before = sim.control().api_requests();
+    let replies = futures_util::future::join_all((0..3).map(|_| get_url(&g))).await;
+    let ok = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    let refused: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        .collect();
+    assert_eq!(
+        (ok, refused.len()),
+        (2, 1),
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(refused[0].code(), "99000961", "{}", refused[0].text());
+    assert_eq!(refused[0].json()["success"], false);
+    assert!(refused[0].headers.contains_key("retry-after"));
+    assert_eq!(
+        sim.control().api_requests() - before,
+        2,
+        "the third never reached Zuora"
+    );
+    g.shutdown().await;
+}
+
+async fn get_url(g: &Gateway) -> Reply {
+    get(&g.url(LIST)).await.unwrap()
+}

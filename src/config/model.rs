@@ -105,6 +105,10 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per host.
     pub pool_max_idle_per_host: usize,
+    /// Requests in flight to this upstream at once; more wait (up to the
+    /// connect timeout) for a slot, then get a 503. Bounds upstream
+    /// connections (HTTP/1) and Zuora's per-tenant concurrency.
+    pub max_concurrent_requests: usize,
     /// OAuth client credentials for Zuora.
     pub oauth: OAuthConfig,
     /// Whether the caller's W3C `traceparent` is forwarded to this upstream.

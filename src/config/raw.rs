@@ -74,6 +74,7 @@ pub(crate) struct RawUpstream {
     pub(crate) timeouts: Option<RawTimeouts>,
     pub(crate) oauth: Option<RawOAuth>,
     pub(crate) forward_traceparent: Option<Scalar>,
+    pub(crate) max_concurrent_requests: Option<Scalar>,
     pub(crate) pool: Option<RawPool>,
     pub(crate) retry: Option<RawRetry>,
     pub(crate) circuit_breaker: Option<RawCircuitBreaker>,

@@ -491,6 +491,15 @@ impl<'a> Validator<'a> {
                 &pool.and_then(|t| t.max_idle_per_host.clone()),
                 32,
             )?,
+            // Zuora's default concurrency limit per tenant: beyond it Zuora answers 429,
+            // so waiting here for a slot costs the caller nothing it would not lose anyway.
+            max_concurrent_requests: self
+                .usize(
+                    &format!("{p}.max_concurrent_requests"),
+                    &u.max_concurrent_requests,
+                    40,
+                )?
+                .max(1),
             oauth,
             forward_traceparent: self.bool(
                 &format!("{p}.forward_traceparent"),

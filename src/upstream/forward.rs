@@ -38,6 +38,8 @@ pub struct Upstream {
     pub client: HttpClient,
     /// Sheds load while Zuora is failing.
     pub breaker: CircuitBreaker,
+    /// Slots for requests in flight (`max_concurrent_requests`).
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Upstream {
@@ -308,6 +310,21 @@ async fn send(target: &Target, req: Request<Body>) -> GwResult {
     let upstream = &target.upstream;
     let timeout = upstream.config.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
+    // A slot first (before the breaker, so a probe is never spent waiting):
+    // at most `max_concurrent_requests` in flight; waiting counts as
+    // connecting. Held until this function returns: buffered responses have
+    // released their connection by then; a streamed one (over 64 KiB) may
+    // still be reading when the next request takes the slot.
+    let _slot = match upstream.slots.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            let wait = deadline.min(tokio::time::Instant::now() + upstream.config.connect_timeout);
+            match tokio::time::timeout_at(wait, upstream.slots.clone().acquire_owned()).await {
+                Ok(Ok(slot)) => slot,
+                _ => return Err(GatewayError::Overloaded),
+            }
+        }
+    };
     let admission = upstream.breaker.admit();
     if admission == Admission::Open {
         return Err(GatewayError::CircuitOpen);

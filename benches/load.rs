@@ -115,7 +115,7 @@ cargo bench --bench load [-- OPTIONS]
   --trusted-identity   gateway in sidecar mode (callers.trusted_identity) instead of JWT
   --no-access-log      access logs off in both nginx and the gateway (default: both on, to /dev/null)
   --no-otlp            no OTLP endpoint (the gateway's tracing without export)
-  --sampling R         telemetry.sampling_ratio (default: the gateway's default, 1.0)
+  --sampling R         telemetry.sampling_ratio (default: the gateway's default, 0.1; failures always exported)
   --debug-requests N   telemetry.debug_requests (default: the gateway's default, 10000)
   --workers N          gateway `server.worker_threads` = nginx worker_processes (default: nproc)";
 

@@ -846,6 +846,81 @@ async fn failed_requests_are_exported_even_when_sampling_keeps_nothing() {
 }
 
 #[tokio::test]
+async fn a_sampled_caller_is_exported_even_when_sampling_keeps_nothing() {
+    let sim = simulator().await;
+    let (collector, spans, _rx) = otlp_receiver().await;
+    let p = Proc::spawn(
+        &yaml(
+            &sim,
+            "",
+            &format!(
+                "  log_format: json\n  otlp_endpoint: http://{collector}\n  sampling_ratio: 0\n"
+            ),
+        ),
+        &[],
+    );
+    // The caller did not sample its trace: a success is not exported.
+    let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let r = send(request(
+        Method::GET,
+        &list_url_of(&p),
+        &[
+            ("zuora-track-id", "caller-unsampled"),
+            ("traceparent", unsampled),
+        ],
+        "",
+    ))
+    .await
+    .unwrap();
+    assert_answered_by_zuora(&r);
+    // The caller sampled it: exported whole, whatever the ratio.
+    let r = send(request(
+        Method::GET,
+        &list_url_of(&p),
+        &[
+            ("zuora-track-id", "caller-sampled"),
+            ("traceparent", TRACEPARENT),
+        ],
+        "",
+    ))
+    .await
+    .unwrap();
+    assert_answered_by_zuora(&r);
+    let server = server_span(&spans, "caller-sampled").await;
+    assert_eq!(hex(&server.trace_id), CALLER_TRACE_ID);
+    assert_eq!(hex(&server.parent_span_id), CALLER_SPAN_ID);
+    let mut call = None;
+    for _ in 0..100 {
+        call = spans_of_trace(&spans, &server.trace_id)
+            .into_iter()
+            .find(|s| s.name == "zuora.call");
+        if call.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        call.expect("zuora.call exported").parent_span_id,
+        server.span_id
+    );
+    // Flushed together: had the unsampled one been exported, it would be here by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !spans
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| attr(s, "zuora.track_id").as_deref() == Some("caller-unsampled")),
+        "an unsampled caller's successful request is not exported at ratio 0"
+    );
+    // The access log carries the trace ID either way.
+    assert_eq!(
+        p.access_line("caller-unsampled").await["trace_id"],
+        CALLER_TRACE_ID
+    );
+}
+
+#[tokio::test]
 async fn dead_collector_does_not_break_requests_and_drops_are_counted() {
     let sim = simulator().await;
     // A port nobody listens on.
@@ -857,7 +932,10 @@ async fn dead_collector_does_not_break_requests_and_drops_are_counted() {
         &yaml(
             &sim,
             "",
-            &format!("  log_format: json\n  otlp_endpoint: http://{dead}\n  export_queue: 4\n"),
+            // Every request exported (the default ratio would export one in ten).
+            &format!(
+                "  log_format: json\n  otlp_endpoint: http://{dead}\n  export_queue: 4\n  sampling_ratio: 1.0\n"
+            ),
         ),
         &[],
     );
@@ -937,7 +1015,9 @@ async fn a_401_replay_is_a_span_event_with_two_zuora_calls() {
         &yaml(
             &sim,
             "",
-            &format!("  log_format: json\n  otlp_endpoint: http://{collector}\n"),
+            &format!(
+                "  log_format: json\n  otlp_endpoint: http://{collector}\n  sampling_ratio: 1.0\n"
+            ),
         ),
         &[],
     );

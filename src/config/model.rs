@@ -329,6 +329,9 @@ pub enum LogFormat {
     Text,
 }
 
+/// Default `telemetry.sampling_ratio`: one successful request in ten.
+pub const DEFAULT_SAMPLING_RATIO: f64 = 0.1;
+
 /// `telemetry:`.
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
@@ -338,7 +341,9 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<Uri>,
     /// Transport.
     pub otlp_protocol: OtlpProtocol,
-    /// Head sampling ratio in 0..=1; failed requests are always kept.
+    /// Head sampling ratio in 0..=1 (default [`DEFAULT_SAMPLING_RATIO`]);
+    /// failed requests and callers whose `traceparent` is sampled are
+    /// always kept.
     pub sampling_ratio: f64,
     /// Bounded export queue (spans beyond it are dropped and counted).
     pub export_queue: usize,

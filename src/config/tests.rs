@@ -71,6 +71,14 @@ fn minimal_sidecar_config_is_valid() {
 }
 
 #[test]
+fn successes_are_sampled_one_in_ten_by_default() {
+    let c = load(MIN, &[]).unwrap();
+    assert_eq!(c.telemetry.sampling_ratio, 0.1);
+    let c = load(&format!("{MIN}telemetry: {{ sampling_ratio: 1 }}\n"), &[]).unwrap();
+    assert_eq!(c.telemetry.sampling_ratio, 1.0);
+}
+
+#[test]
 fn unknown_keys_are_rejected_with_their_path() {
     let e = load(
         &format!("{MIN}routes:\n  - {{ name: r, path: /v1/x, upstream: zuora, colour: red }}\n"),

@@ -1134,7 +1134,8 @@ impl<'a> Validator<'a> {
             }
         };
         let sampling_ratio = match get(|t| &t.sampling_ratio) {
-            None => 1.0,
+            // Successes are head-sampled; failures and sampled callers are always exported.
+            None => DEFAULT_SAMPLING_RATIO,
             Some(Scalar::Float(f)) => f,
             Some(Scalar::Int(i)) => i as f64,
             Some(other) => {

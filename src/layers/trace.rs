@@ -7,12 +7,16 @@
 //! layer puts into the request extensions; [`RecordContextLayer`], pushed
 //! after routing and authentication, copies the route and caller into it.
 //!
-//! With OTLP export on, the span is named `METHOD route-template` and carries
-//! the HTTP semantic-convention attributes plus `zuora.track_id`,
-//! `zuora.caller`, `zuora.route`, `zuora.entity_ids`; the caller's
-//! `traceparent` is continued. With export off, the span is a DEBUG one that
-//! only carries the track ID (for correlating debug logs), and no
-//! OpenTelemetry work is done.
+//! With OTLP export on, the request gets a [`RequestSpans`] (the caller's
+//! trace when its `traceparent` is valid, else a new one), current on the
+//! thread while its future is polled, and the layer keeps the few facts its
+//! server span needs. Only when the request ends, and only
+//! if its trace is exported (trace ID under `sampling_ratio`, a sampled
+//! caller, or a failure), is the span built: named `METHOD route-template`,
+//! with the HTTP semantic-convention attributes plus `zuora.track_id`,
+//! `zuora.caller`, `zuora.route`, `zuora.entity_ids`. Every request also
+//! gets a DEBUG `request` span holding only its track ID (free at the
+//! default level; with debug logs, log lines inside a request carry it).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,29 +25,36 @@ use std::task::{Context, Poll, ready};
 use std::time::{Instant, SystemTime};
 
 use http::{HeaderValue, Method, Version, header};
-use opentelemetry::trace::TraceContextExt as _;
 use tower::{Layer, Service};
-use tracing::field::Empty;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::{Req, Resp};
 use crate::context::{Caller, RouteMatch, TrackId};
 use crate::layers::rescue::RescuedError;
 use crate::telemetry::Recorder;
 use crate::telemetry::access::Completion;
+use crate::telemetry::otel::IdExt as _;
+use crate::telemetry::otel::{self, Exporter, RequestSpans, ServerRecord};
 use crate::telemetry::trail::DecisionTrail;
-use crate::telemetry::upstream::{CallerTraceContext, ZUORA_REQUEST_ID, span_trace_id};
+use crate::telemetry::upstream::{CallerTraceContext, ZUORA_REQUEST_ID};
 
 /// Builds [`Trace`].
 #[derive(Debug, Clone)]
 pub struct TraceLayer {
     recorder: Arc<Recorder>,
+    exporter: Option<Exporter>,
 }
 
 impl TraceLayer {
-    /// Records completed requests through `recorder`.
+    /// Records completed requests through `recorder`; spans go to the
+    /// process-wide exporter when [`crate::telemetry::Telemetry::init`]
+    /// turned export on.
     pub fn new(recorder: Arc<Recorder>) -> Self {
-        TraceLayer { recorder }
+        TraceLayer::with_exporter(recorder, otel::installed().cloned())
+    }
+
+    /// The same, with spans going to `exporter` (`None`: no span export).
+    pub fn with_exporter(recorder: Arc<Recorder>, exporter: Option<Exporter>) -> Self {
+        TraceLayer { recorder, exporter }
     }
 }
 
@@ -53,6 +64,7 @@ impl<S> Layer<S> for TraceLayer {
         Trace {
             inner,
             recorder: self.recorder.clone(),
+            exporter: self.exporter.clone(),
         }
     }
 }
@@ -62,31 +74,15 @@ impl<S> Layer<S> for TraceLayer {
 pub struct Trace<S> {
     inner: S,
     recorder: Arc<Recorder>,
+    exporter: Option<Exporter>,
 }
 
-fn version_str(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
-    }
-}
-
-fn server_address(req: &Req) -> &str {
-    if let Some(h) = req.uri().host() {
-        return h;
-    }
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    // Strip a port (IPv6 literals keep their brackets).
-    match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
+/// The authority the caller addressed (`Host`, or an absolute URI's),
+/// port included; only read if the span is exported.
+fn authority(req: &Req) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
     }
 }
 
@@ -122,37 +118,22 @@ where
             .map(|t| t.0.clone())
             .unwrap_or_else(super::track_id::generate);
         let caller_cx = CallerTraceContext::take_from(req.headers_mut());
-        let track_str = track_id.to_str().unwrap_or("");
-        let span = if crate::telemetry::otel_active() {
-            let span = tracing::info_span!(
-                "request",
-                otel.kind = "server",
-                http.request.method = req.method().as_str(),
-                url.path = req.uri().path(),
-                server.address = server_address(&req),
-                network.protocol.version = version_str(req.version()),
-                zuora.track_id = track_str,
-                http.route = Empty,
-                http.response.status_code = Empty,
-                zuora.route = Empty,
-                zuora.caller = Empty,
-                zuora.entity_ids = Empty,
-                zuora.request_id = Empty,
-                error.type = Empty,
-                otel.status_code = Empty,
-            );
-            if let Some(c) = &caller_cx {
-                let parent = c.otel_context();
-                if parent.span().span_context().is_valid() {
-                    let _ = span.set_parent(parent);
-                }
+        // DEBUG: free at the default level; with debug logs, log lines inside a
+        // request carry its track ID.
+        let span =
+            tracing::debug_span!("request", zuora.track_id = track_id.to_str().unwrap_or(""));
+        let otel = self.exporter.as_ref().map(|exporter| {
+            let (remote, tracestate) = match &caller_cx {
+                Some(c) => (c.parent(), c.tracestate.clone()),
+                None => (None, None),
+            };
+            OtelState {
+                spans: Some(RequestSpans::start(exporter, remote, tracestate)),
+                host: authority(&req),
+                version: req.version(),
             }
-            span
-        } else {
-            // DEBUG: free at the default level; with debug logs, log lines inside a
-            // request carry its track ID.
-            tracing::debug_span!("request", zuora.track_id = track_str)
-        };
+        });
+        // For the access log: the caller's trace ID, unless an exported trace replaces it.
         let caller_trace_id = caller_cx
             .as_ref()
             .and_then(|c| c.trace_id())
@@ -160,7 +141,7 @@ where
         if let Some(c) = caller_cx {
             req.extensions_mut().insert(c);
         }
-        let state = State {
+        let mut state = State {
             recorder: self.recorder.clone(),
             trail,
             track_id,
@@ -171,9 +152,11 @@ where
             time,
             caller_trace_id,
             span,
+            otel,
         };
         let inner = {
             let _entered = state.span.enter();
+            let _current = state.otel.as_mut().map(|o| otel::enter(&mut o.spans));
             self.inner.call(req)
         };
         TraceFuture {
@@ -194,6 +177,15 @@ struct State {
     time: SystemTime,
     caller_trace_id: Option<Box<str>>,
     span: tracing::Span,
+    otel: Option<OtelState>,
+}
+
+/// What the server span needs beyond the access-log facts (export on only).
+struct OtelState {
+    /// Moved into a thread-local while the request is polled ([`otel::enter`]).
+    spans: Option<RequestSpans>,
+    host: Option<HeaderValue>,
+    version: Version,
 }
 
 enum Outcome<'a> {
@@ -220,6 +212,7 @@ impl State {
             time,
             caller_trace_id,
             span,
+            otel,
         } = self;
         recorder.request_ended();
         let (status, resp) = match outcome {
@@ -230,43 +223,50 @@ impl State {
         let rescued = resp.and_then(|r| r.extensions().get::<RescuedError>());
         let response_request_id = resp.and_then(|r| r.headers().get(&ZUORA_REQUEST_ID));
         let trail = trail.take();
-        let trace_id = if crate::telemetry::otel_active() && !span.is_disabled() {
-            let template = trail.route.as_ref().map(|r| r.template());
-            span.record("http.response.status_code", status);
-            if let Some(r) = &trail.route {
-                span.record("http.route", r.template());
-                span.record("zuora.route", r.name());
+        let trace_id = match otel {
+            Some(OtelState {
+                spans: Some(spans),
+                host,
+                version,
+            }) => {
+                let error_type = rescued.map(|e| e.kind).or_else(|| outcome_kind(status));
+                // Exported: sampled (ratio or caller), or failed. Else nothing more is done.
+                if let Some(children) = spans.finish(spans.sampled() || error_type.is_some()) {
+                    let request_id = trail
+                        .upstream
+                        .as_ref()
+                        .and_then(|u| u.request_id.as_ref())
+                        .or(response_request_id)
+                        .cloned();
+                    spans.export(ServerRecord {
+                        trace_id: spans.trace_id(),
+                        span_id: spans.span_id(),
+                        parent: spans.parent(),
+                        trace_state: spans.trace_state(),
+                        time,
+                        started,
+                        ended: Instant::now(),
+                        method: method.clone(),
+                        path: path.clone(),
+                        host,
+                        version,
+                        track_id: track_id.clone(),
+                        route: trail.route.clone(),
+                        caller: trail.caller.clone(),
+                        entity_ids: trail.entity_ids.clone(),
+                        request_id,
+                        status,
+                        error_type,
+                        children,
+                    });
+                    // The access log points at the exported trace.
+                    Some(spans.trace_id().to_hex())
+                } else {
+                    caller_trace_id
+                }
             }
-            if let Some(c) = &trail.caller {
-                span.record("zuora.caller", &**c);
-            }
-            if let Some(v) = trail.entity_ids.as_ref().and_then(|v| v.to_str().ok()) {
-                span.record("zuora.entity_ids", v);
-            }
-            let request_id = trail
-                .upstream
-                .as_ref()
-                .and_then(|u| u.request_id.as_ref())
-                .or(response_request_id)
-                .and_then(|v| v.to_str().ok());
-            if let Some(id) = request_id {
-                span.record("zuora.request_id", id);
-            }
-            match (rescued, &outcome_kind(status)) {
-                (Some(e), _) => span.record("error.type", e.kind),
-                (None, Some(kind)) => span.record("error.type", *kind),
-                (None, None) => &span,
-            };
-            if status >= 500 {
-                span.record("otel.status_code", "ERROR");
-            }
-            let name = format!("{} {}", method.as_str(), template.unwrap_or("unmatched"));
-            span.context().span().update_name(name);
-            span_trace_id(&span)
-        } else {
-            caller_trace_id
+            _ => caller_trace_id,
         };
-        // Ends the span before the log line, outside it.
         drop(span);
         recorder.complete(Completion {
             time,
@@ -326,7 +326,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = {
-            let _entered = this.state.as_ref().map(|s| s.span.enter());
+            let (_entered, _current) = match this.state.as_mut() {
+                Some(State { span, otel, .. }) => (
+                    Some(span.enter()),
+                    otel.as_mut().map(|o| otel::enter(&mut o.spans)),
+                ),
+                None => (None, None),
+            };
             ready!(this.inner.poll(cx))
         };
         if let Some(state) = this.state.take() {
@@ -436,6 +442,151 @@ mod tests {
         assert_eq!(r["error_kind"], "rate_limited");
         assert_eq!(r["decisions"][0]["text"], "stop-per-job: denied");
         assert_eq!(r["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    const SAMPLED_TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const UNSAMPLED_TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+
+    /// Runs one request through the trace layer with export on at `ratio`;
+    /// the inner service answers `status` (a rescued error for 429) after a
+    /// Zuora call and an INFO event. Returns what was queued for export.
+    async fn export_one(
+        ratio: f64,
+        traceparent: Option<&'static str>,
+        status: u16,
+    ) -> (Vec<otel::Item>, Arc<Recorder>) {
+        let rec = recorder();
+        let (exporter, mut queue) = Exporter::new(ratio, 64, Default::default());
+        let svc = ServiceBuilder::new()
+            .layer(TraceLayer::with_exporter(
+                rec.clone(),
+                Some(exporter.clone()),
+            ))
+            .service_fn(move |req: Req| async move {
+                tracing::info!("rate limit: denied");
+                let mut out = http::Request::new(());
+                *out.uri_mut() = "http://zuora.local/v1/jobs/1".parse().unwrap();
+                let call =
+                    crate::telemetry::upstream::CallTrace::start(&mut out, req.extensions(), false);
+                let resp = http::Response::builder()
+                    .status(if status == 429 { 200 } else { status })
+                    .body(())
+                    .unwrap();
+                call.finish_response(&resp);
+                if status == 429 {
+                    return Ok::<_, Infallible>(crate::layers::rescue::into_response(
+                        GatewayError::RateLimited {
+                            limit: "stop-per-job".into(),
+                            retry_after: std::time::Duration::from_secs(1),
+                            quota: None,
+                        },
+                    ));
+                }
+                let mut r = Resp::new(empty());
+                *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                Ok(r)
+            });
+        let mut req = Req::new(empty());
+        req.extensions_mut()
+            .insert(TrackId(HeaderValue::from_static("t-otel")));
+        if let Some(tp) = traceparent {
+            req.headers_mut()
+                .insert("traceparent", HeaderValue::from_static(tp));
+        }
+        let subscriber = tracing_subscriber::layer::SubscriberExt::with(
+            tracing_subscriber::registry(),
+            tracing_subscriber::Layer::with_filter(
+                otel::CaptureLayer::new(exporter),
+                otel::capture_filter(),
+            ),
+        );
+        let _default = tracing::subscriber::set_default(subscriber);
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status);
+        let mut items = Vec::new();
+        while let Ok(item) = queue.rx.try_recv() {
+            items.push(item);
+        }
+        (items, rec)
+    }
+
+    fn exported(items: &[otel::Item]) -> &ServerRecord {
+        match items {
+            [otel::Item::Request(r)] => r,
+            other => panic!("one request expected: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unsampled_success_exports_nothing() {
+        let (items, rec) = export_one(0.0, None, 200).await;
+        assert!(items.is_empty(), "{items:?}");
+        let found = rec.ring().find(&DebugQuery::parse(None).unwrap());
+        assert!(
+            found[0].to_value()["trace_id"].is_null(),
+            "no trace to point at"
+        );
+        let (items, rec) = export_one(0.0, Some(UNSAMPLED_TP), 200).await;
+        assert!(
+            items.is_empty(),
+            "an unsampled caller is not a reason: {items:?}"
+        );
+        let found = rec.ring().find(&DebugQuery::parse(None).unwrap());
+        assert_eq!(
+            found[0].to_value()["trace_id"],
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            "the caller's trace ID, as with export off"
+        );
+    }
+
+    #[tokio::test]
+    async fn sampled_success_is_exported_with_its_call_and_events() {
+        let (items, rec) = export_one(1.0, None, 200).await;
+        let r = exported(&items);
+        let found = rec.ring().find(&DebugQuery::parse(None).unwrap());
+        assert_eq!(
+            found[0].to_value()["trace_id"],
+            &*r.trace_id.to_hex(),
+            "the access log points at the exported trace"
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.error_type, None);
+        assert_eq!(r.parent, None);
+        assert_eq!(r.children.calls.len(), 1);
+        assert_eq!(r.children.calls[0].status, Some(200));
+        assert_eq!(r.children.events[0].name, "rate limit: denied");
+    }
+
+    #[tokio::test]
+    async fn sampled_caller_is_exported_at_ratio_zero() {
+        let (items, rec) = export_one(0.0, Some(SAMPLED_TP), 200).await;
+        let r = exported(&items);
+        assert_eq!(
+            r.trace_id.to_hex().as_ref(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(r.parent, Some(otel::SpanId::from(0x00f0_67aa_0ba9_02b7)));
+        assert_eq!(r.track_id, "t-otel");
+        let found = rec.ring().find(&DebugQuery::parse(None).unwrap());
+        assert_eq!(
+            found[0].to_value()["trace_id"],
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_are_exported_at_ratio_zero() {
+        let (items, _) = export_one(0.0, None, 429).await;
+        let r = exported(&items);
+        assert_eq!(r.error_type, Some("rate_limited"));
+        assert_eq!(r.children.calls.len(), 1, "the whole trace is kept");
+        let (items, _) = export_one(0.0, None, 503).await;
+        let r = exported(&items);
+        assert_eq!(r.error_type, Some("503"));
+        assert_eq!(
+            r.children.calls[0].error,
+            Some(otel::CallError::Status(503))
+        );
     }
 
     #[tokio::test]

@@ -285,13 +285,23 @@ impl Inner {
             client_id: &self.client_id,
             client_secret: &self.client_secret,
         };
-        // Exported as its own trace (it runs in the background, not under a request).
-        let span = tracing::info_span!("zuora.token_fetch", upstream = %self.upstream);
+        // Exported as its own trace (it runs in the background, not under a
+        // request): by ratio, and always when it fails (`error.type`).
+        let span = tracing::info_span!(
+            "zuora.token_fetch",
+            otel.kind = "client",
+            upstream = %self.upstream,
+            error.type = tracing::field::Empty,
+        );
         let result = tracing::Instrument::instrument(
             fetch_token(&self.client, &creds, self.fetch_timeout),
-            span,
+            span.clone(),
         )
         .await;
+        if let Err(e) = &result {
+            span.record("error.type", e.outcome());
+        }
+        drop(span);
         match result {
             Ok(grant) => {
                 self.metrics.fetch(&self.upstream, "success");

@@ -2,12 +2,13 @@
 //! traces exported over OTLP/HTTP, request metrics, and the `/debug/requests`
 //! ring of decision trails — all keyed by the request's `Zuora-Track-Id`.
 //!
-//! Startup: [`Telemetry::init`] (inside the tokio runtime) installs the global
-//! `tracing` subscriber — a fmt layer on stdout filtered by
-//! `telemetry.log_level` / `RUST_LOG`, plus, only when an OTLP endpoint is
-//! configured, the `tracing-opentelemetry` layer feeding the pipeline in
-//! [`otel`]. The request path uses a [`Recorder`] (debug ring + metrics)
-//! through [`crate::layers::track_id`] and [`crate::layers::trace`].
+//! Startup: [`Telemetry::init`] installs the global `tracing` subscriber — a
+//! fmt layer on stdout filtered by `telemetry.log_level` / `RUST_LOG`, plus,
+//! only when an OTLP endpoint is configured, the [`otel::CaptureLayer`] and
+//! the export thread of [`otlp`]. The request path uses a [`Recorder`]
+//! (debug ring + metrics) through [`crate::layers::track_id`] and
+//! [`crate::layers::trace`]; the trace layer also keeps the few facts a span
+//! needs and builds spans only for traces that are exported (see [`otel`]).
 //!
 //! Hooks for other modules:
 //! - [`DecisionTrail`] (request extension): `trail.note("rate_limit", "…")`.
@@ -20,20 +21,16 @@
 pub mod access;
 pub mod debug;
 pub mod otel;
+pub mod otlp;
 pub mod trail;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanExporter as _};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, oneshot};
-use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{Layer as _, Registry as TracingRegistry};
 
@@ -43,15 +40,10 @@ pub use trail::DecisionTrail;
 
 use crate::config::{LogFormat, TelemetryConfig};
 
-/// Timeout of one export request to the collector.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
-
-static OTEL_ACTIVE: AtomicBool = AtomicBool::new(false);
-
-/// Whether OTLP export is on in this process (the trace layer builds full
-/// spans only then; otherwise it does no OpenTelemetry work at all).
+/// Whether OTLP export is on in this process (the trace layer keeps span
+/// facts only then; otherwise it does no OpenTelemetry work at all).
 pub fn otel_active() -> bool {
-    OTEL_ACTIVE.load(Ordering::Relaxed)
+    otel::installed().is_some()
 }
 
 /// Failures setting up telemetry (the process should refuse to start).
@@ -73,9 +65,6 @@ pub enum TelemetryError {
         /// Why.
         message: String,
     },
-    /// The OTLP pipeline needs a tokio runtime.
-    #[error("telemetry must be initialised inside the tokio runtime")]
-    NoRuntime,
     /// A global subscriber is already installed.
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
@@ -84,8 +73,9 @@ pub enum TelemetryError {
 /// Telemetry's own metrics.
 #[derive(Debug, Clone, Default)]
 pub struct TelemetryMetrics {
-    /// Spans not exported: queue full, undecided-trace buffer full, or a
-    /// failed export (`gateway_spans_dropped_total`).
+    /// Spans meant for export but not exported: queue full, more child
+    /// spans than a trace keeps, or a failed export
+    /// (`gateway_spans_dropped_total`).
     pub spans_dropped: Counter,
     /// Spans accepted by the collector (`gateway_spans_exported_total`).
     pub spans_exported: Counter,
@@ -108,10 +98,10 @@ impl TelemetryMetrics {
 }
 
 struct OtelPipeline {
-    provider: SdkTracerProvider,
-    queue: mpsc::Sender<otel::Msg>,
-    worker: tokio::task::JoinHandle<()>,
+    exporter: otel::Exporter,
     endpoint: String,
+    /// Invalid `OTEL_EXPORTER_OTLP_*HEADERS` entries (warned once installed).
+    skipped_headers: usize,
 }
 
 /// The installed telemetry: debug ring, metrics, and the OTLP pipeline when on.
@@ -200,24 +190,35 @@ impl Telemetry {
         let metrics = TelemetryMetrics::default();
         let endpoint =
             otel::resolve_traces_endpoint(cfg.otlp_endpoint.as_ref(), |k| std::env::var(k).ok());
-        let (otel, otel_layer) = match endpoint {
+        let (otel, capture) = match endpoint {
             None => (None, None),
             Some(endpoint) => {
-                let (pipeline, tracer) = build_pipeline(cfg, endpoint, &metrics)?;
-                (Some(pipeline), Some(otel_layer(tracer)))
+                let pipeline = build_pipeline(cfg, endpoint, &metrics)?;
+                let capture = capture_layer(pipeline.exporter.clone());
+                (Some(pipeline), Some(capture))
             }
         };
+        let skipped_headers = otel.as_ref().map_or(0, |o| o.skipped_headers);
         // JSON access lines get their own writer unless `access` is filtered out.
         let access_json = cfg.log_format == LogFormat::Json && access_enabled(&directives);
-        let subscriber = TracingRegistry::default().with(fmt).with(otel_layer);
+        let subscriber = TracingRegistry::default().with(fmt).with(capture);
         tracing::subscriber::set_global_default(subscriber)
             .map_err(|_| TelemetryError::AlreadyInstalled)?;
         if access_json {
             access::install_json_writer();
         }
-        OTEL_ACTIVE.store(otel.is_some(), Ordering::Relaxed);
         if let Some(o) = &otel {
+            if !otel::install(o.exporter.clone()) {
+                return Err(TelemetryError::AlreadyInstalled);
+            }
             tracing::info!(endpoint = %o.endpoint, ratio = cfg.sampling_ratio, "exporting traces over OTLP/HTTP");
+            if skipped_headers > 0 {
+                // Never the values: they are usually API keys.
+                tracing::warn!(
+                    skipped = skipped_headers,
+                    "invalid OTEL_EXPORTER_OTLP_*HEADERS entries ignored"
+                );
+            }
         }
         Ok(Telemetry {
             ring: Arc::new(DebugRing::new(cfg.debug_requests)),
@@ -267,153 +268,62 @@ impl Telemetry {
         // Access-log lines still queued for stdout go out first.
         access::flush(timeout).await;
         let Some(o) = self.otel else { return };
-        let (ack, done) = oneshot::channel();
-        let flushed = tokio::time::timeout(timeout, async {
-            if o.queue.send(otel::Msg::Flush(ack)).await.is_ok() {
-                let _ = done.await;
-            }
-        })
-        .await;
-        if flushed.is_err() {
+        let done = o.exporter.flush();
+        if tokio::time::timeout(timeout, done).await.is_err() {
             tracing::warn!("span export did not finish before shutdown; remaining spans dropped");
         }
-        o.worker.abort();
-        let _ = o.provider.shutdown();
+        o.exporter.stop();
     }
 }
 
-/// The `tracing` → OpenTelemetry bridge: the gateway's own spans become
-/// OTel spans and its INFO+ events inside them become span events.
-fn otel_layer<S>(tracer: SdkTracer) -> impl tracing_subscriber::Layer<S>
+/// The `tracing` → span bridge: the gateway's own INFO+ spans and events,
+/// plus the DEBUG events of the Zuora call (retries) and the 401 token replay.
+fn capture_layer<S>(exporter: otel::Exporter) -> impl tracing_subscriber::Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_tracked_inactivity(false)
-        .with_threads(false)
-        .with_location(false)
-        // Only the gateway's own spans and events, INFO and up, plus the
-        // DEBUG events of the Zuora call (retries) and the 401 token replay.
-        .with_filter(
-            Targets::new()
-                .with_target("zuora_gateway", LevelFilter::INFO)
-                .with_target("zuora_gateway::upstream::forward", LevelFilter::DEBUG)
-                .with_target("zuora_gateway::layers::token", LevelFilter::DEBUG),
-        )
+    otel::CaptureLayer::new(exporter).with_filter(otel::capture_filter())
 }
 
+/// The exporter and its thread.
 fn build_pipeline(
     cfg: &TelemetryConfig,
     endpoint: String,
     metrics: &TelemetryMetrics,
-) -> Result<(OtelPipeline, SdkTracer), TelemetryError> {
-    use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
-
-    if tokio::runtime::Handle::try_current().is_err() {
-        return Err(TelemetryError::NoRuntime);
-    }
+) -> Result<OtelPipeline, TelemetryError> {
     let err = |message: String| TelemetryError::Exporter {
         endpoint: endpoint.clone(),
         message,
     };
-    let tls = crate::upstream::client::tls_config(None).map_err(err)?;
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    let client = opentelemetry_http::hyper::HyperClient::new(connector, EXPORT_TIMEOUT, None);
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(client)
-        .with_endpoint(endpoint.clone())
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    let resource = Resource::builder()
-        .with_service_name(cfg.service_name.clone())
-        .build();
-    exporter.set_resource(&resource);
-
-    let capacity = cfg.export_queue.max(1);
-    let (tx, rx) = mpsc::channel(capacity);
-    let processor = otel::GatewayProcessor::new(
+    let env = |k: &str| std::env::var(k).ok();
+    let (headers, skipped_headers) = otlp::export_headers(env);
+    let sink = otlp::HttpSink::new(&endpoint, headers).map_err(err)?;
+    let (exporter, queue) = otel::Exporter::new(
         cfg.sampling_ratio,
-        capacity,
-        tx.clone(),
+        cfg.export_queue.max(1),
         metrics.spans_dropped.clone(),
     );
-    let provider = SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_sampler(Sampler::AlwaysOn)
-        .with_resource(resource)
-        .build();
-    let tracer = provider.tracer("zuora-gateway");
-    let worker = tokio::spawn(otel::run_worker(
-        exporter,
-        rx,
+    otlp::spawn(
+        queue,
+        sink,
+        otlp::resource_attributes(&cfg.service_name, env),
         otel::BatchConfig::from_env(),
-        otel::WorkerMetrics {
+        otlp::WorkerMetrics {
             dropped: metrics.spans_dropped.clone(),
             exported: metrics.spans_exported.clone(),
         },
-    ));
-    Ok((
-        OtelPipeline {
-            provider,
-            queue: tx,
-            worker,
-            endpoint,
-        },
-        tracer,
-    ))
+    )
+    .map_err(|e| err(format!("cannot start the export thread: {e}")))?;
+    Ok(OtelPipeline {
+        exporter,
+        endpoint,
+        skipped_headers,
+    })
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn events_inside_a_request_span_become_span_events_and_children_link() {
-        let (tx, mut rx) = mpsc::channel(16);
-        let processor = otel::GatewayProcessor::new(1.0, 16, tx, Counter::default());
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .build();
-        let subscriber = TracingRegistry::default().with(otel_layer(provider.tracer("t")));
-        tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("request", otel.kind = "server");
-            let _entered = span.enter();
-            tracing::info!(limit = "stop-per-job", "rate limit: denied");
-            tracing::debug!("below INFO: not exported");
-            // What the token cache does when it fetches inside a request.
-            let fetch = tracing::info_span!("zuora.token_fetch");
-            drop(fetch.enter());
-        });
-        let mut spans = Vec::new();
-        while let Ok(otel::Msg::Span(s)) = rx.try_recv() {
-            spans.push(*s);
-        }
-        assert_eq!(spans.len(), 2, "{spans:#?}");
-        let fetch = spans
-            .iter()
-            .find(|s| s.name == "zuora.token_fetch")
-            .unwrap();
-        let request = spans.iter().find(|s| s.name == "request").unwrap();
-        assert_eq!(fetch.parent_span_id, request.span_context.span_id());
-        assert_eq!(
-            fetch.span_context.trace_id(),
-            request.span_context.trace_id()
-        );
-        let events: Vec<_> = request.events.iter().map(|e| e.name.to_string()).collect();
-        assert_eq!(events, ["rate limit: denied"]);
-    }
 
     #[test]
     fn access_target_is_probed_from_the_filter() {

@@ -2,21 +2,18 @@
 //!
 //! Ingress (the trace layer): the caller's `traceparent`/`tracestate` are
 //! read, removed from the request, and kept as [`CallerTraceContext`].
-//! Egress (the forward service): [`CallTrace::start`] opens the
-//! `zuora.call` client span and, only when the upstream's
+//! Egress (the forward service): [`CallTrace::start`] starts the
+//! `zuora.call` record (only when OTLP export is on: a span ID and an
+//! instant, nothing else until it finishes) and, only when the upstream's
 //! `forward_traceparent` is true, sends the gateway's span context (or, with
 //! OTLP export off, the caller's own headers) to Zuora.
 
 use std::time::{Duration, Instant};
 
 use http::header::HeaderName;
-use http::{HeaderMap, HeaderValue, Request, Response};
-use opentelemetry::propagation::TextMapPropagator as _;
-use opentelemetry::trace::TraceContextExt as _;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing::field::Empty;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 
+use super::otel::{CallError, CallRecord, IdExt as _, RemoteParent, RequestSpans, SpanId};
 use super::trail::DecisionTrail;
 use crate::error::GatewayError;
 
@@ -63,38 +60,22 @@ impl CallerTraceContext {
         valid.then_some(id)
     }
 
-    /// The OpenTelemetry context these headers describe.
-    pub fn otel_context(&self) -> opentelemetry::Context {
-        let mut h = HeaderMap::with_capacity(2);
-        h.insert(TRACEPARENT.clone(), self.traceparent.clone());
-        if let Some(ts) = &self.tracestate {
-            h.insert(TRACESTATE.clone(), ts.clone());
-        }
-        TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(&h))
+    /// The caller's span context, when `traceparent` is valid.
+    pub fn parent(&self) -> Option<RemoteParent> {
+        super::otel::parse_traceparent(self.traceparent.as_bytes())
     }
 
     /// Whether the headers carry a valid remote span context.
     pub fn is_valid(&self) -> bool {
-        self.otel_context().span().span_context().is_valid()
+        self.parent().is_some()
     }
-}
-
-/// The trace ID of `span` (hex), when OTLP export is on and it has one.
-pub fn span_trace_id(span: &tracing::Span) -> Option<Box<str>> {
-    if !super::otel_active() || span.is_disabled() {
-        return None;
-    }
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid()
-        .then(|| sc.trace_id().to_string().into_boxed_str())
 }
 
 /// One call to Zuora: its client span and its trail entry.
 ///
 /// ```ignore
 /// let call = CallTrace::start(&mut req, &original_extensions, upstream.forward_traceparent);
-/// let result = client.request(req).instrument(call.span().clone()).await;
+/// let result = client.request(req).await;
 /// match &result {
 ///     Ok(resp) => call.finish_response(resp),
 ///     Err(_) => call.finish_failed("upstream_connect"),
@@ -102,17 +83,26 @@ pub fn span_trace_id(span: &tracing::Span) -> Option<Box<str>> {
 /// ```
 #[derive(Debug)]
 pub struct CallTrace {
-    span: tracing::Span,
     started: Instant,
     trail: Option<DecisionTrail>,
+    span: Option<CallSpan>,
+}
+
+/// What the `zuora.call` span needs, kept only while export is on.
+#[derive(Debug)]
+struct CallSpan {
+    request: RequestSpans,
+    span_id: SpanId,
+    method: Method,
+    uri: Uri,
 }
 
 impl CallTrace {
-    /// Opens the `zuora.call` span (only when OTLP export is on), records
-    /// the `Zuora-Entity-Ids` in the trail, and sets the trace headers of
-    /// the outgoing request: none unless `forward_traceparent`. `ext` are the
-    /// extensions of the caller's request (the outgoing one may be rebuilt
-    /// without them).
+    /// Starts the `zuora.call` span (only when called while a request with a
+    /// trace is polled, i.e. OTLP export is on), records the `Zuora-Entity-Ids` in the trail, and
+    /// sets the trace headers of the outgoing request: none unless
+    /// `forward_traceparent`. `ext` are the extensions of the caller's
+    /// request (the outgoing one may be rebuilt without them).
     pub fn start<B>(
         req: &mut Request<B>,
         ext: &http::Extensions,
@@ -122,50 +112,35 @@ impl CallTrace {
         if let (Some(t), Some(v)) = (&trail, req.headers().get(&ZUORA_ENTITY_IDS)) {
             t.set_entity_ids(v);
         }
-        let span = if super::otel_active() {
-            let host = req.uri().host().unwrap_or("");
-            let port = req.uri().port_u16();
-            tracing::info_span!(
-                "zuora.call",
-                otel.kind = "client",
-                http.request.method = req.method().as_str(),
-                server.address = host,
-                server.port = port,
-                url.path = req.uri().path(),
-                http.response.status_code = Empty,
-                zuora.request_id = Empty,
-                error.type = Empty,
-                otel.status_code = Empty,
-            )
-        } else {
-            tracing::Span::none()
-        };
-        let caller = ext.get::<CallerTraceContext>().cloned();
+        // The request being polled: the call runs inside its future.
+        let span = super::otel::current().map(|request| CallSpan {
+            request,
+            span_id: SpanId::random(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+        });
         let headers = req.headers_mut();
         headers.remove(&TRACEPARENT);
         headers.remove(&TRACESTATE);
         if forward_traceparent {
-            if super::otel_active() && !span.is_disabled() {
-                let cx = span.context();
-                TraceContextPropagator::new()
-                    .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
-            } else if let Some(c) = caller {
-                headers.insert(TRACEPARENT.clone(), c.traceparent);
-                if let Some(ts) = c.tracestate {
+            let context = match &span {
+                Some(s) => Some(s.request.context_headers(s.span_id)),
+                None => ext
+                    .get::<CallerTraceContext>()
+                    .map(|c| (c.traceparent.clone(), c.tracestate.clone())),
+            };
+            if let Some((traceparent, tracestate)) = context {
+                headers.insert(TRACEPARENT.clone(), traceparent);
+                if let Some(ts) = tracestate {
                     headers.insert(TRACESTATE.clone(), ts);
                 }
             }
         }
         CallTrace {
-            span,
             started: Instant::now(),
             trail,
+            span,
         }
-    }
-
-    /// The span to instrument the call with.
-    pub fn span(&self) -> &tracing::Span {
-        &self.span
     }
 
     /// Time since [`CallTrace::start`].
@@ -173,31 +148,41 @@ impl CallTrace {
         self.started.elapsed()
     }
 
+    fn record(
+        self,
+        status: Option<u16>,
+        request_id: Option<&HeaderValue>,
+        error: Option<CallError>,
+    ) {
+        let ended = Instant::now();
+        if let Some(t) = &self.trail {
+            t.record_upstream(status, request_id, ended - self.started);
+        }
+        if let Some(s) = self.span {
+            s.request.add_call(CallRecord {
+                span_id: s.span_id,
+                started: self.started,
+                ended,
+                method: s.method,
+                uri: s.uri,
+                status,
+                request_id: request_id.cloned(),
+                error,
+            });
+        }
+    }
+
     /// Records Zuora's response (status, `Zuora-Request-Id`).
     pub fn finish_response<B>(self, resp: &Response<B>) {
         let status = resp.status().as_u16();
-        let request_id = resp.headers().get(&ZUORA_REQUEST_ID);
-        self.span.record("http.response.status_code", status);
-        if let Some(id) = request_id.and_then(|v| v.to_str().ok()) {
-            self.span.record("zuora.request_id", id);
-        }
-        if status >= 500 {
-            self.span.record("error.type", status);
-            self.span.record("otel.status_code", "ERROR");
-        }
-        if let Some(t) = &self.trail {
-            t.record_upstream(Some(status), request_id, self.started.elapsed());
-        }
+        let error = (status >= 500).then_some(CallError::Status(status));
+        self.record(Some(status), resp.headers().get(&ZUORA_REQUEST_ID), error);
     }
 
     /// Records a failed call (no usable response); `kind` is the
     /// [`GatewayError::kind`] it maps to (`upstream_timeout`, …).
     pub fn finish_failed(self, kind: &'static str) {
-        self.span.record("error.type", kind);
-        self.span.record("otel.status_code", "ERROR");
-        if let Some(t) = &self.trail {
-            t.record_upstream(None, None, self.started.elapsed());
-        }
+        self.record(None, None, Some(CallError::Kind(kind)));
     }
 
     /// Records one attempt of the pooled client under a deadline, as the
@@ -296,5 +281,43 @@ mod tests {
         let u = t.upstream.unwrap();
         assert_eq!(u.status, Some(503));
         assert_eq!(u.request_id.unwrap(), "zr-1");
+    }
+
+    #[test]
+    fn with_a_request_trace_the_call_is_recorded_and_its_context_forwarded() {
+        let (exporter, _queue) = crate::telemetry::otel::Exporter::new(0.0, 16, Default::default());
+        let caller = CallerTraceContext {
+            traceparent: HeaderValue::from_static(TP),
+            tracestate: Some(HeaderValue::from_static("congo=t61rcWkgMzE")),
+        };
+        let spans = RequestSpans::start(&exporter, caller.parent(), caller.tracestate.clone());
+        let mut req = Request::new(());
+        *req.uri_mut() = "https://rest.zuora.com/v1/jobs/1".parse().unwrap();
+        req.extensions_mut().insert(caller);
+        let ext = req.extensions().clone();
+        let call = spans.in_scope(|| CallTrace::start(&mut req, &ext, true));
+        let tp = req.headers()["traceparent"].to_str().unwrap().to_owned();
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{tp}"
+        );
+        assert!(
+            !tp.contains("00f067aa0ba902b7"),
+            "the gateway's span, not the caller's"
+        );
+        assert!(tp.ends_with("-01"), "the caller sampled it");
+        assert_eq!(req.headers()["tracestate"], "congo=t61rcWkgMzE");
+        call.finish_failed("upstream_timeout");
+        let kids = spans.finish(true).unwrap();
+        assert_eq!(kids.calls.len(), 1);
+        let c = &kids.calls[0];
+        assert_eq!(c.error, Some(CallError::Kind("upstream_timeout")));
+        assert_eq!(
+            tp,
+            format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-01",
+                u64::from_be_bytes(c.span_id.to_bytes())
+            )
+        );
     }
 }

@@ -15,7 +15,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use tower::Service;
-use tracing::Instrument as _;
 
 use super::breaker::{Admission, CircuitBreaker};
 use super::client::HttpClient;
@@ -361,9 +360,7 @@ async fn send(target: &Target, req: Request<Body>) -> GwResult {
         let mut req = Request::from_parts(this_head, this_body);
         // Telemetry: this attempt's `zuora.call` span, trace headers, decision-trail entry.
         let call = CallTrace::start(&mut req, &extensions, upstream.config.forward_traceparent);
-        let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req))
-            .instrument(call.span().clone())
-            .await;
+        let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req)).await;
         call.finish_attempt(&outcome);
         let retry_reason = match outcome {
             Err(_) => {

@@ -21,6 +21,9 @@ enum Segment {
 #[derive(Debug, Clone)]
 struct CompiledRoute {
     methods: Option<Vec<Method>>,
+    /// The standard methods among `methods`, as bits ([`method_bit`]): the
+    /// per-route check on every lookup, without following a pointer.
+    method_bits: u16,
     segments: Vec<Segment>,
     tail: bool,
     params: Vec<Arc<str>>,
@@ -69,6 +72,11 @@ impl RouteTable {
                 }
                 CompiledRoute {
                     methods: r.methods.clone(),
+                    method_bits: r
+                        .methods
+                        .iter()
+                        .flatten()
+                        .fold(0, |bits, m| bits | method_bit(m)),
                     segments,
                     tail,
                     params,
@@ -100,20 +108,22 @@ impl RouteTable {
     /// passed [`check_path`]).
     pub fn lookup(&self, method: &Method, path: &str) -> Result<Matched, GatewayError> {
         // The first route whose methods and path both match wins.
+        let bit = method_bit(method);
         for (i, r) in self.routes.iter().enumerate() {
-            if r.methods.as_ref().is_some_and(|ms| !ms.contains(method)) {
+            if !r.allows(method, bit) {
                 continue;
             }
             if let Some(params) = match_and_capture(r, path) {
                 return Ok(Matched { route: i, params });
             }
         }
-        // Nothing for this method: 405 if the path matches a route (which then
-        // has methods, none of them this one), else 404.
+        // Nothing for this method: 405 if the path matches one of the routes
+        // without it (the others were tried above), else 404.
         let mut allowed: Vec<&Method> = Vec::new();
         let mut path_matched = false;
         for r in &self.routes {
             if let Some(ms) = &r.methods
+                && !r.allows(method, bit)
                 && path_matches(r, path)
             {
                 path_matched = true;
@@ -137,6 +147,33 @@ impl RouteTable {
             "{method} {}",
             truncate(path, 200)
         )))
+    }
+}
+
+/// A bit for each standard method (0 for extension methods).
+fn method_bit(m: &Method) -> u16 {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::PUT,
+        Method::POST,
+        Method::DELETE,
+        Method::PATCH,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    STANDARD.iter().position(|s| s == m).map_or(0, |i| 1 << i)
+}
+
+impl CompiledRoute {
+    /// Whether the route takes `method` (`bit` is its [`method_bit`]).
+    fn allows(&self, method: &Method, bit: u16) -> bool {
+        match &self.methods {
+            None => true,
+            Some(_) if bit != 0 => self.method_bits & bit != 0,
+            Some(ms) => ms.contains(method),
+        }
     }
 }
 
@@ -437,9 +474,21 @@ mod tests {
             ),
         ];
         routes.push(route("root", Some(vec![Method::GET]), "/"));
+        routes.push(route(
+            "purge",
+            Some(vec![Method::from_bytes(b"PURGE").unwrap(), Method::PATCH]),
+            "/v1/jobs/{id}",
+        ));
         let t = RouteTable::new(&routes);
         let segs = ["v1", "jobs", "anything", "x", "q"];
-        let methods = [Method::GET, Method::PUT, Method::POST, Method::DELETE];
+        let methods = [
+            Method::GET,
+            Method::PUT,
+            Method::POST,
+            Method::DELETE,
+            Method::PATCH,
+            Method::from_bytes(b"PURGE").unwrap(),
+        ];
         let mut paths = vec![
             "/".to_owned(),
             "/1/2/3/4/5/6/7/8/9/10".to_owned(),

@@ -365,15 +365,7 @@ fn serve_local_config_with(worker_threads: Option<usize>) {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let listen = loop {
         let line = lines.next().expect("gateway output").unwrap();
-        if line.contains("zuora-gateway listening") {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            let addr = v["listen"].as_str().map(str::to_owned).unwrap_or_else(|| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix("listen="))
-                    .unwrap()
-                    .trim_matches('"')
-                    .to_owned()
-            });
+        if let Some((addr, _admin)) = listening(&line) {
             break addr;
         }
     };
@@ -383,7 +375,7 @@ fn serve_local_config_with(worker_threads: Option<usize>) {
     );
     let mut status = String::new();
     for _ in 0..50 {
-        let mut s = std::net::TcpStream::connect(&listen).unwrap();
+        let mut s = std::net::TcpStream::connect(listen).unwrap();
         s.write_all(request.as_bytes()).unwrap();
         let mut response = String::new();
         s.read_to_string(&mut response).unwrap();

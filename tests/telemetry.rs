@@ -346,25 +346,6 @@ impl Proc {
     }
 }
 
-/// The addresses in the startup line, JSON (`"listen":"…"`) or text (`listen=…`).
-fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    if !line.contains("zuora-gateway listening") {
-        return None;
-    }
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-        return Some((
-            v["listen"].as_str()?.parse().ok()?,
-            v["admin"].as_str()?.parse().ok()?,
-        ));
-    }
-    let field = |name: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .and_then(|v| v.trim_matches('"').parse().ok())
-    };
-    Some((field("listen=")?, field("admin=")?))
-}
-
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -61,6 +61,10 @@ pub enum Command {
         /// (used by `cargo bench --bench load`).
         #[arg(long, hide = true)]
         fixed_answer: bool,
+        /// Lifetime of issued tokens, e.g. `4s` (default: Zuora's 3599 s).
+        /// At least one second (`expires_in` is announced in whole seconds).
+        #[arg(long, value_parser = parse_token_ttl)]
+        token_ttl: Option<Duration>,
     },
     /// Probe an admin endpoint (for container HEALTHCHECKs: no curl needed).
     Healthcheck {
@@ -83,6 +87,15 @@ pub enum Command {
         #[arg(long = "claim")]
         claims: Vec<String>,
     },
+}
+
+/// `--token-ttl`: a duration like `4s` or `1h`, at least one second.
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    match crate::config::parse_duration(s) {
+        Some(d) if d >= Duration::from_secs(1) => Ok(d),
+        Some(_) => Err("must be at least 1s".to_owned()),
+        None => Err("expected a duration like 4s or 1h".to_owned()),
+    }
 }
 
 /// Loads a config or prints why not (naming file and key) and returns the exit code.

@@ -313,3 +313,36 @@ pub fn dev_token(path: &std::path::Path, caller: &str, ttl: &str, claims: &[Stri
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn simulate_ttl(args: &[&str]) -> Result<Option<Duration>, clap::Error> {
+        let argv = ["zuora-gateway", "simulate"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Simulate { token_ttl, .. } => Ok(token_ttl),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn simulate_token_ttl_takes_a_duration_of_at_least_a_second() {
+        assert_eq!(simulate_ttl(&[]).unwrap(), None);
+        assert_eq!(
+            simulate_ttl(&["--token-ttl", "4s"]).unwrap(),
+            Some(Duration::from_secs(4))
+        );
+        assert_eq!(
+            simulate_ttl(&["--token-ttl", "2m"]).unwrap(),
+            Some(Duration::from_secs(120))
+        );
+        for bad in ["500ms", "0s", "soon", ""] {
+            assert!(
+                simulate_ttl(&["--token-ttl", bad]).is_err(),
+                "`{bad}` accepted"
+            );
+        }
+    }
+}

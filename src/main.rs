@@ -39,7 +39,8 @@ fn main() -> ExitCode {
         Command::Simulate {
             listen,
             fixed_answer,
-        } => zuora_gateway::run::simulate(listen, fixed_answer),
+            token_ttl,
+        } => zuora_gateway::run::simulate(listen, fixed_answer, token_ttl),
         Command::Healthcheck { url } => zuora_gateway::run::healthcheck(url),
     }
 }

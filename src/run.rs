@@ -160,8 +160,13 @@ pub fn serve(config: Config) -> ExitCode {
 }
 
 /// `simulate`: run the embedded simulator alone (`fixed_answer`: bench mode,
-/// see [`crate::sim::SimOptions::fixed_answer`]).
-pub fn simulate(listen: SocketAddr, fixed_answer: bool) -> ExitCode {
+/// see [`crate::sim::SimOptions::fixed_answer`]; `token_ttl`: lifetime of issued
+/// tokens, Zuora's when `None`).
+pub fn simulate(
+    listen: SocketAddr,
+    fixed_answer: bool,
+    token_ttl: Option<std::time::Duration>,
+) -> ExitCode {
     let rt = match runtime(None) {
         Ok(rt) => rt,
         Err(e) => {
@@ -170,9 +175,11 @@ pub fn simulate(listen: SocketAddr, fixed_answer: bool) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let defaults = crate::sim::SimOptions::default();
         let opts = crate::sim::SimOptions {
             fixed_answer,
-            ..crate::sim::SimOptions::default()
+            token_ttl: token_ttl.unwrap_or(defaults.token_ttl),
+            ..defaults
         };
         let sim = match crate::sim::Simulator::start(listen, opts).await {
             Ok(s) => s,

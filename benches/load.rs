@@ -77,6 +77,7 @@ struct Opts {
     sampling: Option<f64>,
     debug_requests: Option<u64>,
     workers: Option<usize>,
+    work_stealing: bool,
 }
 
 impl Default for Opts {
@@ -106,6 +107,7 @@ impl Default for Opts {
             sampling: None,
             debug_requests: None,
             workers: None,
+            work_stealing: false,
         }
     }
 }
@@ -131,7 +133,8 @@ cargo bench --bench load [-- OPTIONS]
   --no-otlp            no OTLP endpoint (the gateway's tracing without export)
   --sampling R         telemetry.sampling_ratio (default: the gateway's default, 0.1; failures always exported)
   --debug-requests N   telemetry.debug_requests (default: the gateway's default, 10000)
-  --workers N          gateway `server.worker_threads` = nginx worker_processes (default: nproc)";
+  --workers N          gateway `server.worker_threads` = nginx worker_processes (default: nproc)
+  --work-stealing      gateway `server.work_stealing: true` (tokio's multi-thread runtime)";
 
 fn parse_opts(args: &[String]) -> R<Opts> {
     let mut o = Opts::default();
@@ -184,6 +187,7 @@ fn parse_opts(args: &[String]) -> R<Opts> {
             "--no-otlp" => o.otlp = false,
             "--debug-requests" => o.debug_requests = Some(num(it.next(), a)?),
             "--workers" => o.workers = Some(num(it.next(), a)?.clamp(1, 64) as usize),
+            "--work-stealing" => o.work_stealing = true,
             "--sampling" => {
                 let v: f64 = it
                     .next()
@@ -467,8 +471,12 @@ fn gateway_yaml(
     workers: usize,
     refresh_before: Option<&str>,
 ) -> String {
-    let (trusted_identity, sampling, debug_requests) =
-        (o.trusted_identity, o.sampling, o.debug_requests);
+    let (trusted_identity, sampling, debug_requests, work_stealing) = (
+        o.trusted_identity,
+        o.sampling,
+        o.debug_requests,
+        o.work_stealing,
+    );
     let mut otlp = otlp
         .map(|a| format!("  otlp_endpoint: http://{a}\n"))
         .unwrap_or_default();
@@ -498,6 +506,7 @@ server:
   max_in_flight: 4096
   shutdown_grace: 2s
   worker_threads: {workers}
+  work_stealing: {work_stealing}
 upstreams:
   zuora:
     base_url: http://{sim}

@@ -35,7 +35,7 @@ use crate::telemetry::access::Completion;
 use crate::telemetry::otel::IdExt as _;
 use crate::telemetry::otel::{self, Exporter, RequestSpans, ServerRecord};
 use crate::telemetry::trail::DecisionTrail;
-use crate::telemetry::upstream::{CallerTraceContext, ZUORA_REQUEST_ID};
+use crate::telemetry::upstream::{CallerTraceContext, TRACEPARENT, TRACESTATE, ZUORA_REQUEST_ID};
 
 /// Builds [`Trace`].
 #[derive(Debug, Clone)]
@@ -86,6 +86,13 @@ fn authority(req: &Req) -> Option<HeaderValue> {
     }
 }
 
+/// Whether `traceparent` or `tracestate` is among the headers.
+fn has_trace_headers(headers: &http::HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|name| name == TRACEPARENT || name == TRACESTATE)
+}
+
 fn content_length(req: &Req) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)
@@ -117,7 +124,13 @@ where
             .get::<TrackId>()
             .map(|t| t.0.clone())
             .unwrap_or_else(super::track_id::generate);
-        let caller_cx = CallerTraceContext::take_from(req.headers_mut());
+        // Most requests carry no trace headers: one pass over the names
+        // finds out, where removing both would hash each name.
+        let caller_cx = if has_trace_headers(req.headers()) {
+            CallerTraceContext::take_from(req.headers_mut())
+        } else {
+            None
+        };
         // DEBUG: free at the default level; with debug logs, log lines inside a
         // request carry its track ID.
         let span =
@@ -221,8 +234,19 @@ impl State {
             Outcome::Cancelled => (CLIENT_CLOSED, None),
         };
         let rescued = resp.and_then(|r| r.extensions().get::<RescuedError>());
-        let response_request_id = resp.and_then(|r| r.headers().get(&ZUORA_REQUEST_ID));
         let trail = trail.take();
+        // Zuora's request ID from the response is only used when the trail
+        // has none (both below and in `Recorder::complete`): not looked up
+        // otherwise.
+        let response_request_id = if trail
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.request_id.is_some())
+        {
+            None
+        } else {
+            resp.and_then(|r| r.headers().get(&ZUORA_REQUEST_ID))
+        };
         let trace_id = match otel {
             Some(OtelState {
                 spans: Some(spans),

@@ -41,7 +41,7 @@ pub static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-rese
 /// Header values for small numbers, built once: cloning one shares its bytes
 /// instead of formatting (and allocating) per response.
 static SMALL_NUMBERS: LazyLock<Vec<HeaderValue>> =
-    LazyLock::new(|| (0..=4096u32).map(HeaderValue::from).collect());
+    LazyLock::new(|| (0..SMALL_NUMBERS_LEN).map(HeaderValue::from).collect());
 
 fn number(n: u64) -> HeaderValue {
     usize::try_from(n)
@@ -50,6 +50,41 @@ fn number(n: u64) -> HeaderValue {
         .cloned()
         .unwrap_or_else(|| HeaderValue::from(n))
 }
+
+thread_local! {
+    /// The last large number of each header, formatted on this thread: a
+    /// route's `RateLimit-Limit` is the same on every response, and beyond
+    /// [`SMALL_NUMBERS`] formatting it allocates.
+    static LAST_LARGE: std::cell::RefCell<[Option<(u64, HeaderValue)>; 3]> =
+        const { std::cell::RefCell::new([None, None, None]) };
+}
+
+/// [`number`], reusing the value last built on this thread for header
+/// `slot` (0: limit, 1: remaining, 2: reset) when `n` is the same.
+fn number_in(slot: usize, n: u64) -> HeaderValue {
+    if n < SMALL_NUMBERS_LEN {
+        return number(n);
+    }
+    LAST_LARGE
+        .try_with(|cell| {
+            let mut last = cell.try_borrow_mut().ok()?;
+            let entry = last.get_mut(slot)?;
+            match entry {
+                Some((m, v)) if *m == n => Some(v.clone()),
+                _ => {
+                    let v = number(n);
+                    *entry = Some((n, v.clone()));
+                    Some(v)
+                }
+            }
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| number(n))
+}
+
+/// Numbers `0..SMALL_NUMBERS_LEN` are in [`SMALL_NUMBERS`].
+const SMALL_NUMBERS_LEN: u64 = 4097;
 
 /// Builds [`RateLimit`] over the shared limiter registry.
 #[derive(Clone, Debug)]
@@ -101,9 +136,12 @@ impl Admitted {
         }
         if let Some(q) = self.quota {
             let h = resp.headers_mut();
-            h.insert(RATELIMIT_LIMIT.clone(), number(u64::from(q.limit)));
-            h.insert(RATELIMIT_REMAINING.clone(), number(u64::from(q.remaining)));
-            h.insert(RATELIMIT_RESET.clone(), number(ceil_secs(q.reset)));
+            h.insert(RATELIMIT_LIMIT.clone(), number_in(0, u64::from(q.limit)));
+            h.insert(
+                RATELIMIT_REMAINING.clone(),
+                number_in(1, u64::from(q.remaining)),
+            );
+            h.insert(RATELIMIT_RESET.clone(), number_in(2, ceil_secs(q.reset)));
         }
         resp
     }
@@ -425,6 +463,17 @@ mod tests {
     fn header_numbers_match_formatting() {
         for n in [0u64, 1, 59, 4096, 4097, 1 << 40] {
             assert_eq!(number(n), HeaderValue::from(n));
+        }
+        // The per-thread reuse of large numbers answers each slot's own number.
+        for (slot, n) in [
+            (0, 10_000_000u64),
+            (1, 9_999_999),
+            (0, 10_000_000),
+            (1, 5000),
+        ] {
+            assert_eq!(number_in(slot, n), HeaderValue::from(n));
+            assert_eq!(number_in(slot, n), HeaderValue::from(n));
+            assert_eq!(number_in(2, 7), HeaderValue::from(7u64));
         }
     }
 }

@@ -306,19 +306,63 @@ pub(crate) mod json {
 
     /// `s` as a JSON string: `"` and `\`, and control characters escaped
     /// (`\b \f \n \r \t`, else `\u00xx`); everything else as is.
+    #[inline]
     pub(crate) fn str(out: &mut Vec<u8>, s: &str) {
         let bytes = s.as_bytes();
-        // No short-circuit: the compiler turns this into a wide scan.
-        let plain = bytes
-            .iter()
-            .fold(true, |ok, &b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
-        out.reserve(bytes.len() + 2);
-        out.push(b'"');
-        if plain {
+        if plain(bytes) {
+            // The usual case, inlined: quotes around a copy.
+            out.reserve(bytes.len() + 2);
+            out.push(b'"');
             out.extend_from_slice(bytes);
             out.push(b'"');
-            return;
+        } else {
+            escaped(out, bytes);
         }
+    }
+
+    /// Whether `bytes` need no escaping: eight bytes at a time (a
+    /// word-at-a-time test for bytes below 0x20, `"` and `\`), the last
+    /// word overlapping the previous one; shorter texts byte by byte.
+    #[inline]
+    fn plain(bytes: &[u8]) -> bool {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        /// High bit set in each byte lane that is below 0x20, `"` or `\`
+        /// (exact as to whether any lane is).
+        fn special(w: u64) -> u64 {
+            let ctrl = w.wrapping_sub(ONES * 0x20) & !w;
+            let q = w ^ (ONES * u64::from(b'"'));
+            let quote = q.wrapping_sub(ONES) & !q;
+            let b = w ^ (ONES * u64::from(b'\\'));
+            let backslash = b.wrapping_sub(ONES) & !b;
+            (ctrl | quote | backslash) & HIGH
+        }
+        fn word(chunk: &[u8]) -> u64 {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            u64::from_le_bytes(w)
+        }
+        if bytes.len() < 8 {
+            return bytes
+                .iter()
+                .all(|&b| (b >= 0x20) & (b != b'"') & (b != b'\\'));
+        }
+        let mut chunks = bytes.chunks_exact(8);
+        let mut any = 0u64;
+        for c in &mut chunks {
+            any |= special(word(c));
+        }
+        if !chunks.remainder().is_empty() {
+            any |= special(word(bytes.get(bytes.len() - 8..).unwrap_or(&[0x20; 8])));
+        }
+        any == 0
+    }
+
+    /// [`str`] for a text with something to escape.
+    #[cold]
+    fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut start = 0;
         for (i, &b) in bytes.iter().enumerate() {
@@ -348,6 +392,7 @@ pub(crate) mod json {
     }
 
     /// A string or `null`.
+    #[inline]
     pub(crate) fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
         match s {
             Some(s) => str(out, s),
@@ -725,6 +770,19 @@ mod tests {
             ]
             .map(String::from),
         );
+        // Every byte that matters at every position of texts around the
+        // word size (the quick scan works on eight-byte words).
+        for len in 1..=25 {
+            for at in 0..len {
+                for c in [
+                    '"', '\\', '\n', '\u{0}', '\u{1f}', ' ', '!', '#', '[', ']', '\u{7f}', 'é',
+                ] {
+                    let mut t: Vec<char> = vec!['x'; len];
+                    t[at] = c;
+                    samples.push(t.into_iter().collect());
+                }
+            }
+        }
         for s in &samples {
             let mut out = Vec::new();
             json::str(&mut out, s);

@@ -216,9 +216,40 @@ fn match_and_capture(r: &CompiledRoute, path: &str) -> Option<Vec<String>> {
     })
 }
 
-fn segments(path: &str) -> impl Iterator<Item = &str> {
-    let trimmed = path.strip_prefix('/').unwrap_or(path);
-    trimmed.split('/').filter(|s| !s.is_empty())
+fn segments(path: &str) -> Segments<'_> {
+    Segments {
+        rest: path.strip_prefix('/').unwrap_or(path),
+    }
+}
+
+/// The non-empty `/`-separated segments of a path: what
+/// `split('/').filter(|s| !s.is_empty())` yields, with a plain byte loop
+/// instead of a `memchr` call per segment (path segments are short).
+struct Segments<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        loop {
+            if self.rest.is_empty() {
+                return None;
+            }
+            let end = self
+                .rest
+                .bytes()
+                .position(|b| b == b'/')
+                .unwrap_or(self.rest.len());
+            // `/` is ASCII: both cuts are on character boundaries.
+            let seg = self.rest.get(..end).unwrap_or("");
+            self.rest = self.rest.get(end + 1..).unwrap_or("");
+            if !seg.is_empty() {
+                return Some(seg);
+            }
+        }
+    }
 }
 
 fn path_matches(r: &CompiledRoute, path: &str) -> bool {
@@ -355,6 +386,31 @@ mod tests {
             allow_callers: vec!["*".into()],
             rate_limits: vec![],
             validation: Validation::None,
+        }
+    }
+
+    #[test]
+    fn segments_are_the_non_empty_slash_separated_parts() {
+        for path in [
+            "",
+            "/",
+            "//",
+            "/a",
+            "a",
+            "/a/",
+            "/a//b",
+            "/v1/jobs/abc",
+            "///x///y//",
+            "/é/ü/",
+            "/a/b/c/d/e/f/g/h/i",
+        ] {
+            let want: Vec<&str> = path
+                .strip_prefix('/')
+                .unwrap_or(path)
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .collect();
+            assert_eq!(segments(path).collect::<Vec<_>>(), want, "{path:?}");
         }
     }
 

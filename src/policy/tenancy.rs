@@ -197,8 +197,16 @@ impl TenancyRules {
     ) -> Result<Option<usize>, GatewayError> {
         let rule = self.find(caller, route);
         // The caller's values are always taken out first: nothing below forwards them unchecked.
-        let sent_entity = take_all(headers, &ENTITY_IDS);
-        let sent_org = take_all(headers, &ORG_IDS);
+        // Callers rarely send either: one pass over the names finds out,
+        // where looking each up would hash it.
+        let (sent_entity, sent_org) = if headers
+            .keys()
+            .any(|name| name == ENTITY_IDS || name == ORG_IDS)
+        {
+            (take_all(headers, &ENTITY_IDS), take_all(headers, &ORG_IDS))
+        } else {
+            (None, None)
+        };
         let Some(rule) = rule else {
             return Ok(None);
         };

@@ -121,8 +121,42 @@ pub struct RateLimit<S> {
 pub struct Admitted {
     registry: Arc<LimiterRegistry>,
     limits: Arc<[RouteLimit]>,
-    keys: Vec<String>,
+    keys: Keys,
     quota: Option<Quota>,
+}
+
+/// The keys of a route's limits, one per limit: most routes have one
+/// limit, whose key is kept without a `Vec` around it.
+#[derive(Debug)]
+enum Keys {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Keys {
+    /// Builds each limit's key; the first failure wins.
+    fn build(
+        limits: &[RouteLimit],
+        caller: Option<&Caller>,
+        route: &RouteMatch,
+    ) -> Result<Keys, GatewayError> {
+        let key = |l: &RouteLimit| build_key(&l.config().key, caller, route);
+        match limits {
+            [one] => key(one).map(Keys::One),
+            _ => limits
+                .iter()
+                .map(key)
+                .collect::<Result<Vec<_>, _>>()
+                .map(Keys::Many),
+        }
+    }
+
+    fn as_slice(&self) -> &[String] {
+        match self {
+            Keys::One(k) => std::slice::from_ref(k),
+            Keys::Many(v) => v,
+        }
+    }
 }
 
 impl Admitted {
@@ -131,7 +165,8 @@ impl Admitted {
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
             // Zuora's own 429 (the gateway's refusals are errors, not responses, in here).
             let wait = upstream_retry_after(&resp).unwrap_or(DEFAULT_UPSTREAM_HOLD);
-            self.registry.hold_upstream(&self.limits, &self.keys, wait);
+            self.registry
+                .hold_upstream(&self.limits, self.keys.as_slice(), wait);
             return resp;
         }
         if let Some(q) = self.quota {
@@ -184,16 +219,12 @@ where
             };
         }
         let caller = req.extensions().get::<Caller>();
-        let keys = match limits
-            .iter()
-            .map(|l| build_key(&l.config().key, caller, route))
-            .collect::<Result<Vec<_>, _>>()
-        {
+        let keys = match Keys::build(&limits, caller, route) {
             Ok(k) => k,
             Err(e) => return RateLimitFuture::refuse(e),
         };
         if !limits.iter().any(RouteLimit::is_shared) {
-            return match self.registry.decide_local(&limits, &keys) {
+            return match self.registry.decide_local(&limits, keys.as_slice()) {
                 Err(e) => RateLimitFuture::refuse(e),
                 Ok(quota) => RateLimitFuture::Inner {
                     fut: self.inner.call(req),
@@ -212,7 +243,7 @@ where
         let registry = self.registry.clone();
         RateLimitFuture::Deciding {
             decision: Box::pin(async move {
-                let quota = registry.decide(&limits, &keys).await?;
+                let quota = registry.decide(&limits, keys.as_slice()).await?;
                 Ok(Admitted {
                     registry,
                     limits,

@@ -222,9 +222,10 @@ fn prepare_head(target: &Target, parts: &mut http::request::Parts) -> Result<(),
         None => parts.headers.remove(header::HOST),
     };
     if let Some(v) = &upstream.config.zuora_version
-        && !parts.headers.contains_key(&ZUORA_VERSION)
+        // One lookup (hashing the name once) for "absent, then insert".
+        && let header::Entry::Vacant(slot) = parts.headers.entry(&ZUORA_VERSION)
     {
-        parts.headers.insert(ZUORA_VERSION.clone(), v.clone());
+        slot.insert(v.clone());
     }
     // HTTP/2 to the upstream is negotiated by the connector, not inherited from the caller.
     parts.version = http::Version::HTTP_11;

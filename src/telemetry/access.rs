@@ -306,7 +306,7 @@ pub(crate) mod json {
 
     /// `s` as a JSON string: `"` and `\`, and control characters escaped
     /// (`\b \f \n \r \t`, else `\u00xx`); everything else as is.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn str(out: &mut Vec<u8>, s: &str) {
         let bytes = s.as_bytes();
         if plain(bytes) {
@@ -323,7 +323,7 @@ pub(crate) mod json {
     /// Whether `bytes` need no escaping: eight bytes at a time (a
     /// word-at-a-time test for bytes below 0x20, `"` and `\`), the last
     /// word overlapping the previous one; shorter texts byte by byte.
-    #[inline]
+    #[inline(always)]
     fn plain(bytes: &[u8]) -> bool {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
@@ -406,7 +406,20 @@ pub(crate) mod json {
     }
 
     /// An integer in decimal.
-    pub(crate) fn u64(out: &mut Vec<u8>, mut n: u64) {
+    #[inline]
+    pub(crate) fn u64(out: &mut Vec<u8>, n: u64) {
+        // Statuses, attempts and most latencies: a fixed-size copy each.
+        let d = |n: u64| b'0' + (n % 10) as u8;
+        match n {
+            0..=9 => out.push(d(n)),
+            10..=99 => out.extend_from_slice(&[d(n / 10), d(n)]),
+            100..=999 => out.extend_from_slice(&[d(n / 100), d(n / 10), d(n)]),
+            _ => u64_long(out, n),
+        }
+    }
+
+    /// [`u64`] of any size.
+    fn u64_long(out: &mut Vec<u8>, mut n: u64) {
         let mut digits = [0u8; 20];
         let mut at = digits.len();
         loop {
@@ -788,7 +801,7 @@ mod tests {
             json::str(&mut out, s);
             assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
         }
-        for n in [0u64, 7, 10, 499, 65_535, 1 << 40, u64::MAX] {
+        for n in (0u64..=1100).chain([9_999, 10_000, 65_535, 1 << 40, u64::MAX]) {
             let mut out = Vec::new();
             json::u64(&mut out, n);
             assert_eq!(out, serde_json::to_vec(&n).unwrap());

@@ -61,8 +61,10 @@ pub fn generate() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    // A byte (two digits) at a time, most significant first.
+    for (pair, byte) in buf.chunks_exact_mut(2).zip(n.to_be_bytes()) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
     // Hex digits are always a valid header value.
     HeaderValue::from_bytes(&buf)
@@ -251,6 +253,13 @@ mod tests {
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
             );
             assert!(validate(id).is_ok());
+        }
+        // The 128 random bits, most significant digit first.
+        for seed in 0..50 {
+            fastrand::seed(seed);
+            let n = fastrand::u128(..);
+            fastrand::seed(seed);
+            assert_eq!(generate(), format!("{n:032x}").as_str());
         }
     }
 

@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
+use memchr::{memchr, memchr2};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Heads larger than the limit are passed to hyper unchecked, and hyper
@@ -52,6 +53,40 @@ const REFUSAL_REQUEST: &[u8] =
 
 /// Fed to hyper in place of a refused chunked-body line.
 const POISON: &[u8] = b"\rX";
+
+/// The longest chunk-size or trailer line held back.
+const MAX_CHUNK_LINE: usize = 8 * 1024;
+
+/// How much is read from the caller at a time when the guard reads into its
+/// own buffer; hyper's buffer is read into directly only when it has at least
+/// this much room, so the guard never reads in smaller pieces than that.
+const READ_SIZE: usize = 8192;
+
+/// A held head's allocation is kept for the next one up to this capacity.
+const KEEP_LINE_CAPACITY: usize = 8 * 1024;
+
+/// Where the [`Scanner`] puts the bytes that may go to hyper.
+trait Out {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Out for BytesMut {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Counts the bytes instead of copying them. Only correct when the scanner
+/// held nothing before the input: then what it passes is always a prefix of
+/// the input (it holds back or refuses a suffix, it never reorders), so the
+/// count says how much of the input, in place, may go to hyper.
+struct Passed(usize);
+
+impl Out for Passed {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len();
+    }
+}
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,11 +217,21 @@ impl Scanner {
 
     /// Feeds bytes read from the caller; bytes that may go to hyper are
     /// appended to `out` (a held head is appended once it is complete).
-    pub fn feed(&mut self, mut input: &[u8], out: &mut BytesMut) -> Outcome {
+    pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) -> Outcome {
+        self.scan(input, out)
+    }
+
+    /// Whether nothing is held back, so that what [`Scanner::scan`] passes
+    /// on is a prefix of its input (see [`Passed`]).
+    fn holds_nothing(&self) -> bool {
+        self.line.is_empty() && !matches!(self.state, State::Failed)
+    }
+
+    fn scan<O: Out>(&mut self, mut input: &[u8], out: &mut O) -> Outcome {
         while !input.is_empty() {
             match self.state {
                 State::Passthrough => {
-                    out.extend_from_slice(input);
+                    out.put(input);
                     return Outcome::Continue;
                 }
                 State::Failed => return Outcome::RefusedBody(Violation::ChunkFraming),
@@ -199,7 +244,7 @@ impl Scanner {
                 }
                 State::Length(n) => {
                     let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
-                    out.extend_from_slice(&input[..take]);
+                    out.put(&input[..take]);
                     input = &input[take..];
                     let left = n - take as u64;
                     self.state = if left == 0 {
@@ -210,7 +255,7 @@ impl Scanner {
                 }
                 State::ChunkData(n) => {
                     let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
-                    out.extend_from_slice(&input[..take]);
+                    out.put(&input[..take]);
                     input = &input[take..];
                     let left = n - take as u64;
                     self.state = if left == 0 {
@@ -226,40 +271,42 @@ impl Scanner {
                         (true, b'\n') => State::ChunkSize,
                         _ => return self.fail(),
                     };
-                    out.extend_from_slice(&input[..1]);
+                    out.put(&input[..1]);
                     input = &input[1..];
                 }
                 State::ChunkSize | State::Trailers => {
                     // Held back until the line is complete and checked, so a
                     // refused line leaves hyper at a line start.
-                    let Some(lf) = input.iter().position(|&b| b == b'\n') else {
+                    let trailers = matches!(self.state, State::Trailers);
+                    let Some(lf) = memchr(b'\n', input) else {
                         self.line.extend_from_slice(input);
-                        if self.line.len() > 8 * 1024 {
+                        if self.line.len() > MAX_CHUNK_LINE {
                             return self.fail();
                         }
                         return Outcome::Continue;
                     };
-                    self.line.extend_from_slice(&input[..=lf]);
-                    input = &input[lf + 1..];
-                    let line = std::mem::take(&mut self.line);
-                    let Some(content) = line.strip_suffix(b"\r\n") else {
-                        return self.fail();
-                    };
-                    if content.contains(&b'\r') || content.len() > 8 * 1024 {
-                        return self.fail();
-                    }
-                    if matches!(self.state, State::ChunkSize) {
-                        match chunk_size(content) {
-                            Some(0) => self.state = State::Trailers,
-                            Some(n) => self.state = State::ChunkData(n),
-                            None => return self.fail(),
+                    let next = if self.line.is_empty() {
+                        // The whole line is in the input: checked in place.
+                        let line = &input[..=lf];
+                        let next = chunk_line(trailers, line);
+                        if next.is_some() {
+                            out.put(line);
                         }
-                    } else if content.is_empty() {
-                        self.state = State::Head;
-                    } else if matches!(content.first(), Some(b' ' | b'\t')) {
-                        return self.fail();
+                        next
+                    } else {
+                        self.line.extend_from_slice(&input[..=lf]);
+                        let next = chunk_line(trailers, &self.line);
+                        if next.is_some() {
+                            out.put(&self.line);
+                        }
+                        self.clear_line();
+                        next
+                    };
+                    input = &input[lf + 1..];
+                    match next {
+                        Some(state) => self.state = state,
+                        None => return self.fail(),
                     }
-                    out.extend_from_slice(&line);
                 }
             }
         }
@@ -273,46 +320,59 @@ impl Scanner {
 
     /// Consumes head bytes; returns how many were taken. Incremental: each
     /// byte is looked at once, however slowly the head arrives.
-    fn head(&mut self, input: &[u8], out: &mut BytesMut) -> (usize, Outcome) {
-        // Line by line (a search for LF, one copy per line) rather than byte
-        // by byte: the same decisions at the same bytes as `head_bytewise`,
-        // which the tests keep as the reference.
+    fn head<O: Out>(&mut self, input: &[u8], out: &mut O) -> (usize, Outcome) {
+        // Line by line (a search for LF per line), in place: only a head that
+        // is still incomplete at the end of the input is copied into `line`.
+        // The same decisions at the same bytes as `head_bytewise`, which the
+        // tests keep as the reference. Positions below count from the start
+        // of the head: `held` bytes in `line`, then the input.
+        let held = self.line.len();
+        let mut line_start = self.head_line_start;
+        let mut seen_line = self.head_seen_line;
         let mut k = 0;
         while k < input.len() {
-            let end = input[k..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(input.len(), |p| k + p + 1);
+            let end = memchr(b'\n', &input[k..]).map_or(input.len(), |p| k + p + 1);
             let lf = input[end - 1] == b'\n';
-            let grown = self.line.len() + (end - k);
+            let grown = held + end;
             // Byte by byte, the limit check follows the LF check of the same
             // byte: only the LF itself may take the head one byte over.
             if grown > self.head_limit && !(lf && grown == self.head_limit + 1) {
-                self.pass_through(&input[k..], out);
+                self.pass_through(input, out);
                 return (input.len(), Outcome::Continue);
             }
-            self.line.extend_from_slice(&input[k..end]);
             if lf {
                 // Lines end in LF (a CR before it is checked later); empty
                 // lines before the request line are skipped, as hyper does.
-                let i = self.line.len() - 1;
-                let len = i - self.head_line_start;
-                let empty = len == 0 || (len == 1 && self.line[self.head_line_start] == b'\r');
-                if empty && self.head_seen_line {
-                    return self.head_complete(end, out);
+                let i = grown - 1;
+                let len = i - line_start;
+                let empty = len == 0 || (len == 1 && self.head_byte(input, line_start) == b'\r');
+                if empty && seen_line {
+                    return self.head_complete(input, end, out);
                 }
                 if !empty {
-                    self.head_seen_line = true;
+                    seen_line = true;
                 }
-                self.head_line_start = i + 1;
+                line_start = i + 1;
             }
-            if self.line.len() > self.head_limit {
-                self.pass_through(&input[end..], out);
+            if grown > self.head_limit {
+                self.pass_through(input, out);
                 return (input.len(), Outcome::Continue);
             }
             k = end;
         }
+        self.line.extend_from_slice(input);
+        self.head_line_start = line_start;
+        self.head_seen_line = seen_line;
         (input.len(), Outcome::Continue)
+    }
+
+    /// The byte at `at` (from the start of the head) of a head whose first
+    /// bytes are held in `line` and continue in `input`.
+    fn head_byte(&self, input: &[u8], at: usize) -> u8 {
+        match at.checked_sub(self.line.len()) {
+            None => self.line[at],
+            Some(i) => input[i],
+        }
     }
 
     /// The byte-at-a-time original of [`Scanner::head`], kept as the
@@ -328,7 +388,9 @@ impl Scanner {
                 let len = i - self.head_line_start;
                 let empty = len == 0 || (len == 1 && self.line[self.head_line_start] == b'\r');
                 if empty && self.head_seen_line {
-                    return self.head_complete(k + 1, out);
+                    // The whole head is in `line`.
+                    let (_, outcome) = self.head_complete(&[], 0, out);
+                    return (k + 1, outcome);
                 }
                 if !empty {
                     self.head_seen_line = true;
@@ -347,29 +409,60 @@ impl Scanner {
         (input.len(), Outcome::Continue)
     }
 
-    /// Over the head limit: what is held and `rest` go to hyper unchecked
+    /// Over the head limit: what is held and `input` go to hyper unchecked
     /// (hyper refuses the oversized head and closes).
-    fn pass_through(&mut self, rest: &[u8], out: &mut BytesMut) {
-        out.extend_from_slice(&self.line);
-        out.extend_from_slice(rest);
+    fn pass_through<O: Out>(&mut self, input: &[u8], out: &mut O) {
+        out.put(&self.line);
+        out.put(input);
         self.line = Vec::new();
         self.reset_head();
         self.state = State::Passthrough;
     }
 
-    fn head_complete(&mut self, taken: usize, out: &mut BytesMut) -> (usize, Outcome) {
-        let head = std::mem::take(&mut self.line);
+    /// The head (what `line` holds, then `input[..end]`) is complete: checked,
+    /// then passed on or refused. Returns `end` and the outcome.
+    fn head_complete<O: Out>(
+        &mut self,
+        input: &[u8],
+        end: usize,
+        out: &mut O,
+    ) -> (usize, Outcome) {
         self.reset_head();
-        match check_head(&head) {
+        let checked = if self.line.is_empty() {
+            // The whole head is in the input: checked and passed in place.
+            let head = &input[..end];
+            let checked = check_head(head);
+            if checked.is_ok() {
+                out.put(head);
+            }
+            checked
+        } else {
+            self.line.extend_from_slice(&input[..end]);
+            let checked = check_head(&self.line);
+            if checked.is_ok() {
+                out.put(&self.line);
+            }
+            self.clear_line();
+            checked
+        };
+        match checked {
             Err(v) => {
                 self.state = State::Passthrough;
-                (taken, Outcome::RefusedHead(v))
+                (end, Outcome::RefusedHead(v))
             }
             Ok(next) => {
-                out.extend_from_slice(&head);
                 self.state = next;
-                (taken, Outcome::Continue)
+                (end, Outcome::Continue)
             }
+        }
+    }
+
+    /// Empties `line`, keeping a small allocation for the next head or line.
+    fn clear_line(&mut self) {
+        if self.line.capacity() > KEEP_LINE_CAPACITY {
+            self.line = Vec::new();
+        } else {
+            self.line.clear();
         }
     }
 
@@ -391,48 +484,71 @@ impl Scanner {
 }
 
 /// Checks a complete head; returns the body state that follows it.
+///
+/// One pass: CR and LF are jumped to (every LF must follow a CR, every CR
+/// must precede an LF), and each line is interpreted as it is found. A
+/// terminator violation anywhere in the head wins over what the lines say,
+/// so a decision the lines reach early is only returned after the last line.
 fn check_head(head: &[u8]) -> Result<State, Violation> {
-    // Line terminators first: every LF preceded by CR, every CR followed by LF.
-    for (i, &b) in head.iter().enumerate() {
-        match b {
-            b'\n' if i == 0 || head[i - 1] != b'\r' => return Err(Violation::BareLf),
-            b'\r' if head.get(i + 1) != Some(&b'\n') => return Err(Violation::BareCr),
-            _ => {}
-        }
-    }
-    let mut lines = head
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-        .skip_while(|l| l.is_empty());
-    let request_line = lines.next().unwrap_or_default();
-    if request_line.starts_with(b"PRI * HTTP/2.0") {
-        return Ok(State::Passthrough);
-    }
+    let mut pos = 0;
+    let mut request_line_seen = false;
+    let mut headers_ended = false;
+    let mut decided: Option<Result<State, Violation>> = None;
     // `Transfer-Encoding` as hyper reads it: the last header's last coding.
     let mut te: Option<&[u8]> = None;
     let mut cl: Option<Option<u64>> = None;
-    for line in lines {
-        if line.is_empty() {
-            break;
-        }
-        if matches!(line[0], b' ' | b'\t') {
-            return Err(Violation::ObsFold);
-        }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            // hyper refuses it and closes the connection.
-            return Ok(State::Passthrough);
+    loop {
+        let (line, next) = match memchr2(b'\r', b'\n', &head[pos..]) {
+            Some(p) => {
+                let at = pos + p;
+                if head[at] == b'\n' {
+                    // No CR right before it: that was jumped to first.
+                    return Err(Violation::BareLf);
+                }
+                if head.get(at + 1) != Some(&b'\n') {
+                    return Err(Violation::BareCr);
+                }
+                (&head[pos..at], Some(at + 2))
+            }
+            None => (&head[pos..], None),
         };
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            te = Some(value);
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let parsed = content_length(value);
-            cl = Some(match cl {
-                None => parsed,
-                Some(prev) if prev == parsed => prev,
-                Some(_) => None,
-            });
+        if decided.is_none() && !headers_ended {
+            if !request_line_seen {
+                // Empty lines before the request line are skipped.
+                if !line.is_empty() {
+                    request_line_seen = true;
+                    if line.starts_with(b"PRI * HTTP/2.0") {
+                        decided = Some(Ok(State::Passthrough));
+                    }
+                }
+            } else if line.is_empty() {
+                headers_ended = true;
+            } else if matches!(line[0], b' ' | b'\t') {
+                decided = Some(Err(Violation::ObsFold));
+            } else if let Some(colon) = memchr(b':', line) {
+                let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+                if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                    te = Some(value);
+                } else if name.eq_ignore_ascii_case(b"content-length") {
+                    let parsed = content_length(value);
+                    cl = Some(match cl {
+                        None => parsed,
+                        Some(prev) if prev == parsed => prev,
+                        Some(_) => None,
+                    });
+                }
+            } else {
+                // hyper refuses it and closes the connection.
+                decided = Some(Ok(State::Passthrough));
+            }
         }
+        match next {
+            Some(next) => pos = next,
+            None => break,
+        }
+    }
+    if let Some(decided) = decided {
+        return decided;
     }
     if te.is_some() && cl.is_some() {
         return Err(Violation::LengthAndChunked);
@@ -459,6 +575,28 @@ fn check_head(head: &[u8]) -> Result<State, Violation> {
         (None, Some(Some(0))) | (None, None) => Ok(State::Head),
         (None, Some(Some(n))) => Ok(State::Length(n)),
         _ => Ok(State::Passthrough),
+    }
+}
+
+/// A complete chunk-size line (`trailers`: a trailer line) with its CRLF;
+/// returns the state that follows it, or `None` if it is refused.
+fn chunk_line(trailers: bool, line: &[u8]) -> Option<State> {
+    let content = line.strip_suffix(b"\r\n")?;
+    if content.len() > MAX_CHUNK_LINE || memchr(b'\r', content).is_some() {
+        return None;
+    }
+    if !trailers {
+        return match chunk_size(content)? {
+            0 => Some(State::Trailers),
+            n => Some(State::ChunkData(n)),
+        };
+    }
+    if content.is_empty() {
+        Some(State::Head)
+    } else if matches!(content[0], b' ' | b'\t') {
+        None
+    } else {
+        Some(State::Trailers)
     }
 }
 
@@ -562,9 +700,33 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
             if this.scanner.is_passthrough() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
+            if this.scanner.holds_nothing() && buf.remaining() >= READ_SIZE {
+                // The common case, without a copy: read into hyper's buffer,
+                // scan the new bytes there, and take back out of it only what
+                // must be held (the incomplete head or line at the end) or
+                // refused (from the refused head or line on).
+                let start = buf.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                let data = &buf.filled()[start..];
+                if data.is_empty() {
+                    // The caller closed, and nothing is held.
+                    this.eof_after_ready = true;
+                    return Poll::Ready(Ok(()));
+                }
+                let mut passed = Passed(0);
+                let outcome = this.scanner.scan(data, &mut passed);
+                buf.set_filled(start + passed.0);
+                if this.refuse(outcome) || passed.0 == 0 {
+                    // The stand-in bytes are in `ready`; or everything read
+                    // is held (never an empty read: hyper would take it for
+                    // EOF), and the next read goes through `ready`.
+                    continue;
+                }
+                return Poll::Ready(Ok(()));
+            }
             // Uninitialised: zeroing 8 KiB on every read (most of which
             // return Pending) cost more than everything else the guard does.
-            let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+            let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
             let mut rb = ReadBuf::uninit(&mut tmp);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
             let data = rb.filled();
@@ -576,23 +738,33 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
                 this.eof_after_ready = true;
                 continue;
             }
-            match this.scanner.feed(data, &mut this.ready) {
-                Outcome::Continue => {}
-                Outcome::RefusedHead(v) => {
-                    this.verdict.set(v);
-                    this.ready.extend_from_slice(REFUSAL_REQUEST);
-                    this.refused = true;
-                }
-                Outcome::RefusedBody(_) => {
-                    // hyper's chunked decoder refuses `\rX` in every state the
-                    // scanner can stop in (line start, after chunk data, after
-                    // its CR): the body fails with a decode error, the request
-                    // gets a 400, and nothing more is read.
-                    this.ready.extend_from_slice(POISON);
-                    this.refused = true;
-                }
+            let outcome = this.scanner.scan(data, &mut this.ready);
+            this.refuse(outcome);
+        }
+    }
+}
+
+impl<T> H1Guard<T> {
+    /// Acts on a refusal: the stand-in bytes go to `ready` (after whatever
+    /// passed before the refused part) and nothing more is read. Returns
+    /// whether `outcome` was a refusal.
+    fn refuse(&mut self, outcome: Outcome) -> bool {
+        match outcome {
+            Outcome::Continue => return false,
+            Outcome::RefusedHead(v) => {
+                self.verdict.set(v);
+                self.ready.extend_from_slice(REFUSAL_REQUEST);
+            }
+            Outcome::RefusedBody(_) => {
+                // hyper's chunked decoder refuses `\rX` in every state the
+                // scanner can stop in (line start, after chunk data, after
+                // its CR): the body fails with a decode error, the request
+                // gets a 400, and nothing more is read.
+                self.ready.extend_from_slice(POISON);
             }
         }
+        self.refused = true;
+        true
     }
 }
 

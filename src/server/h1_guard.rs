@@ -421,12 +421,7 @@ impl Scanner {
 
     /// The head (what `line` holds, then `input[..end]`) is complete: checked,
     /// then passed on or refused. Returns `end` and the outcome.
-    fn head_complete<O: Out>(
-        &mut self,
-        input: &[u8],
-        end: usize,
-        out: &mut O,
-    ) -> (usize, Outcome) {
+    fn head_complete<O: Out>(&mut self, input: &[u8], end: usize, out: &mut O) -> (usize, Outcome) {
         self.reset_head();
         let checked = if self.line.is_empty() {
             // The whole head is in the input: checked and passed in place.
@@ -794,6 +789,236 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H1Guard<T> {
     }
 }
 
+/// The scanner as it was before the in-place scanning (byte-at-a-time head,
+/// every line copied, `check_head` in two byte-wise passes): the reference
+/// the differential tests compare the scanner and the guard against.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod reference {
+    use super::{Outcome, State, Violation, chunk_size, content_length, trim};
+    use bytes::BytesMut;
+
+    pub(super) struct Scanner {
+        pub(super) state: State,
+        line: Vec<u8>,
+        head_line_start: usize,
+        head_seen_line: bool,
+        head_limit: usize,
+    }
+
+    impl Scanner {
+        pub(super) fn with_head_limit(head_limit: usize) -> Self {
+            Scanner {
+                state: State::Head,
+                line: Vec::new(),
+                head_line_start: 0,
+                head_seen_line: false,
+                head_limit,
+            }
+        }
+
+        pub(super) fn feed(&mut self, mut input: &[u8], out: &mut BytesMut) -> Outcome {
+            while !input.is_empty() {
+                match self.state {
+                    State::Passthrough => {
+                        out.extend_from_slice(input);
+                        return Outcome::Continue;
+                    }
+                    State::Failed => return Outcome::RefusedBody(Violation::ChunkFraming),
+                    State::Head => {
+                        let (taken, outcome) = self.head(input, out);
+                        input = &input[taken..];
+                        if outcome != Outcome::Continue {
+                            return outcome;
+                        }
+                    }
+                    State::Length(n) => {
+                        let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
+                        out.extend_from_slice(&input[..take]);
+                        input = &input[take..];
+                        let left = n - take as u64;
+                        self.state = if left == 0 {
+                            State::Head
+                        } else {
+                            State::Length(left)
+                        };
+                    }
+                    State::ChunkData(n) => {
+                        let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
+                        out.extend_from_slice(&input[..take]);
+                        input = &input[take..];
+                        let left = n - take as u64;
+                        self.state = if left == 0 {
+                            State::ChunkEnd(false)
+                        } else {
+                            State::ChunkData(left)
+                        };
+                    }
+                    State::ChunkEnd(cr) => {
+                        let b = input[0];
+                        self.state = match (cr, b) {
+                            (false, b'\r') => State::ChunkEnd(true),
+                            (true, b'\n') => State::ChunkSize,
+                            _ => return self.fail(),
+                        };
+                        out.extend_from_slice(&input[..1]);
+                        input = &input[1..];
+                    }
+                    State::ChunkSize | State::Trailers => {
+                        let Some(lf) = input.iter().position(|&b| b == b'\n') else {
+                            self.line.extend_from_slice(input);
+                            if self.line.len() > 8 * 1024 {
+                                return self.fail();
+                            }
+                            return Outcome::Continue;
+                        };
+                        self.line.extend_from_slice(&input[..=lf]);
+                        input = &input[lf + 1..];
+                        let line = std::mem::take(&mut self.line);
+                        let Some(content) = line.strip_suffix(b"\r\n") else {
+                            return self.fail();
+                        };
+                        if content.contains(&b'\r') || content.len() > 8 * 1024 {
+                            return self.fail();
+                        }
+                        if matches!(self.state, State::ChunkSize) {
+                            match chunk_size(content) {
+                                Some(0) => self.state = State::Trailers,
+                                Some(n) => self.state = State::ChunkData(n),
+                                None => return self.fail(),
+                            }
+                        } else if content.is_empty() {
+                            self.state = State::Head;
+                        } else if matches!(content.first(), Some(b' ' | b'\t')) {
+                            return self.fail();
+                        }
+                        out.extend_from_slice(&line);
+                    }
+                }
+            }
+            Outcome::Continue
+        }
+
+        fn fail(&mut self) -> Outcome {
+            self.state = State::Failed;
+            Outcome::RefusedBody(Violation::ChunkFraming)
+        }
+
+        fn head(&mut self, input: &[u8], out: &mut BytesMut) -> (usize, Outcome) {
+            for (k, &b) in input.iter().enumerate() {
+                self.line.push(b);
+                if b == b'\n' {
+                    let i = self.line.len() - 1;
+                    let len = i - self.head_line_start;
+                    let empty = len == 0 || (len == 1 && self.line[self.head_line_start] == b'\r');
+                    if empty && self.head_seen_line {
+                        let head = std::mem::take(&mut self.line);
+                        self.head_line_start = 0;
+                        self.head_seen_line = false;
+                        return match check_head(&head) {
+                            Err(v) => {
+                                self.state = State::Passthrough;
+                                (k + 1, Outcome::RefusedHead(v))
+                            }
+                            Ok(next) => {
+                                out.extend_from_slice(&head);
+                                self.state = next;
+                                (k + 1, Outcome::Continue)
+                            }
+                        };
+                    }
+                    if !empty {
+                        self.head_seen_line = true;
+                    }
+                    self.head_line_start = i + 1;
+                }
+                if self.line.len() > self.head_limit {
+                    out.extend_from_slice(&self.line);
+                    out.extend_from_slice(&input[k + 1..]);
+                    self.line = Vec::new();
+                    self.head_line_start = 0;
+                    self.head_seen_line = false;
+                    self.state = State::Passthrough;
+                    return (input.len(), Outcome::Continue);
+                }
+            }
+            (input.len(), Outcome::Continue)
+        }
+
+        pub(super) fn take_held(&mut self) -> Vec<u8> {
+            if matches!(self.state, State::Head) {
+                self.head_line_start = 0;
+                self.head_seen_line = false;
+                std::mem::take(&mut self.line)
+            } else {
+                Vec::new()
+            }
+        }
+    }
+
+    pub(super) fn check_head(head: &[u8]) -> Result<State, Violation> {
+        for (i, &b) in head.iter().enumerate() {
+            match b {
+                b'\n' if i == 0 || head[i - 1] != b'\r' => return Err(Violation::BareLf),
+                b'\r' if head.get(i + 1) != Some(&b'\n') => return Err(Violation::BareCr),
+                _ => {}
+            }
+        }
+        let mut lines = head
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .skip_while(|l| l.is_empty());
+        let request_line = lines.next().unwrap_or_default();
+        if request_line.starts_with(b"PRI * HTTP/2.0") {
+            return Ok(State::Passthrough);
+        }
+        let mut te: Option<&[u8]> = None;
+        let mut cl: Option<Option<u64>> = None;
+        for line in lines {
+            if line.is_empty() {
+                break;
+            }
+            if matches!(line[0], b' ' | b'\t') {
+                return Err(Violation::ObsFold);
+            }
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                return Ok(State::Passthrough);
+            };
+            let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                te = Some(value);
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                let parsed = content_length(value);
+                cl = Some(match cl {
+                    None => parsed,
+                    Some(prev) if prev == parsed => prev,
+                    Some(_) => None,
+                });
+            }
+        }
+        if te.is_some() && cl.is_some() {
+            return Err(Violation::LengthAndChunked);
+        }
+        match (te, cl) {
+            (Some(v), None) => {
+                let last = v
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .map(trim)
+                    .unwrap_or_default();
+                if last.eq_ignore_ascii_case(b"chunked") {
+                    Ok(State::ChunkSize)
+                } else {
+                    Ok(State::Passthrough)
+                }
+            }
+            (None, Some(Some(0))) | (None, None) => Ok(State::Head),
+            (None, Some(Some(n))) => Ok(State::Length(n)),
+            _ => Ok(State::Passthrough),
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -913,6 +1138,314 @@ mod tests {
     fn leading_empty_lines_do_not_end_the_head() {
         let input = b"\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n";
         assert_eq!(run(input, 1), (input.to_vec(), Outcome::Continue));
+    }
+
+    /// The other end of the connection: returns the given pieces (at most
+    /// what fits), sometimes `Pending` first, then EOF; logs every read.
+    struct Pieces {
+        pieces: std::collections::VecDeque<Vec<u8>>,
+        rng: fastrand::Rng,
+        /// Out of 256, how often a read returns `Pending` first.
+        pending_odds: u8,
+        pendings: usize,
+        delivered: Vec<Vec<u8>>,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.rng.u8(..) < this.pending_odds {
+                this.pendings += 1;
+                return Poll::Pending;
+            }
+            let Some(front) = this.pieces.front_mut() else {
+                this.delivered.push(Vec::new());
+                return Poll::Ready(Ok(()));
+            };
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            this.delivered.push(front[..n].to_vec());
+            front.drain(..n);
+            if front.is_empty() {
+                this.pieces.pop_front();
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum End {
+        /// The guard reported EOF.
+        Eof,
+        /// The guard stopped reading (after a refusal).
+        Stopped,
+    }
+
+    /// Reads everything hyper would get from an [`H1Guard`] over `pieces`,
+    /// with read buffers of random sizes (some already partly filled).
+    fn drive_guard(
+        pieces: Vec<Vec<u8>>,
+        head_limit: usize,
+        rng: &mut fastrand::Rng,
+    ) -> (Vec<u8>, End, Option<Violation>, Vec<Vec<u8>>) {
+        let verdict = Arc::new(Verdict::default());
+        let inner = Pieces {
+            pieces: pieces.into(),
+            rng: fastrand::Rng::with_seed(rng.u64(..)),
+            pending_odds: 32,
+            pendings: 0,
+            delivered: Vec::new(),
+        };
+        let mut guard = H1Guard::new(inner, verdict.clone(), head_limit);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut out = Vec::new();
+        let end = loop {
+            let room = match rng.u8(0..8) {
+                0 => 1,
+                1 => 24,
+                2 => rng.usize(1..READ_SIZE),
+                3 => READ_SIZE,
+                _ => READ_SIZE + rng.usize(0..20_000),
+            };
+            let before = rng.usize(0..4);
+            let mut storage = vec![0u8; before + room];
+            let mut rb = ReadBuf::new(&mut storage);
+            rb.put_slice(&vec![0xee; before]);
+            let pendings = guard.inner.pendings;
+            match Pin::new(&mut guard).poll_read(&mut cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let (kept, new) = rb.filled().split_at(before);
+                    assert!(kept.iter().all(|&b| b == 0xee), "bytes already read kept");
+                    if new.is_empty() {
+                        break End::Eof;
+                    }
+                    out.extend_from_slice(new);
+                }
+                Poll::Ready(Err(e)) => panic!("read error {e}"),
+                Poll::Pending if guard.inner.pendings > pendings => {}
+                Poll::Pending => break End::Stopped,
+            }
+        };
+        let delivered = std::mem::take(&mut guard.inner.delivered);
+        (out, end, verdict.refused(), delivered)
+    }
+
+    /// What the guard did before the in-place scanning, over the same reads:
+    /// the reference scanner into one buffer, the stand-ins after a refusal,
+    /// what was held at EOF.
+    fn old_guard(delivered: &[Vec<u8>], head_limit: usize) -> (Vec<u8>, End, Option<Violation>) {
+        let mut s = reference::Scanner::with_head_limit(head_limit);
+        let mut out = BytesMut::new();
+        for piece in delivered {
+            if piece.is_empty() {
+                out.extend_from_slice(&s.take_held());
+                return (out.to_vec(), End::Eof, None);
+            }
+            match s.feed(piece, &mut out) {
+                Outcome::Continue => {}
+                Outcome::RefusedHead(v) => {
+                    out.extend_from_slice(REFUSAL_REQUEST);
+                    return (out.to_vec(), End::Stopped, Some(v));
+                }
+                Outcome::RefusedBody(_) => {
+                    out.extend_from_slice(POISON);
+                    return (out.to_vec(), End::Stopped, None);
+                }
+            }
+        }
+        panic!("the guard stopped without EOF or a refusal");
+    }
+
+    /// Pipelined requests, valid and broken: Content-Length and chunked
+    /// bodies, long headers, leading empty lines, the h2 preface, then a
+    /// random mutation or none.
+    fn random_stream(rng: &mut fastrand::Rng) -> Vec<u8> {
+        let mut s = Vec::new();
+        if rng.u8(0..32) == 0 {
+            s.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        }
+        for _ in 0..rng.usize(1..5) {
+            if rng.u8(0..8) == 0 {
+                s.extend_from_slice(b"\r\n");
+            }
+            let method = ["GET", "PUT", "POST"][rng.usize(0..3)];
+            s.extend_from_slice(
+                format!("{method} /v1/x/{} HTTP/1.1\r\nhost: gw\r\n", rng.u32(..)).as_bytes(),
+            );
+            if rng.bool() {
+                let token: String = (0..rng.usize(0..3000))
+                    .map(|_| rng.alphanumeric())
+                    .collect();
+                s.extend_from_slice(format!("authorization: Bearer {token}\r\n").as_bytes());
+            }
+            for i in 0..rng.usize(0..6) {
+                s.extend_from_slice(format!("x-h{i}:  v{}\t\r\n", rng.u16(..)).as_bytes());
+            }
+            let body_kind = rng.u8(0..8);
+            let data_len = rng.usize(0..300);
+            let data: Vec<u8> = (0..data_len)
+                .map(|_| b"ab\r\n0:"[rng.usize(0..6)])
+                .collect();
+            match body_kind {
+                0 | 1 => s.extend_from_slice(b"\r\n"),
+                2 | 3 => {
+                    s.extend_from_slice(format!("content-length: {data_len}\r\n\r\n").as_bytes());
+                    s.extend_from_slice(&data);
+                }
+                4 | 5 | 6 => {
+                    s.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                    for part in data.chunks(rng.usize(1..100)) {
+                        let ext = if rng.u8(0..4) == 0 { ";a=b" } else { "" };
+                        s.extend_from_slice(format!("{:x}{ext}\r\n", part.len()).as_bytes());
+                        s.extend_from_slice(part);
+                        s.extend_from_slice(b"\r\n");
+                    }
+                    s.extend_from_slice(b"0\r\n");
+                    if rng.bool() {
+                        s.extend_from_slice(b"trailer: t\r\n");
+                    }
+                    s.extend_from_slice(b"\r\n");
+                }
+                _ => {
+                    s.extend_from_slice(b"content-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
+                    s.extend_from_slice(b"3\r\nabc\r\n0\r\n\r\n");
+                }
+            }
+        }
+        if !s.is_empty() {
+            let at = rng.usize(0..s.len());
+            let byte = b"\r\n :\t0a"[rng.usize(0..7)];
+            match rng.u8(0..8) {
+                0 => s[at] = byte,
+                1 => {
+                    s.remove(at);
+                }
+                2 => s.insert(at, byte),
+                3 => s.truncate(at),
+                _ => {}
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn zero_copy_reads_match_the_old_guard() {
+        let mut rng = fastrand::Rng::with_seed(0x5eed_0f_9a4d);
+        let (mut refused_heads, mut refused_bodies, mut eofs) = (0, 0, 0);
+        for case in 0..6_000 {
+            let input = random_stream(&mut rng);
+            let head_limit = if rng.u8(0..4) == 0 {
+                rng.usize(16..4096)
+            } else {
+                HEAD_LIMIT
+            };
+            let mut pieces = Vec::new();
+            let mut rest = &input[..];
+            let most = [1, 16, 700, 9000, usize::MAX][rng.usize(0..5)];
+            while !rest.is_empty() {
+                let n = rng.usize(1..=most.min(rest.len()));
+                pieces.push(rest[..n].to_vec());
+                rest = &rest[n..];
+            }
+            let (out, end, verdict, delivered) = drive_guard(pieces, head_limit, &mut rng);
+            let expected = old_guard(&delivered, head_limit);
+            let ctx = format!(
+                "case {case}: limit {head_limit} input {:?}",
+                String::from_utf8_lossy(&input)
+            ) + &format!(" reads {delivered:?}");
+            assert_eq!(out, expected.0, "{ctx}");
+            assert_eq!((&end, verdict), (&expected.1, expected.2), "{ctx}");
+            // Whatever the reads, the caller's bytes in order, or a prefix of
+            // them and a stand-in.
+            match (&end, verdict) {
+                (End::Eof, _) => {
+                    // All of it, but for a chunk line cut short by EOF.
+                    eofs += 1;
+                    assert!(input.starts_with(&out), "{ctx}");
+                }
+                (End::Stopped, Some(_)) => {
+                    refused_heads += 1;
+                    assert!(out.ends_with(REFUSAL_REQUEST), "{ctx}");
+                    assert!(
+                        input.starts_with(&out[..out.len() - REFUSAL_REQUEST.len()]),
+                        "{ctx}"
+                    );
+                }
+                (End::Stopped, None) => {
+                    refused_bodies += 1;
+                    assert!(out.ends_with(POISON), "{ctx}");
+                    assert!(input.starts_with(&out[..out.len() - POISON.len()]), "{ctx}");
+                }
+            }
+        }
+        // Every kind of ending is exercised.
+        assert!(
+            eofs > 1000 && refused_heads > 300 && refused_bodies > 100,
+            "{eofs} {refused_heads} {refused_bodies}"
+        );
+    }
+
+    #[test]
+    fn one_pass_check_head_matches_the_two_pass_reference() {
+        let parts: [&[u8]; 14] = [
+            b"a",
+            b":",
+            b" ",
+            b"\t",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b"\r\n",
+            b"\r\n",
+            b"GET / HTTP/1.1",
+            b"PRI * HTTP/2.0",
+            b"content-length: 5",
+            b"Transfer-Encoding: gzip, chunked",
+            b"content-length: 0, 0",
+        ];
+        let mut rng = fastrand::Rng::with_seed(0xc4ec_4ead);
+        for _ in 0..50_000 {
+            let head: Vec<u8> = (0..rng.usize(0..12))
+                .flat_map(|_| parts[rng.usize(0..parts.len())].iter().copied())
+                .collect();
+            assert_eq!(
+                check_head(&head),
+                reference::check_head(&head),
+                "{:?}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_read_whole_is_passed_in_place_and_a_split_head_reuses_its_buffer() {
+        let request = b"PUT /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello".to_vec();
+        let split = b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n".to_vec();
+        let inner = Pieces {
+            pieces: vec![request.clone(), split[..10].to_vec(), split[10..].to_vec()].into(),
+            rng: fastrand::Rng::with_seed(1),
+            pending_odds: 0,
+            pendings: 0,
+            delivered: Vec::new(),
+        };
+        let mut guard = H1Guard::new(inner, Arc::new(Verdict::default()), HEAD_LIMIT);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut storage = vec![0u8; 2 * READ_SIZE];
+        let mut rb = ReadBuf::new(&mut storage);
+        assert!(Pin::new(&mut guard).poll_read(&mut cx, &mut rb).is_ready());
+        assert_eq!(rb.filled(), &request[..]);
+        // Straight into hyper's buffer: nothing was staged or held.
+        assert_eq!(guard.ready.capacity(), 0);
+        assert_eq!(guard.scanner.line.capacity(), 0);
+        let mut rb = ReadBuf::new(&mut storage);
+        assert!(Pin::new(&mut guard).poll_read(&mut cx, &mut rb).is_ready());
+        assert_eq!(rb.filled(), &split[..]);
+        // The held head's buffer is kept for the next one.
+        assert!(guard.scanner.line.is_empty() && guard.scanner.line.capacity() > 0);
     }
 
     #[test]

@@ -1296,7 +1296,7 @@ mod tests {
                     s.extend_from_slice(format!("content-length: {data_len}\r\n\r\n").as_bytes());
                     s.extend_from_slice(&data);
                 }
-                4 | 5 | 6 => {
+                4..=6 => {
                     s.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
                     for part in data.chunks(rng.usize(1..100)) {
                         let ext = if rng.u8(0..4) == 0 { ";a=b" } else { "" };
@@ -1334,7 +1334,7 @@ mod tests {
 
     #[test]
     fn zero_copy_reads_match_the_old_guard() {
-        let mut rng = fastrand::Rng::with_seed(0x5eed_0f_9a4d);
+        let mut rng = fastrand::Rng::with_seed(0x5eed_0f9a_4d00);
         let (mut refused_heads, mut refused_bodies, mut eofs) = (0, 0, 0);
         for case in 0..6_000 {
             let input = random_stream(&mut rng);

@@ -645,6 +645,11 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 }
 
 /// The connection's read side through the [`Scanner`].
+///
+/// When the scanner holds nothing (the usual case between requests), a read
+/// goes straight into hyper's buffer and is scanned there: only an incomplete
+/// head or chunk line at its end is moved out and held, and a refused part is
+/// cut off before hyper sees it. Otherwise reads are staged in the guard.
 pub struct H1Guard<T> {
     inner: T,
     scanner: Scanner,

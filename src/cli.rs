@@ -61,6 +61,10 @@ pub enum Command {
         /// (used by `cargo bench --bench load`).
         #[arg(long, hide = true)]
         fixed_answer: bool,
+        /// Lifetime of issued tokens, e.g. `4s` (default: Zuora's 3599 s).
+        /// At least one second (`expires_in` is announced in whole seconds).
+        #[arg(long, value_parser = parse_token_ttl)]
+        token_ttl: Option<Duration>,
     },
     /// Probe an admin endpoint (for container HEALTHCHECKs: no curl needed).
     Healthcheck {
@@ -83,6 +87,15 @@ pub enum Command {
         #[arg(long = "claim")]
         claims: Vec<String>,
     },
+}
+
+/// `--token-ttl`: a duration like `4s` or `1h`, at least one second.
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    match crate::config::parse_duration(s) {
+        Some(d) if d >= Duration::from_secs(1) => Ok(d),
+        Some(_) => Err("must be at least 1s".to_owned()),
+        None => Err("expected a duration like 4s or 1h".to_owned()),
+    }
 }
 
 /// Loads a config or prints why not (naming file and key) and returns the exit code.
@@ -297,6 +310,39 @@ pub fn dev_token(path: &std::path::Path, caller: &str, ttl: &str, claims: &[Stri
         Err(e) => {
             eprintln!("error: cannot sign: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn simulate_ttl(args: &[&str]) -> Result<Option<Duration>, clap::Error> {
+        let argv = ["zuora-gateway", "simulate"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Simulate { token_ttl, .. } => Ok(token_ttl),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn simulate_token_ttl_takes_a_duration_of_at_least_a_second() {
+        assert_eq!(simulate_ttl(&[]).unwrap(), None);
+        assert_eq!(
+            simulate_ttl(&["--token-ttl", "4s"]).unwrap(),
+            Some(Duration::from_secs(4))
+        );
+        assert_eq!(
+            simulate_ttl(&["--token-ttl", "2m"]).unwrap(),
+            Some(Duration::from_secs(120))
+        );
+        for bad in ["500ms", "0s", "soon", ""] {
+            assert!(
+                simulate_ttl(&["--token-ttl", bad]).is_err(),
+                "`{bad}` accepted"
+            );
         }
     }
 }

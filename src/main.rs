@@ -9,6 +9,8 @@ use zuora_gateway::cli::{self, Cli, Command};
 /// mimalloc instead of glibc's malloc: thread-local free lists make the many
 /// small per-request allocations (headers, extensions, futures) cheaper, and
 /// freed memory goes back to the OS instead of staying in glibc's arenas.
+/// (Off with `--no-default-features`, for heap profilers.)
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -39,7 +41,8 @@ fn main() -> ExitCode {
         Command::Simulate {
             listen,
             fixed_answer,
-        } => zuora_gateway::run::simulate(listen, fixed_answer),
+            token_ttl,
+        } => zuora_gateway::run::simulate(listen, fixed_answer, token_ttl),
         Command::Healthcheck { url } => zuora_gateway::run::healthcheck(url),
     }
 }

@@ -342,7 +342,8 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         max_header_bytes,
         max_uri_bytes,
         http2_max_concurrent_streams,
-        worker_threads
+        worker_threads,
+        work_stealing
     );
     for (name, up) in &old.upstreams {
         match new.upstreams.get(name) {

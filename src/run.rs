@@ -5,11 +5,7 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
-/// The runtime: `server.worker_threads: 1` is a current-thread runtime
-/// (accept loop, connections and the Zuora client on one thread: no
-/// cross-thread wake-ups, the cheapest per request); otherwise a
-/// multi-thread runtime with that many workers, or tokio's default (one
-/// per CPU the process may use, or `TOKIO_WORKER_THREADS`).
+/// The runtime `simulate` runs on: tokio's multi-thread default.
 fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     match worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread()
@@ -22,6 +18,84 @@ fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Run
         None => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build(),
+    }
+}
+
+/// How `serve` runs its threads.
+enum Threads {
+    /// One current-thread runtime per serving thread (`work_stealing:
+    /// false`, the default): each thread serves its share of the caller
+    /// connections start to end, with its own Zuora pool, and never wakes
+    /// another thread on a request's path. With one thread this is simply a
+    /// current-thread runtime.
+    PerCore(usize),
+    /// tokio's work-stealing runtime with that many workers.
+    WorkStealing(usize),
+}
+
+impl Threads {
+    fn of(server: &crate::config::ServerConfig) -> Threads {
+        let n = server.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        });
+        if server.work_stealing && n > 1 {
+            Threads::WorkStealing(n)
+        } else {
+            Threads::PerCore(n)
+        }
+    }
+}
+
+/// The extra current-thread runtimes of [`Threads::PerCore`], each driven
+/// by its own thread until [`ExtraRuntimes::stop`].
+struct ExtraRuntimes {
+    handles: Vec<tokio::runtime::Handle>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ExtraRuntimes {
+    /// Starts `n` runtimes; the thread of the `i`th (from 0) serves with the
+    /// Zuora pool `i + 1` (the main thread has pool 0).
+    fn start(n: usize) -> std::io::Result<ExtraRuntimes> {
+        let mut extra = ExtraRuntimes {
+            handles: Vec::with_capacity(n),
+            stops: Vec::with_capacity(n),
+            threads: Vec::with_capacity(n),
+        };
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            extra.handles.push(rt.handle().clone());
+            extra.stops.push(stop);
+            let thread = std::thread::Builder::new()
+                .name(format!("zuora-gateway-{}", i + 1))
+                .spawn(move || {
+                    crate::upstream::set_runtime_index(i + 1);
+                    // Tasks spawned through the handle run while this blocks.
+                    rt.block_on(async move {
+                        let _ = stopped.await;
+                    });
+                });
+            match thread {
+                Ok(t) => extra.threads.push(t),
+                Err(e) => {
+                    extra.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(extra)
+    }
+
+    /// Ends the runtimes (after serving drained) and joins their threads.
+    fn stop(self) {
+        drop(self.stops);
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
 }
 
@@ -40,14 +114,26 @@ async fn terminate_signal() {
 
 /// `serve`: run until SIGTERM/SIGINT, then drain and exit 0.
 pub fn serve(config: Config) -> ExitCode {
-    let rt = match runtime(config.server.worker_threads) {
+    let (rt, extra) = match Threads::of(&config.server) {
+        Threads::WorkStealing(n) => (runtime(Some(n)), 0),
+        Threads::PerCore(n) => (runtime(Some(1)), n - 1),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let extra = match ExtraRuntimes::start(extra) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: cannot start the serving threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handles = extra.handles.clone();
+    let code = rt.block_on(async move {
         // Logs, access log and (when configured) OTLP export; inside the runtime.
         let telemetry = match crate::telemetry::Telemetry::init(&config.telemetry) {
             Ok(t) => t,
@@ -56,7 +142,7 @@ pub fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let running = match crate::server::start_with_telemetry(config, telemetry).await {
+        let running = match crate::server::start_on(config, telemetry, handles).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -68,12 +154,19 @@ pub fn serve(config: Config) -> ExitCode {
         running.shutdown().await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
-    })
+    });
+    extra.stop();
+    code
 }
 
 /// `simulate`: run the embedded simulator alone (`fixed_answer`: bench mode,
-/// see [`crate::sim::SimOptions::fixed_answer`]).
-pub fn simulate(listen: SocketAddr, fixed_answer: bool) -> ExitCode {
+/// see [`crate::sim::SimOptions::fixed_answer`]; `token_ttl`: lifetime of issued
+/// tokens, Zuora's when `None`).
+pub fn simulate(
+    listen: SocketAddr,
+    fixed_answer: bool,
+    token_ttl: Option<std::time::Duration>,
+) -> ExitCode {
     let rt = match runtime(None) {
         Ok(rt) => rt,
         Err(e) => {
@@ -82,9 +175,11 @@ pub fn simulate(listen: SocketAddr, fixed_answer: bool) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        let defaults = crate::sim::SimOptions::default();
         let opts = crate::sim::SimOptions {
             fixed_answer,
-            ..crate::sim::SimOptions::default()
+            token_ttl: token_ttl.unwrap_or(defaults.token_ttl),
+            ..defaults
         };
         let sim = match crate::sim::Simulator::start(listen, opts).await {
             Ok(s) => s,

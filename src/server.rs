@@ -7,7 +7,7 @@ pub mod h1_guard;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
@@ -38,7 +38,7 @@ use crate::sim::{SimHandle, SimOptions, Simulator};
 use crate::stack::{self, GatewayService, StackParts};
 use crate::telemetry::Telemetry;
 use crate::upstream::headers::strip_hop_by_hop;
-use crate::upstream::{Upstream, build_client};
+use crate::upstream::{Upstream, build_clients};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +109,22 @@ pub async fn start_with_telemetry(
     config: Config,
     telemetry: Telemetry,
 ) -> Result<Running, StartError> {
+    start_on(config, telemetry, Vec::new()).await
+}
+
+/// Starts the gateway serving caller connections on the current runtime and
+/// on each of `runtimes` (one current-thread runtime per core, see
+/// `run::serve`): connections are accepted here and handed to the runtime
+/// serving the fewest, which keeps them to the end. Each runtime has its own
+/// Zuora pool ([`crate::upstream::Clients`]); a runtime's thread must have
+/// called [`crate::upstream::set_runtime_index`] with its position in
+/// `runtimes` plus one. Background work (token refresh, reload, admin) stays
+/// on the current runtime.
+pub async fn start_on(
+    config: Config,
+    telemetry: Telemetry,
+    runtimes: Vec<tokio::runtime::Handle>,
+) -> Result<Running, StartError> {
     let config = Arc::new(config);
 
     // The embedded simulator, if any upstream asks for it.
@@ -138,7 +154,8 @@ pub async fn start_with_telemetry(
                     .map_err(|_| StartError::Upstream("simulator address is not a URL".into()))?
             }
         };
-        let client = build_client(up).map_err(|e| StartError::Upstream(e.to_string()))?;
+        let client = build_clients(up, 1 + runtimes.len())
+            .map_err(|e| StartError::Upstream(e.to_string()))?;
         upstreams.insert(
             name.clone(),
             Upstream {
@@ -171,7 +188,7 @@ pub async fn start_with_telemetry(
         let cache = TokenCache::new(
             &up.config,
             token_url,
-            up.client.clone(),
+            up.client.first().clone(),
             ready,
             oauth_metrics.clone(),
         );
@@ -244,6 +261,7 @@ pub async fn start_with_telemetry(
         admin,
         server_cfg,
         shutdown_rx,
+        runtimes,
     ));
     health.set_config_loaded();
     tracing::info!(listen = %listen_addr, admin = %admin_addr, "zuora-gateway listening");
@@ -353,9 +371,9 @@ async fn serve(
     admin: Admin,
     cfg: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
+    runtimes: Vec<tokio::runtime::Handle>,
 ) {
     let builder = builder(&cfg);
-    let graceful = GracefulShutdown::new();
     // The admin port has its own accept loop: outside the caller connection
     // limit (probes work at capacity) and open until draining ends (so
     // /readyz answers 503 while in-flight requests finish).
@@ -366,10 +384,23 @@ async fn serve(
         builder.clone(),
         admin_stopped,
     ));
+    // One worker per serving runtime; the first is this one.
+    let conn_cfg = ConnConfig {
+        service,
+        builder,
+        // The same bound as hyper's read buffer (see `builder`).
+        head_limit: cfg.max_header_bytes.max(8192),
+        first_request_timeout: cfg.header_read_timeout,
+        shutdown_grace: cfg.shutdown_grace,
+    };
+    let mut workers = vec![Worker::start(None, conn_cfg.clone())];
+    workers.extend(
+        runtimes
+            .iter()
+            .map(|rt| Worker::start(Some(rt), conn_cfg.clone())),
+    );
+    drop(conn_cfg);
     let connections = Arc::new(Semaphore::new(cfg.max_connections));
-    let first_request_timeout = cfg.header_read_timeout;
-    // The same bound as hyper's read buffer (see `builder`).
-    let head_limit = cfg.max_header_bytes.max(8192);
     loop {
         // Beyond max_connections, stop accepting: new connections wait in the kernel backlog.
         let permit = tokio::select! {
@@ -387,48 +418,168 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let first_request = Arc::new(AtomicBool::new(false));
-                let framing = Arc::new(h1_guard::Verdict::default());
-                let hyper_svc = HyperAdapter {
-                    service: std::sync::Mutex::new(service.clone()),
-                    first_request: first_request.clone(),
-                    framing: framing.clone(),
-                };
-                // Strict HTTP/1.1 framing checks on the raw bytes, before hyper parses them.
-                let io = h1_guard::H1Guard::new(stream, framing, head_limit);
-                let conn = builder.serve_connection(TokioIo::new(io), hyper_svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let mut conn = std::pin::pin!(conn);
-                    // hyper's header_read_timeout starts only once the HTTP/1
-                    // parser runs; protocol detection (h1 vs h2c) comes first
-                    // and would wait forever on a silent socket. A connection
-                    // that has not produced a request by then is closed, so idle
-                    // sockets cannot hold every max_connections slot.
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        () = tokio::time::sleep(first_request_timeout) => {
-                            if first_request.load(Ordering::Relaxed) {
-                                let _ = conn.await;
-                            }
-                        }
-                    }
-                    drop(permit);
-                });
+                // The runtime serving the fewest connections takes it.
+                if let Some(worker) = workers.iter().min_by_key(|w| w.active.load(Ordering::Relaxed)) {
+                    worker.hand_over(stream, permit);
+                }
             }
             _ = shutdown.changed() => break,
         }
     }
     drop(listener);
     tracing::info!(grace = ?cfg.shutdown_grace, "draining in-flight requests");
+    // Closing the hand-over channels makes every worker drain its connections.
+    let draining: Vec<_> = workers.into_iter().map(Worker::finish).collect();
+    for task in draining {
+        let _ = task.await;
+    }
+    let _ = admin_stop.send(true);
+    let _ = admin_task.await;
+}
+
+/// What serving one caller connection needs (one copy per runtime).
+#[derive(Clone)]
+struct ConnConfig {
+    service: GatewayService,
+    builder: auto::Builder<TokioExecutor>,
+    head_limit: usize,
+    first_request_timeout: Duration,
+    shutdown_grace: Duration,
+}
+
+/// An accepted connection on its way to a worker, with its
+/// `max_connections` permit.
+enum Handoff {
+    /// To the accepting runtime: still registered with its reactor.
+    Local(tokio::net::TcpStream, OwnedSemaphorePermit),
+    /// To another runtime: deregistered, registered again over there.
+    Remote(std::net::TcpStream, OwnedSemaphorePermit),
+}
+
+/// One serving runtime's share of the caller connections.
+struct Worker {
+    to_worker: mpsc::UnboundedSender<Handoff>,
+    /// Connections this worker is serving.
+    active: Arc<AtomicUsize>,
+    /// Whether it runs on the accepting runtime.
+    local: bool,
+    task: JoinHandle<()>,
+}
+
+impl Worker {
+    /// Starts a worker on `runtime` (`None`: the current one).
+    fn start(runtime: Option<&tokio::runtime::Handle>, cfg: ConnConfig) -> Worker {
+        let (to_worker, from_acceptor) = mpsc::unbounded_channel();
+        let active = Arc::new(AtomicUsize::new(0));
+        let work = run_worker(from_acceptor, cfg, active.clone());
+        let task = match runtime {
+            None => tokio::spawn(work),
+            Some(rt) => rt.spawn(work),
+        };
+        Worker {
+            to_worker,
+            active,
+            local: runtime.is_none(),
+            task,
+        }
+    }
+
+    fn hand_over(&self, stream: tokio::net::TcpStream, permit: OwnedSemaphorePermit) {
+        let handoff = if self.local {
+            Handoff::Local(stream, permit)
+        } else {
+            match stream.into_std() {
+                Ok(s) => Handoff::Remote(s, permit),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not hand a connection to a runtime");
+                    return;
+                }
+            }
+        };
+        self.active.fetch_add(1, Ordering::Relaxed);
+        if self.to_worker.send(handoff).is_err() {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Stops handing over; resolves once the worker drained.
+    fn finish(self) -> JoinHandle<()> {
+        drop(self.to_worker);
+        self.task
+    }
+}
+
+/// A worker: serves the connections handed to it until the acceptor stops,
+/// then gives in-flight requests `shutdown_grace` to finish.
+async fn run_worker(
+    mut from_acceptor: mpsc::UnboundedReceiver<Handoff>,
+    cfg: ConnConfig,
+    active: Arc<AtomicUsize>,
+) {
+    let graceful = GracefulShutdown::new();
+    while let Some(handoff) = from_acceptor.recv().await {
+        let (stream, permit) = match handoff {
+            Handoff::Local(s, p) => (s, p),
+            Handoff::Remote(s, p) => match tokio::net::TcpStream::from_std(s) {
+                Ok(s) => (s, p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not register a handed-over connection");
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+            },
+        };
+        serve_connection(stream, permit, &cfg, &graceful, active.clone());
+    }
     if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
     }
-    let _ = admin_stop.send(true);
-    let _ = admin_task.await;
+}
+
+/// Serves one caller connection on the current runtime.
+fn serve_connection(
+    stream: tokio::net::TcpStream,
+    permit: OwnedSemaphorePermit,
+    cfg: &ConnConfig,
+    graceful: &GracefulShutdown,
+    active: Arc<AtomicUsize>,
+) {
+    let first_request = Arc::new(AtomicBool::new(false));
+    let framing = Arc::new(h1_guard::Verdict::default());
+    let hyper_svc = HyperAdapter {
+        service: std::sync::Mutex::new(cfg.service.clone()),
+        first_request: first_request.clone(),
+        framing: framing.clone(),
+    };
+    // Strict HTTP/1.1 framing checks on the raw bytes, before hyper parses them.
+    let io = h1_guard::H1Guard::new(stream, framing, cfg.head_limit);
+    let conn = cfg
+        .builder
+        .serve_connection(TokioIo::new(io), hyper_svc)
+        .into_owned();
+    let conn = graceful.watch(conn);
+    let first_request_timeout = cfg.first_request_timeout;
+    tokio::spawn(async move {
+        let mut conn = std::pin::pin!(conn);
+        // hyper's header_read_timeout starts only once the HTTP/1
+        // parser runs; protocol detection (h1 vs h2c) comes first
+        // and would wait forever on a silent socket. A connection
+        // that has not produced a request by then is closed, so idle
+        // sockets cannot hold every max_connections slot.
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            () = tokio::time::sleep(first_request_timeout) => {
+                if first_request.load(Ordering::Relaxed) {
+                    let _ = conn.await;
+                }
+            }
+        }
+        active.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+    });
 }
 
 async fn serve_admin(

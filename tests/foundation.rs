@@ -331,9 +331,10 @@ fn check_rejects_broken_configs_naming_the_key() {
 }
 
 /// The binary on `config/local.yaml` (embedded simulator, JWT callers), with
-/// the runtime `worker_threads` picks: a request with a `dev-token` is
-/// proxied, and SIGTERM drains and exits 0.
-fn serve_local_config_with(worker_threads: Option<usize>) {
+/// `server` keys added (`threads`: the runtime they pick): a request with a
+/// `dev-token` is proxied, then one on each of six connections open at once
+/// (so every serving thread gets some), and SIGTERM drains and exits 0.
+fn serve_local_config_with(threads: &str) {
     use std::io::{BufRead, BufReader, Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
@@ -342,8 +343,8 @@ fn serve_local_config_with(worker_threads: Option<usize>) {
         .replace("listen: 127.0.0.1:8080", "listen: 127.0.0.1:0")
         .replace("admin_listen: 127.0.0.1:9901", "admin_listen: 127.0.0.1:0")
         .replace("keys/", &format!("{root}/config/keys/"));
-    if let Some(n) = worker_threads {
-        yaml = yaml.replacen("server:\n", &format!("server:\n  worker_threads: {n}\n"), 1);
+    if !threads.is_empty() {
+        yaml = yaml.replacen("server:\n", &format!("server:\n  {threads}\n"), 1);
     }
     let config = dir.path().join("local.yaml");
     std::fs::write(&config, &yaml).unwrap();
@@ -355,14 +356,24 @@ fn serve_local_config_with(worker_threads: Option<usize>) {
         .unwrap();
     assert!(token.status.success(), "{token:?}");
     let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
-    let mut child = std::process::Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Killed if an assertion fails first, so no gateway outlives the test.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(
+        std::process::Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
     let listen = loop {
         let line = lines.next().expect("gateway output").unwrap();
         if let Some((addr, _admin)) = listening(&line) {
@@ -386,8 +397,24 @@ fn serve_local_config_with(worker_threads: Option<usize>) {
         // 503 until the first Zuora token has been fetched.
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(status.contains(" 200 "), "{worker_threads:?}: {status}");
-    let pid = child.id().to_string();
+    assert!(status.contains(" 200 "), "{threads:?}: {status}");
+    // Connections open at the same time go to different threads.
+    let mut open: Vec<_> = (0..6)
+        .map(|_| std::net::TcpStream::connect(listen).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for (i, s) in open.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        let status = response.lines().next().unwrap_or("");
+        assert!(
+            status.contains(" 200 "),
+            "{threads:?}, connection {i}: {status}"
+        );
+    }
+    let pid = child.0.id().to_string();
     assert!(
         std::process::Command::new("kill")
             .args(["-TERM", &pid])
@@ -395,18 +422,28 @@ fn serve_local_config_with(worker_threads: Option<usize>) {
             .unwrap()
             .success()
     );
-    let exit = child.wait().unwrap();
-    assert!(exit.success(), "{worker_threads:?}: {exit}");
+    let exit = child.0.wait().unwrap();
+    assert!(exit.success(), "{threads:?}: {exit}");
 }
 
 #[test]
 fn serves_on_a_current_thread_runtime_with_one_worker_thread() {
-    serve_local_config_with(Some(1));
+    serve_local_config_with("worker_threads: 1");
 }
 
 #[test]
-fn serves_on_the_default_multi_thread_runtime() {
-    serve_local_config_with(None);
+fn serves_on_the_default_threads() {
+    serve_local_config_with("");
+}
+
+#[test]
+fn serves_on_three_current_thread_runtimes() {
+    serve_local_config_with("worker_threads: 3");
+}
+
+#[test]
+fn serves_on_the_work_stealing_runtime() {
+    serve_local_config_with("worker_threads: 2\n  work_stealing: true");
 }
 
 /// `sidecar_yaml` with `max_concurrent_requests` and a connect timeout

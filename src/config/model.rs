@@ -67,10 +67,16 @@ pub struct ServerConfig {
     pub compress_responses_over: Option<u64>,
     /// Permit `trusted_identity` on a non-loopback listener.
     pub allow_unauthenticated_network: bool,
-    /// Runtime worker threads; `None`: one per CPU the process may use
-    /// (cgroup quota included), or `TOKIO_WORKER_THREADS`. `Some(1)` runs
-    /// everything on one thread (a current-thread runtime).
+    /// Serving threads; `None`: one per CPU the process may use (cgroup
+    /// quota included). `Some(1)` runs everything on one thread (a
+    /// current-thread runtime).
     pub worker_threads: Option<usize>,
+    /// With several threads: `false` (the default) runs one current-thread
+    /// runtime per thread, each serving its share of the caller connections
+    /// with its own Zuora connection pool; `true` runs tokio's work-stealing
+    /// runtime instead (threads help each other, at the price of cross-thread
+    /// wake-ups on every request).
+    pub work_stealing: bool,
 }
 
 /// Where an upstream is.

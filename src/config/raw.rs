@@ -62,6 +62,7 @@ pub(crate) struct RawServer {
     pub(crate) compress_responses_over: Option<Scalar>,
     pub(crate) allow_unauthenticated_network: Option<Scalar>,
     pub(crate) worker_threads: Option<Scalar>,
+    pub(crate) work_stealing: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -212,3 +212,20 @@ fn worker_threads_defaults_to_the_runtime_and_is_bounded() {
         assert_eq!(e.path, "server.worker_threads", "{bad}: {e}");
     }
 }
+
+#[test]
+fn work_stealing_is_off_by_default_and_must_be_a_bool() {
+    assert!(!load(MIN, &[]).unwrap().server.work_stealing);
+    let with = |v: &str| {
+        load(
+            &MIN.replace(
+                "{ listen: 127.0.0.1:8080 }",
+                &format!("{{ listen: 127.0.0.1:8080, work_stealing: {v} }}"),
+            ),
+            &[],
+        )
+    };
+    assert!(with("true").unwrap().server.work_stealing);
+    let e = with("sometimes").unwrap_err();
+    assert_eq!(e.path, "server.work_stealing", "{e}");
+}

@@ -422,6 +422,7 @@ impl<'a> Validator<'a> {
                 None => None,
                 v => Some(self.worker_threads(v)?),
             },
+            work_stealing: self.bool("server.work_stealing", &s.work_stealing, false)?,
         })
     }
 

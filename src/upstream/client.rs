@@ -147,17 +147,73 @@ pub fn tls_config(extra_ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, S
 
 /// Builds the pooled client for one upstream.
 pub fn build_client(cfg: &UpstreamConfig) -> Result<HttpClient, ClientBuildError> {
+    Ok(build_clients(cfg, 1)?.first().clone())
+}
+
+/// Builds `runtimes` pooled clients for one upstream, one per serving
+/// runtime (at least one).
+pub fn build_clients(cfg: &UpstreamConfig, runtimes: usize) -> Result<Clients, ClientBuildError> {
     let err = |message: String| ClientBuildError {
         upstream: cfg.name.clone(),
         message,
     };
     let tls = tls_config(cfg.ca_pem.as_deref().map(Vec::as_slice)).map_err(err)?;
-    Ok(https_client(
-        tls,
-        cfg.connect_timeout,
-        cfg.pool_idle_timeout,
-        cfg.pool_max_idle_per_host,
-    ))
+    let clients = (0..runtimes.max(1))
+        .map(|_| {
+            https_client(
+                tls.clone(),
+                cfg.connect_timeout,
+                cfg.pool_idle_timeout,
+                cfg.pool_max_idle_per_host,
+            )
+        })
+        .collect();
+    Ok(Clients(clients))
+}
+
+thread_local! {
+    /// Which serving runtime this thread drives (see [`set_runtime_index`]).
+    static RUNTIME_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as the driver of serving runtime `index`, so
+/// that requests served on it use that runtime's pool ([`Clients::current`]).
+/// Threads never marked use the first pool.
+pub fn set_runtime_index(index: usize) {
+    RUNTIME_INDEX.with(|i| i.set(index));
+}
+
+/// One pooled client per serving runtime. With one current-thread runtime
+/// per core, a pooled connection's dispatch task lives on the runtime that
+/// made it; sharing one pool would have requests on one thread wake
+/// connection tasks on another (a cross-thread wake-up both ways, every
+/// request). Each runtime keeping its own pool avoids that; the upstream's
+/// `max_concurrent_requests` slots stay shared.
+#[derive(Clone, Debug)]
+pub struct Clients(Arc<[HttpClient]>);
+
+impl Clients {
+    /// The pool of the runtime this thread serves.
+    pub fn current(&self) -> &HttpClient {
+        let i = RUNTIME_INDEX.with(std::cell::Cell::get);
+        // `Clients` always holds at least one client (see `build_clients`).
+        &self.0[i % self.0.len()]
+    }
+
+    /// The first pool (background work: token requests).
+    pub fn first(&self) -> &HttpClient {
+        &self.0[0]
+    }
+
+    /// How many pools (serving runtimes).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true: there is always at least one pool.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// A pooled HTTP/1.1 + HTTP/2 (by ALPN) client over rustls that also speaks
@@ -274,6 +330,27 @@ mod tests {
             assert!(resp.extensions().get::<HttpInfo>().is_none());
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "HTTP/2.0");
+        }
+    }
+
+    #[test]
+    fn each_serving_runtime_thread_uses_its_own_pool() {
+        let config = crate::oauth::test_support::config("http://127.0.0.1:9", "");
+        let clients = build_clients(&config.upstreams["zuora"], 3).unwrap();
+        assert_eq!(clients.len(), 3);
+        let slot = |c: &Clients| (0..3).find(|&i| std::ptr::eq(c.current(), &c.0[i]));
+        // Threads never marked (background tasks, tests) use the first pool.
+        assert_eq!(slot(&clients), Some(0));
+        assert!(std::ptr::eq(clients.first(), &clients.0[0]));
+        for i in 0..3 {
+            let c = clients.clone();
+            let seen = std::thread::spawn(move || {
+                set_runtime_index(i);
+                slot(&c)
+            })
+            .join()
+            .unwrap();
+            assert_eq!(seen, Some(i));
         }
     }
 }

@@ -17,7 +17,7 @@ use http::{Request, Uri};
 use tower::Service;
 
 use super::breaker::{Admission, CircuitBreaker};
-use super::client::HttpClient;
+use super::client::Clients;
 use super::headers::strip_hop_by_hop;
 use crate::body::{self, Body};
 use crate::config::UpstreamConfig;
@@ -34,8 +34,8 @@ pub struct Upstream {
     pub config: Arc<UpstreamConfig>,
     /// The resolved base URL (the simulator's address for `base_url: simulator`).
     pub base: Uri,
-    /// The pooled client.
-    pub client: HttpClient,
+    /// The pooled clients, one per serving runtime.
+    pub client: Clients,
     /// Sheds load while Zuora is failing.
     pub breaker: CircuitBreaker,
     /// Slots for requests in flight (`max_concurrent_requests`).
@@ -377,7 +377,8 @@ async fn send(target: &Target, req: Request<Body>) -> GwResult {
         let mut req = Request::from_parts(this_head, this_body);
         // Telemetry: this attempt's `zuora.call` span, trace headers, decision-trail entry.
         let call = CallTrace::start(&mut req, &extensions, upstream.config.forward_traceparent);
-        let outcome = tokio::time::timeout_at(deadline, upstream.client.request(req)).await;
+        let outcome =
+            tokio::time::timeout_at(deadline, upstream.client.current().request(req)).await;
         call.finish_attempt(&outcome);
         let retry_reason = match outcome {
             Err(_) => {

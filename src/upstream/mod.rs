@@ -6,5 +6,5 @@ pub mod client;
 pub mod forward;
 pub mod headers;
 
-pub use client::{HttpClient, build_client};
+pub use client::{Clients, HttpClient, build_client, build_clients, set_runtime_index};
 pub use forward::{Forward, Upstream, Upstreams};

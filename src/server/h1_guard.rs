@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
+use memchr::{memchr, memchr2};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Heads larger than the limit are passed to hyper unchecked, and hyper
@@ -52,6 +53,40 @@ const REFUSAL_REQUEST: &[u8] =
 
 /// Fed to hyper in place of a refused chunked-body line.
 const POISON: &[u8] = b"\rX";
+
+/// The longest chunk-size or trailer line held back.
+const MAX_CHUNK_LINE: usize = 8 * 1024;
+
+/// How much is read from the caller at a time when the guard reads into its
+/// own buffer; hyper's buffer is read into directly only when it has at least
+/// this much room, so the guard never reads in smaller pieces than that.
+const READ_SIZE: usize = 8192;
+
+/// A held head's allocation is kept for the next one up to this capacity.
+const KEEP_LINE_CAPACITY: usize = 8 * 1024;
+
+/// Where the [`Scanner`] puts the bytes that may go to hyper.
+trait Out {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Out for BytesMut {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Counts the bytes instead of copying them. Only correct when the scanner
+/// held nothing before the input: then what it passes is always a prefix of
+/// the input (it holds back or refuses a suffix, it never reorders), so the
+/// count says how much of the input, in place, may go to hyper.
+struct Passed(usize);
+
+impl Out for Passed {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len();
+    }
+}
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,11 +217,21 @@ impl Scanner {
 
     /// Feeds bytes read from the caller; bytes that may go to hyper are
     /// appended to `out` (a held head is appended once it is complete).
-    pub fn feed(&mut self, mut input: &[u8], out: &mut BytesMut) -> Outcome {
+    pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) -> Outcome {
+        self.scan(input, out)
+    }
+
+    /// Whether nothing is held back, so that what [`Scanner::scan`] passes
+    /// on is a prefix of its input (see [`Passed`]).
+    fn holds_nothing(&self) -> bool {
+        self.line.is_empty() && !matches!(self.state, State::Failed)
+    }
+
+    fn scan<O: Out>(&mut self, mut input: &[u8], out: &mut O) -> Outcome {
         while !input.is_empty() {
             match self.state {
                 State::Passthrough => {
-                    out.extend_from_slice(input);
+                    out.put(input);
                     return Outcome::Continue;
                 }
                 State::Failed => return Outcome::RefusedBody(Violation::ChunkFraming),
@@ -199,7 +244,7 @@ impl Scanner {
                 }
                 State::Length(n) => {
                     let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
-                    out.extend_from_slice(&input[..take]);
+                    out.put(&input[..take]);
                     input = &input[take..];
                     let left = n - take as u64;
                     self.state = if left == 0 {
@@ -210,7 +255,7 @@ impl Scanner {
                 }
                 State::ChunkData(n) => {
                     let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
-                    out.extend_from_slice(&input[..take]);
+                    out.put(&input[..take]);
                     input = &input[take..];
                     let left = n - take as u64;
                     self.state = if left == 0 {
@@ -226,40 +271,42 @@ impl Scanner {
                         (true, b'\n') => State::ChunkSize,
                         _ => return self.fail(),
                     };
-                    out.extend_from_slice(&input[..1]);
+                    out.put(&input[..1]);
                     input = &input[1..];
                 }
                 State::ChunkSize | State::Trailers => {
                     // Held back until the line is complete and checked, so a
                     // refused line leaves hyper at a line start.
-                    let Some(lf) = input.iter().position(|&b| b == b'\n') else {
+                    let trailers = matches!(self.state, State::Trailers);
+                    let Some(lf) = memchr(b'\n', input) else {
                         self.line.extend_from_slice(input);
-                        if self.line.len() > 8 * 1024 {
+                        if self.line.len() > MAX_CHUNK_LINE {
                             return self.fail();
                         }
                         return Outcome::Continue;
                     };
-                    self.line.extend_from_slice(&input[..=lf]);
-                    input = &input[lf + 1..];
-                    let line = std::mem::take(&mut self.line);
-                    let Some(content) = line.strip_suffix(b"\r\n") else {
-                        return self.fail();
-                    };
-                    if content.contains(&b'\r') || content.len() > 8 * 1024 {
-                        return self.fail();
-                    }
-                    if matches!(self.state, State::ChunkSize) {
-                        match chunk_size(content) {
-                            Some(0) => self.state = State::Trailers,
-                            Some(n) => self.state = State::ChunkData(n),
-                            None => return self.fail(),
+                    let next = if self.line.is_empty() {
+                        // The whole line is in the input: checked in place.
+                        let line = &input[..=lf];
+                        let next = chunk_line(trailers, line);
+                        if next.is_some() {
+                            out.put(line);
                         }
-                    } else if content.is_empty() {
-                        self.state = State::Head;
-                    } else if matches!(content.first(), Some(b' ' | b'\t')) {
-                        return self.fail();
+                        next
+                    } else {
+                        self.line.extend_from_slice(&input[..=lf]);
+                        let next = chunk_line(trailers, &self.line);
+                        if next.is_some() {
+                            out.put(&self.line);
+                        }
+                        self.clear_line();
+                        next
+                    };
+                    input = &input[lf + 1..];
+                    match next {
+                        Some(state) => self.state = state,
+                        None => return self.fail(),
                     }
-                    out.extend_from_slice(&line);
                 }
             }
         }
@@ -273,46 +320,59 @@ impl Scanner {
 
     /// Consumes head bytes; returns how many were taken. Incremental: each
     /// byte is looked at once, however slowly the head arrives.
-    fn head(&mut self, input: &[u8], out: &mut BytesMut) -> (usize, Outcome) {
-        // Line by line (a search for LF, one copy per line) rather than byte
-        // by byte: the same decisions at the same bytes as `head_bytewise`,
-        // which the tests keep as the reference.
+    fn head<O: Out>(&mut self, input: &[u8], out: &mut O) -> (usize, Outcome) {
+        // Line by line (a search for LF per line), in place: only a head that
+        // is still incomplete at the end of the input is copied into `line`.
+        // The same decisions at the same bytes as `head_bytewise`, which the
+        // tests keep as the reference. Positions below count from the start
+        // of the head: `held` bytes in `line`, then the input.
+        let held = self.line.len();
+        let mut line_start = self.head_line_start;
+        let mut seen_line = self.head_seen_line;
         let mut k = 0;
         while k < input.len() {
-            let end = input[k..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(input.len(), |p| k + p + 1);
+            let end = memchr(b'\n', &input[k..]).map_or(input.len(), |p| k + p + 1);
             let lf = input[end - 1] == b'\n';
-            let grown = self.line.len() + (end - k);
+            let grown = held + end;
             // Byte by byte, the limit check follows the LF check of the same
             // byte: only the LF itself may take the head one byte over.
             if grown > self.head_limit && !(lf && grown == self.head_limit + 1) {
-                self.pass_through(&input[k..], out);
+                self.pass_through(input, out);
                 return (input.len(), Outcome::Continue);
             }
-            self.line.extend_from_slice(&input[k..end]);
             if lf {
                 // Lines end in LF (a CR before it is checked later); empty
                 // lines before the request line are skipped, as hyper does.
-                let i = self.line.len() - 1;
-                let len = i - self.head_line_start;
-                let empty = len == 0 || (len == 1 && self.line[self.head_line_start] == b'\r');
-                if empty && self.head_seen_line {
-                    return self.head_complete(end, out);
+                let i = grown - 1;
+                let len = i - line_start;
+                let empty = len == 0 || (len == 1 && self.head_byte(input, line_start) == b'\r');
+                if empty && seen_line {
+                    return self.head_complete(input, end, out);
                 }
                 if !empty {
-                    self.head_seen_line = true;
+                    seen_line = true;
                 }
-                self.head_line_start = i + 1;
+                line_start = i + 1;
             }
-            if self.line.len() > self.head_limit {
-                self.pass_through(&input[end..], out);
+            if grown > self.head_limit {
+                self.pass_through(input, out);
                 return (input.len(), Outcome::Continue);
             }
             k = end;
         }
+        self.line.extend_from_slice(input);
+        self.head_line_start = line_start;
+        self.head_seen_line = seen_line;
         (input.len(), Outcome::Continue)
+    }
+
+    /// The byte at `at` (from the start of the head) of a head whose first
+    /// bytes are held in `line` and continue in `input`.
+    fn head_byte(&self, input: &[u8], at: usize) -> u8 {
+        match at.checked_sub(self.line.len()) {
+            None => self.line[at],
+            Some(i) => input[i],
+        }
     }
 
     /// The byte-at-a-time original of [`Scanner::head`], kept as the
@@ -328,7 +388,9 @@ impl Scanner {
                 let len = i - self.head_line_start;
                 let empty = len == 0 || (len == 1 && self.line[self.head_line_start] == b'\r');
                 if empty && self.head_seen_line {
-                    return self.head_complete(k + 1, out);
+                    // The whole head is in `line`.
+                    let (_, outcome) = self.head_complete(&[], 0, out);
+                    return (k + 1, outcome);
                 }
                 if !empty {
                     self.head_seen_line = true;
@@ -347,29 +409,55 @@ impl Scanner {
         (input.len(), Outcome::Continue)
     }
 
-    /// Over the head limit: what is held and `rest` go to hyper unchecked
+    /// Over the head limit: what is held and `input` go to hyper unchecked
     /// (hyper refuses the oversized head and closes).
-    fn pass_through(&mut self, rest: &[u8], out: &mut BytesMut) {
-        out.extend_from_slice(&self.line);
-        out.extend_from_slice(rest);
+    fn pass_through<O: Out>(&mut self, input: &[u8], out: &mut O) {
+        out.put(&self.line);
+        out.put(input);
         self.line = Vec::new();
         self.reset_head();
         self.state = State::Passthrough;
     }
 
-    fn head_complete(&mut self, taken: usize, out: &mut BytesMut) -> (usize, Outcome) {
-        let head = std::mem::take(&mut self.line);
+    /// The head (what `line` holds, then `input[..end]`) is complete: checked,
+    /// then passed on or refused. Returns `end` and the outcome.
+    fn head_complete<O: Out>(&mut self, input: &[u8], end: usize, out: &mut O) -> (usize, Outcome) {
         self.reset_head();
-        match check_head(&head) {
+        let checked = if self.line.is_empty() {
+            // The whole head is in the input: checked and passed in place.
+            let head = &input[..end];
+            let checked = check_head(head);
+            if checked.is_ok() {
+                out.put(head);
+            }
+            checked
+        } else {
+            self.line.extend_from_slice(&input[..end]);
+            let checked = check_head(&self.line);
+            if checked.is_ok() {
+                out.put(&self.line);
+            }
+            self.clear_line();
+            checked
+        };
+        match checked {
             Err(v) => {
                 self.state = State::Passthrough;
-                (taken, Outcome::RefusedHead(v))
+                (end, Outcome::RefusedHead(v))
             }
             Ok(next) => {
-                out.extend_from_slice(&head);
                 self.state = next;
-                (taken, Outcome::Continue)
+                (end, Outcome::Continue)
             }
+        }
+    }
+
+    /// Empties `line`, keeping a small allocation for the next head or line.
+    fn clear_line(&mut self) {
+        if self.line.capacity() > KEEP_LINE_CAPACITY {
+            self.line = Vec::new();
+        } else {
+            self.line.clear();
         }
     }
 
@@ -391,48 +479,71 @@ impl Scanner {
 }
 
 /// Checks a complete head; returns the body state that follows it.
+///
+/// One pass: CR and LF are jumped to (every LF must follow a CR, every CR
+/// must precede an LF), and each line is interpreted as it is found. A
+/// terminator violation anywhere in the head wins over what the lines say,
+/// so a decision the lines reach early is only returned after the last line.
 fn check_head(head: &[u8]) -> Result<State, Violation> {
-    // Line terminators first: every LF preceded by CR, every CR followed by LF.
-    for (i, &b) in head.iter().enumerate() {
-        match b {
-            b'\n' if i == 0 || head[i - 1] != b'\r' => return Err(Violation::BareLf),
-            b'\r' if head.get(i + 1) != Some(&b'\n') => return Err(Violation::BareCr),
-            _ => {}
-        }
-    }
-    let mut lines = head
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-        .skip_while(|l| l.is_empty());
-    let request_line = lines.next().unwrap_or_default();
-    if request_line.starts_with(b"PRI * HTTP/2.0") {
-        return Ok(State::Passthrough);
-    }
+    let mut pos = 0;
+    let mut request_line_seen = false;
+    let mut headers_ended = false;
+    let mut decided: Option<Result<State, Violation>> = None;
     // `Transfer-Encoding` as hyper reads it: the last header's last coding.
     let mut te: Option<&[u8]> = None;
     let mut cl: Option<Option<u64>> = None;
-    for line in lines {
-        if line.is_empty() {
-            break;
-        }
-        if matches!(line[0], b' ' | b'\t') {
-            return Err(Violation::ObsFold);
-        }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            // hyper refuses it and closes the connection.
-            return Ok(State::Passthrough);
+    loop {
+        let (line, next) = match memchr2(b'\r', b'\n', &head[pos..]) {
+            Some(p) => {
+                let at = pos + p;
+                if head[at] == b'\n' {
+                    // No CR right before it: that was jumped to first.
+                    return Err(Violation::BareLf);
+                }
+                if head.get(at + 1) != Some(&b'\n') {
+                    return Err(Violation::BareCr);
+                }
+                (&head[pos..at], Some(at + 2))
+            }
+            None => (&head[pos..], None),
         };
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            te = Some(value);
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let parsed = content_length(value);
-            cl = Some(match cl {
-                None => parsed,
-                Some(prev) if prev == parsed => prev,
-                Some(_) => None,
-            });
+        if decided.is_none() && !headers_ended {
+            if !request_line_seen {
+                // Empty lines before the request line are skipped.
+                if !line.is_empty() {
+                    request_line_seen = true;
+                    if line.starts_with(b"PRI * HTTP/2.0") {
+                        decided = Some(Ok(State::Passthrough));
+                    }
+                }
+            } else if line.is_empty() {
+                headers_ended = true;
+            } else if matches!(line[0], b' ' | b'\t') {
+                decided = Some(Err(Violation::ObsFold));
+            } else if let Some(colon) = memchr(b':', line) {
+                let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+                if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                    te = Some(value);
+                } else if name.eq_ignore_ascii_case(b"content-length") {
+                    let parsed = content_length(value);
+                    cl = Some(match cl {
+                        None => parsed,
+                        Some(prev) if prev == parsed => prev,
+                        Some(_) => None,
+                    });
+                }
+            } else {
+                // hyper refuses it and closes the connection.
+                decided = Some(Ok(State::Passthrough));
+            }
         }
+        match next {
+            Some(next) => pos = next,
+            None => break,
+        }
+    }
+    if let Some(decided) = decided {
+        return decided;
     }
     if te.is_some() && cl.is_some() {
         return Err(Violation::LengthAndChunked);
@@ -459,6 +570,28 @@ fn check_head(head: &[u8]) -> Result<State, Violation> {
         (None, Some(Some(0))) | (None, None) => Ok(State::Head),
         (None, Some(Some(n))) => Ok(State::Length(n)),
         _ => Ok(State::Passthrough),
+    }
+}
+
+/// A complete chunk-size line (`trailers`: a trailer line) with its CRLF;
+/// returns the state that follows it, or `None` if it is refused.
+fn chunk_line(trailers: bool, line: &[u8]) -> Option<State> {
+    let content = line.strip_suffix(b"\r\n")?;
+    if content.len() > MAX_CHUNK_LINE || memchr(b'\r', content).is_some() {
+        return None;
+    }
+    if !trailers {
+        return match chunk_size(content)? {
+            0 => Some(State::Trailers),
+            n => Some(State::ChunkData(n)),
+        };
+    }
+    if content.is_empty() {
+        Some(State::Head)
+    } else if matches!(content[0], b' ' | b'\t') {
+        None
+    } else {
+        Some(State::Trailers)
     }
 }
 
@@ -512,6 +645,11 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 }
 
 /// The connection's read side through the [`Scanner`].
+///
+/// When the scanner holds nothing (the usual case between requests), a read
+/// goes straight into hyper's buffer and is scanned there: only an incomplete
+/// head or chunk line at its end is moved out and held, and a refused part is
+/// cut off before hyper sees it. Otherwise reads are staged in the guard.
 pub struct H1Guard<T> {
     inner: T,
     scanner: Scanner,
@@ -562,9 +700,33 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
             if this.scanner.is_passthrough() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
+            if this.scanner.holds_nothing() && buf.remaining() >= READ_SIZE {
+                // The common case, without a copy: read into hyper's buffer,
+                // scan the new bytes there, and take back out of it only what
+                // must be held (the incomplete head or line at the end) or
+                // refused (from the refused head or line on).
+                let start = buf.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                let data = &buf.filled()[start..];
+                if data.is_empty() {
+                    // The caller closed, and nothing is held.
+                    this.eof_after_ready = true;
+                    return Poll::Ready(Ok(()));
+                }
+                let mut passed = Passed(0);
+                let outcome = this.scanner.scan(data, &mut passed);
+                buf.set_filled(start + passed.0);
+                if this.refuse(outcome) || passed.0 == 0 {
+                    // The stand-in bytes are in `ready`; or everything read
+                    // is held (never an empty read: hyper would take it for
+                    // EOF), and the next read goes through `ready`.
+                    continue;
+                }
+                return Poll::Ready(Ok(()));
+            }
             // Uninitialised: zeroing 8 KiB on every read (most of which
             // return Pending) cost more than everything else the guard does.
-            let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+            let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); READ_SIZE];
             let mut rb = ReadBuf::uninit(&mut tmp);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
             let data = rb.filled();
@@ -576,23 +738,33 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
                 this.eof_after_ready = true;
                 continue;
             }
-            match this.scanner.feed(data, &mut this.ready) {
-                Outcome::Continue => {}
-                Outcome::RefusedHead(v) => {
-                    this.verdict.set(v);
-                    this.ready.extend_from_slice(REFUSAL_REQUEST);
-                    this.refused = true;
-                }
-                Outcome::RefusedBody(_) => {
-                    // hyper's chunked decoder refuses `\rX` in every state the
-                    // scanner can stop in (line start, after chunk data, after
-                    // its CR): the body fails with a decode error, the request
-                    // gets a 400, and nothing more is read.
-                    this.ready.extend_from_slice(POISON);
-                    this.refused = true;
-                }
+            let outcome = this.scanner.scan(data, &mut this.ready);
+            this.refuse(outcome);
+        }
+    }
+}
+
+impl<T> H1Guard<T> {
+    /// Acts on a refusal: the stand-in bytes go to `ready` (after whatever
+    /// passed before the refused part) and nothing more is read. Returns
+    /// whether `outcome` was a refusal.
+    fn refuse(&mut self, outcome: Outcome) -> bool {
+        match outcome {
+            Outcome::Continue => return false,
+            Outcome::RefusedHead(v) => {
+                self.verdict.set(v);
+                self.ready.extend_from_slice(REFUSAL_REQUEST);
+            }
+            Outcome::RefusedBody(_) => {
+                // hyper's chunked decoder refuses `\rX` in every state the
+                // scanner can stop in (line start, after chunk data, after
+                // its CR): the body fails with a decode error, the request
+                // gets a 400, and nothing more is read.
+                self.ready.extend_from_slice(POISON);
             }
         }
+        self.refused = true;
+        true
     }
 }
 
@@ -619,6 +791,236 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H1Guard<T> {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// The scanner as it was before the in-place scanning (byte-at-a-time head,
+/// every line copied, `check_head` in two byte-wise passes): the reference
+/// the differential tests compare the scanner and the guard against.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod reference {
+    use super::{Outcome, State, Violation, chunk_size, content_length, trim};
+    use bytes::BytesMut;
+
+    pub(super) struct Scanner {
+        pub(super) state: State,
+        line: Vec<u8>,
+        head_line_start: usize,
+        head_seen_line: bool,
+        head_limit: usize,
+    }
+
+    impl Scanner {
+        pub(super) fn with_head_limit(head_limit: usize) -> Self {
+            Scanner {
+                state: State::Head,
+                line: Vec::new(),
+                head_line_start: 0,
+                head_seen_line: false,
+                head_limit,
+            }
+        }
+
+        pub(super) fn feed(&mut self, mut input: &[u8], out: &mut BytesMut) -> Outcome {
+            while !input.is_empty() {
+                match self.state {
+                    State::Passthrough => {
+                        out.extend_from_slice(input);
+                        return Outcome::Continue;
+                    }
+                    State::Failed => return Outcome::RefusedBody(Violation::ChunkFraming),
+                    State::Head => {
+                        let (taken, outcome) = self.head(input, out);
+                        input = &input[taken..];
+                        if outcome != Outcome::Continue {
+                            return outcome;
+                        }
+                    }
+                    State::Length(n) => {
+                        let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
+                        out.extend_from_slice(&input[..take]);
+                        input = &input[take..];
+                        let left = n - take as u64;
+                        self.state = if left == 0 {
+                            State::Head
+                        } else {
+                            State::Length(left)
+                        };
+                    }
+                    State::ChunkData(n) => {
+                        let take = usize::try_from(n).unwrap_or(usize::MAX).min(input.len());
+                        out.extend_from_slice(&input[..take]);
+                        input = &input[take..];
+                        let left = n - take as u64;
+                        self.state = if left == 0 {
+                            State::ChunkEnd(false)
+                        } else {
+                            State::ChunkData(left)
+                        };
+                    }
+                    State::ChunkEnd(cr) => {
+                        let b = input[0];
+                        self.state = match (cr, b) {
+                            (false, b'\r') => State::ChunkEnd(true),
+                            (true, b'\n') => State::ChunkSize,
+                            _ => return self.fail(),
+                        };
+                        out.extend_from_slice(&input[..1]);
+                        input = &input[1..];
+                    }
+                    State::ChunkSize | State::Trailers => {
+                        let Some(lf) = input.iter().position(|&b| b == b'\n') else {
+                            self.line.extend_from_slice(input);
+                            if self.line.len() > 8 * 1024 {
+                                return self.fail();
+                            }
+                            return Outcome::Continue;
+                        };
+                        self.line.extend_from_slice(&input[..=lf]);
+                        input = &input[lf + 1..];
+                        let line = std::mem::take(&mut self.line);
+                        let Some(content) = line.strip_suffix(b"\r\n") else {
+                            return self.fail();
+                        };
+                        if content.contains(&b'\r') || content.len() > 8 * 1024 {
+                            return self.fail();
+                        }
+                        if matches!(self.state, State::ChunkSize) {
+                            match chunk_size(content) {
+                                Some(0) => self.state = State::Trailers,
+                                Some(n) => self.state = State::ChunkData(n),
+                                None => return self.fail(),
+                            }
+                        } else if content.is_empty() {
+                            self.state = State::Head;
+                        } else if matches!(content.first(), Some(b' ' | b'\t')) {
+                            return self.fail();
+                        }
+                        out.extend_from_slice(&line);
+                    }
+                }
+            }
+            Outcome::Continue
+        }
+
+        fn fail(&mut self) -> Outcome {
+            self.state = State::Failed;
+            Outcome::RefusedBody(Violation::ChunkFraming)
+        }
+
+        fn head(&mut self, input: &[u8], out: &mut BytesMut) -> (usize, Outcome) {
+            for (k, &b) in input.iter().enumerate() {
+                self.line.push(b);
+                if b == b'\n' {
+                    let i = self.line.len() - 1;
+                    let len = i - self.head_line_start;
+                    let empty = len == 0 || (len == 1 && self.line[self.head_line_start] == b'\r');
+                    if empty && self.head_seen_line {
+                        let head = std::mem::take(&mut self.line);
+                        self.head_line_start = 0;
+                        self.head_seen_line = false;
+                        return match check_head(&head) {
+                            Err(v) => {
+                                self.state = State::Passthrough;
+                                (k + 1, Outcome::RefusedHead(v))
+                            }
+                            Ok(next) => {
+                                out.extend_from_slice(&head);
+                                self.state = next;
+                                (k + 1, Outcome::Continue)
+                            }
+                        };
+                    }
+                    if !empty {
+                        self.head_seen_line = true;
+                    }
+                    self.head_line_start = i + 1;
+                }
+                if self.line.len() > self.head_limit {
+                    out.extend_from_slice(&self.line);
+                    out.extend_from_slice(&input[k + 1..]);
+                    self.line = Vec::new();
+                    self.head_line_start = 0;
+                    self.head_seen_line = false;
+                    self.state = State::Passthrough;
+                    return (input.len(), Outcome::Continue);
+                }
+            }
+            (input.len(), Outcome::Continue)
+        }
+
+        pub(super) fn take_held(&mut self) -> Vec<u8> {
+            if matches!(self.state, State::Head) {
+                self.head_line_start = 0;
+                self.head_seen_line = false;
+                std::mem::take(&mut self.line)
+            } else {
+                Vec::new()
+            }
+        }
+    }
+
+    pub(super) fn check_head(head: &[u8]) -> Result<State, Violation> {
+        for (i, &b) in head.iter().enumerate() {
+            match b {
+                b'\n' if i == 0 || head[i - 1] != b'\r' => return Err(Violation::BareLf),
+                b'\r' if head.get(i + 1) != Some(&b'\n') => return Err(Violation::BareCr),
+                _ => {}
+            }
+        }
+        let mut lines = head
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .skip_while(|l| l.is_empty());
+        let request_line = lines.next().unwrap_or_default();
+        if request_line.starts_with(b"PRI * HTTP/2.0") {
+            return Ok(State::Passthrough);
+        }
+        let mut te: Option<&[u8]> = None;
+        let mut cl: Option<Option<u64>> = None;
+        for line in lines {
+            if line.is_empty() {
+                break;
+            }
+            if matches!(line[0], b' ' | b'\t') {
+                return Err(Violation::ObsFold);
+            }
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                return Ok(State::Passthrough);
+            };
+            let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                te = Some(value);
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                let parsed = content_length(value);
+                cl = Some(match cl {
+                    None => parsed,
+                    Some(prev) if prev == parsed => prev,
+                    Some(_) => None,
+                });
+            }
+        }
+        if te.is_some() && cl.is_some() {
+            return Err(Violation::LengthAndChunked);
+        }
+        match (te, cl) {
+            (Some(v), None) => {
+                let last = v
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .map(trim)
+                    .unwrap_or_default();
+                if last.eq_ignore_ascii_case(b"chunked") {
+                    Ok(State::ChunkSize)
+                } else {
+                    Ok(State::Passthrough)
+                }
+            }
+            (None, Some(Some(0))) | (None, None) => Ok(State::Head),
+            (None, Some(Some(n))) => Ok(State::Length(n)),
+            _ => Ok(State::Passthrough),
+        }
     }
 }
 
@@ -741,6 +1143,314 @@ mod tests {
     fn leading_empty_lines_do_not_end_the_head() {
         let input = b"\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n";
         assert_eq!(run(input, 1), (input.to_vec(), Outcome::Continue));
+    }
+
+    /// The other end of the connection: returns the given pieces (at most
+    /// what fits), sometimes `Pending` first, then EOF; logs every read.
+    struct Pieces {
+        pieces: std::collections::VecDeque<Vec<u8>>,
+        rng: fastrand::Rng,
+        /// Out of 256, how often a read returns `Pending` first.
+        pending_odds: u8,
+        pendings: usize,
+        delivered: Vec<Vec<u8>>,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.rng.u8(..) < this.pending_odds {
+                this.pendings += 1;
+                return Poll::Pending;
+            }
+            let Some(front) = this.pieces.front_mut() else {
+                this.delivered.push(Vec::new());
+                return Poll::Ready(Ok(()));
+            };
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            this.delivered.push(front[..n].to_vec());
+            front.drain(..n);
+            if front.is_empty() {
+                this.pieces.pop_front();
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum End {
+        /// The guard reported EOF.
+        Eof,
+        /// The guard stopped reading (after a refusal).
+        Stopped,
+    }
+
+    /// Reads everything hyper would get from an [`H1Guard`] over `pieces`,
+    /// with read buffers of random sizes (some already partly filled).
+    fn drive_guard(
+        pieces: Vec<Vec<u8>>,
+        head_limit: usize,
+        rng: &mut fastrand::Rng,
+    ) -> (Vec<u8>, End, Option<Violation>, Vec<Vec<u8>>) {
+        let verdict = Arc::new(Verdict::default());
+        let inner = Pieces {
+            pieces: pieces.into(),
+            rng: fastrand::Rng::with_seed(rng.u64(..)),
+            pending_odds: 32,
+            pendings: 0,
+            delivered: Vec::new(),
+        };
+        let mut guard = H1Guard::new(inner, verdict.clone(), head_limit);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut out = Vec::new();
+        let end = loop {
+            let room = match rng.u8(0..8) {
+                0 => 1,
+                1 => 24,
+                2 => rng.usize(1..READ_SIZE),
+                3 => READ_SIZE,
+                _ => READ_SIZE + rng.usize(0..20_000),
+            };
+            let before = rng.usize(0..4);
+            let mut storage = vec![0u8; before + room];
+            let mut rb = ReadBuf::new(&mut storage);
+            rb.put_slice(&vec![0xee; before]);
+            let pendings = guard.inner.pendings;
+            match Pin::new(&mut guard).poll_read(&mut cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let (kept, new) = rb.filled().split_at(before);
+                    assert!(kept.iter().all(|&b| b == 0xee), "bytes already read kept");
+                    if new.is_empty() {
+                        break End::Eof;
+                    }
+                    out.extend_from_slice(new);
+                }
+                Poll::Ready(Err(e)) => panic!("read error {e}"),
+                Poll::Pending if guard.inner.pendings > pendings => {}
+                Poll::Pending => break End::Stopped,
+            }
+        };
+        let delivered = std::mem::take(&mut guard.inner.delivered);
+        (out, end, verdict.refused(), delivered)
+    }
+
+    /// What the guard did before the in-place scanning, over the same reads:
+    /// the reference scanner into one buffer, the stand-ins after a refusal,
+    /// what was held at EOF.
+    fn old_guard(delivered: &[Vec<u8>], head_limit: usize) -> (Vec<u8>, End, Option<Violation>) {
+        let mut s = reference::Scanner::with_head_limit(head_limit);
+        let mut out = BytesMut::new();
+        for piece in delivered {
+            if piece.is_empty() {
+                out.extend_from_slice(&s.take_held());
+                return (out.to_vec(), End::Eof, None);
+            }
+            match s.feed(piece, &mut out) {
+                Outcome::Continue => {}
+                Outcome::RefusedHead(v) => {
+                    out.extend_from_slice(REFUSAL_REQUEST);
+                    return (out.to_vec(), End::Stopped, Some(v));
+                }
+                Outcome::RefusedBody(_) => {
+                    out.extend_from_slice(POISON);
+                    return (out.to_vec(), End::Stopped, None);
+                }
+            }
+        }
+        panic!("the guard stopped without EOF or a refusal");
+    }
+
+    /// Pipelined requests, valid and broken: Content-Length and chunked
+    /// bodies, long headers, leading empty lines, the h2 preface, then a
+    /// random mutation or none.
+    fn random_stream(rng: &mut fastrand::Rng) -> Vec<u8> {
+        let mut s = Vec::new();
+        if rng.u8(0..32) == 0 {
+            s.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        }
+        for _ in 0..rng.usize(1..5) {
+            if rng.u8(0..8) == 0 {
+                s.extend_from_slice(b"\r\n");
+            }
+            let method = ["GET", "PUT", "POST"][rng.usize(0..3)];
+            s.extend_from_slice(
+                format!("{method} /v1/x/{} HTTP/1.1\r\nhost: gw\r\n", rng.u32(..)).as_bytes(),
+            );
+            if rng.bool() {
+                let token: String = (0..rng.usize(0..3000))
+                    .map(|_| rng.alphanumeric())
+                    .collect();
+                s.extend_from_slice(format!("authorization: Bearer {token}\r\n").as_bytes());
+            }
+            for i in 0..rng.usize(0..6) {
+                s.extend_from_slice(format!("x-h{i}:  v{}\t\r\n", rng.u16(..)).as_bytes());
+            }
+            let body_kind = rng.u8(0..8);
+            let data_len = rng.usize(0..300);
+            let data: Vec<u8> = (0..data_len)
+                .map(|_| b"ab\r\n0:"[rng.usize(0..6)])
+                .collect();
+            match body_kind {
+                0 | 1 => s.extend_from_slice(b"\r\n"),
+                2 | 3 => {
+                    s.extend_from_slice(format!("content-length: {data_len}\r\n\r\n").as_bytes());
+                    s.extend_from_slice(&data);
+                }
+                4..=6 => {
+                    s.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                    for part in data.chunks(rng.usize(1..100)) {
+                        let ext = if rng.u8(0..4) == 0 { ";a=b" } else { "" };
+                        s.extend_from_slice(format!("{:x}{ext}\r\n", part.len()).as_bytes());
+                        s.extend_from_slice(part);
+                        s.extend_from_slice(b"\r\n");
+                    }
+                    s.extend_from_slice(b"0\r\n");
+                    if rng.bool() {
+                        s.extend_from_slice(b"trailer: t\r\n");
+                    }
+                    s.extend_from_slice(b"\r\n");
+                }
+                _ => {
+                    s.extend_from_slice(b"content-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
+                    s.extend_from_slice(b"3\r\nabc\r\n0\r\n\r\n");
+                }
+            }
+        }
+        if !s.is_empty() {
+            let at = rng.usize(0..s.len());
+            let byte = b"\r\n :\t0a"[rng.usize(0..7)];
+            match rng.u8(0..8) {
+                0 => s[at] = byte,
+                1 => {
+                    s.remove(at);
+                }
+                2 => s.insert(at, byte),
+                3 => s.truncate(at),
+                _ => {}
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn zero_copy_reads_match_the_old_guard() {
+        let mut rng = fastrand::Rng::with_seed(0x5eed_0f9a_4d00);
+        let (mut refused_heads, mut refused_bodies, mut eofs) = (0, 0, 0);
+        for case in 0..6_000 {
+            let input = random_stream(&mut rng);
+            let head_limit = if rng.u8(0..4) == 0 {
+                rng.usize(16..4096)
+            } else {
+                HEAD_LIMIT
+            };
+            let mut pieces = Vec::new();
+            let mut rest = &input[..];
+            let most = [1, 16, 700, 9000, usize::MAX][rng.usize(0..5)];
+            while !rest.is_empty() {
+                let n = rng.usize(1..=most.min(rest.len()));
+                pieces.push(rest[..n].to_vec());
+                rest = &rest[n..];
+            }
+            let (out, end, verdict, delivered) = drive_guard(pieces, head_limit, &mut rng);
+            let expected = old_guard(&delivered, head_limit);
+            let ctx = format!(
+                "case {case}: limit {head_limit} input {:?}",
+                String::from_utf8_lossy(&input)
+            ) + &format!(" reads {delivered:?}");
+            assert_eq!(out, expected.0, "{ctx}");
+            assert_eq!((&end, verdict), (&expected.1, expected.2), "{ctx}");
+            // Whatever the reads, the caller's bytes in order, or a prefix of
+            // them and a stand-in.
+            match (&end, verdict) {
+                (End::Eof, _) => {
+                    // All of it, but for a chunk line cut short by EOF.
+                    eofs += 1;
+                    assert!(input.starts_with(&out), "{ctx}");
+                }
+                (End::Stopped, Some(_)) => {
+                    refused_heads += 1;
+                    assert!(out.ends_with(REFUSAL_REQUEST), "{ctx}");
+                    assert!(
+                        input.starts_with(&out[..out.len() - REFUSAL_REQUEST.len()]),
+                        "{ctx}"
+                    );
+                }
+                (End::Stopped, None) => {
+                    refused_bodies += 1;
+                    assert!(out.ends_with(POISON), "{ctx}");
+                    assert!(input.starts_with(&out[..out.len() - POISON.len()]), "{ctx}");
+                }
+            }
+        }
+        // Every kind of ending is exercised.
+        assert!(
+            eofs > 1000 && refused_heads > 300 && refused_bodies > 100,
+            "{eofs} {refused_heads} {refused_bodies}"
+        );
+    }
+
+    #[test]
+    fn one_pass_check_head_matches_the_two_pass_reference() {
+        let parts: [&[u8]; 14] = [
+            b"a",
+            b":",
+            b" ",
+            b"\t",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b"\r\n",
+            b"\r\n",
+            b"GET / HTTP/1.1",
+            b"PRI * HTTP/2.0",
+            b"content-length: 5",
+            b"Transfer-Encoding: gzip, chunked",
+            b"content-length: 0, 0",
+        ];
+        let mut rng = fastrand::Rng::with_seed(0xc4ec_4ead);
+        for _ in 0..50_000 {
+            let head: Vec<u8> = (0..rng.usize(0..12))
+                .flat_map(|_| parts[rng.usize(0..parts.len())].iter().copied())
+                .collect();
+            assert_eq!(
+                check_head(&head),
+                reference::check_head(&head),
+                "{:?}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_read_whole_is_passed_in_place_and_a_split_head_reuses_its_buffer() {
+        let request = b"PUT /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello".to_vec();
+        let split = b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n".to_vec();
+        let inner = Pieces {
+            pieces: vec![request.clone(), split[..10].to_vec(), split[10..].to_vec()].into(),
+            rng: fastrand::Rng::with_seed(1),
+            pending_odds: 0,
+            pendings: 0,
+            delivered: Vec::new(),
+        };
+        let mut guard = H1Guard::new(inner, Arc::new(Verdict::default()), HEAD_LIMIT);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut storage = vec![0u8; 2 * READ_SIZE];
+        let mut rb = ReadBuf::new(&mut storage);
+        assert!(Pin::new(&mut guard).poll_read(&mut cx, &mut rb).is_ready());
+        assert_eq!(rb.filled(), &request[..]);
+        // Straight into hyper's buffer: nothing was staged or held.
+        assert_eq!(guard.ready.capacity(), 0);
+        assert_eq!(guard.scanner.line.capacity(), 0);
+        let mut rb = ReadBuf::new(&mut storage);
+        assert!(Pin::new(&mut guard).poll_read(&mut cx, &mut rb).is_ready());
+        assert_eq!(rb.filled(), &split[..]);
+        // The held head's buffer is kept for the next one.
+        assert!(guard.scanner.line.is_empty() && guard.scanner.line.capacity() > 0);
     }
 
     #[test]

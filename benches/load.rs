@@ -1219,7 +1219,12 @@ async fn run(o: Opts) -> R<()> {
     let _ = writeln!(report, "\n## zuora-gateway load bench\n");
     let _ = writeln!(
         report,
-        "nproc {nproc}; gateway: worker_threads {workers} (1 = current-thread runtime); nginx: worker_processes {workers}; simulator: {nproc} tokio workers; load generator: wrk -t{} on the same cores",
+        "nproc {nproc}; gateway: worker_threads {workers} ({}); nginx: worker_processes {workers}; simulator: {nproc} tokio workers; load generator: wrk -t{} on the same cores",
+        if o.work_stealing && workers > 1 {
+            "work_stealing: one multi-thread runtime"
+        } else {
+            "one current-thread runtime per thread"
+        },
         o.threads
     );
     let _ = writeln!(
@@ -1233,7 +1238,7 @@ async fn run(o: Opts) -> R<()> {
         match (o.otlp, o.sampling) {
             (false, _) => "no OTLP endpoint (spans not exported)".to_owned(),
             (true, None) =>
-                "OTLP/HTTP to a dummy collector in the bench process, default sampling_ratio (1.0)"
+                "OTLP/HTTP to a dummy collector in the bench process, default sampling_ratio (0.1; failures always exported)"
                     .to_owned(),
             (true, Some(r)) =>
                 format!("OTLP/HTTP to a dummy collector in the bench process, sampling_ratio {r}"),

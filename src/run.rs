@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
-/// The runtime `simulate` runs on: tokio's multi-thread default.
+/// A current-thread runtime for `Some(1)`, else a multi-thread runtime with
+/// that many workers (`None`: tokio's default, as `simulate` uses).
 fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     match worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread()

@@ -141,20 +141,32 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    assert!(input.starts_with(&expected), "the scanner only lets caller bytes through");
+    assert!(
+        input.starts_with(&expected),
+        "the scanner only lets caller bytes through"
+    );
     match refused {
         None => {
             // Not refused: the guard reached EOF and then also passed what it
             // held back (a continuation of the input); it never stops reading
             // on its own.
             assert!(!stopped, "the guard stopped reading without a refusal");
-            assert!(out.starts_with(&expected), "hyper got what the scanner let through");
-            assert!(input.starts_with(&out), "and then only caller bytes, in order");
+            assert!(
+                out.starts_with(&expected),
+                "hyper got what the scanner let through"
+            );
+            assert!(
+                input.starts_with(&out),
+                "and then only caller bytes, in order"
+            );
             assert_eq!(verdict.refused(), None);
         }
         Some((head, v)) => {
             assert!(!eof, "a refused connection is not read to EOF");
-            assert!(out.starts_with(&expected), "hyper got what preceded the refusal");
+            assert!(
+                out.starts_with(&expected),
+                "hyper got what preceded the refusal"
+            );
             let stand_in = &out[expected.len()..];
             if head {
                 assert_eq!(verdict.refused(), v);
@@ -163,7 +175,10 @@ fuzz_target!(|data: &[u8]| {
                     "a refused head is replaced by the stand-in request"
                 );
             } else {
-                assert_eq!(stand_in, b"\rX", "a refused body line is replaced by the poison");
+                assert_eq!(
+                    stand_in, b"\rX",
+                    "a refused body line is replaced by the poison"
+                );
             }
         }
     }

@@ -462,6 +462,39 @@ fn mint_jwt() -> R<String> {
     jsonwebtoken::encode(&header, &claims, &key).map_err(|e| e.to_string())
 }
 
+/// Starts `zuora-gateway serve --config conf` (its stdout, the access log,
+/// discarded like nginx's; stderr to `log`) and waits until its admin port is
+/// ready; on failure the error carries the gateway's log.
+async fn spawn_gateway(
+    name: &'static str,
+    conf: &Path,
+    log: &Path,
+    admin_port: u16,
+    o: &Opts,
+) -> R<Proc> {
+    let rust_log = if o.access_log {
+        "warn"
+    } else {
+        "warn,access=off"
+    };
+    let gw = Proc::spawn(
+        name,
+        Command::new(GATEWAY_BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(conf)
+            .env("RUST_LOG", rust_log),
+        log,
+        true,
+    )?;
+    let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    if let Err(e) = wait_ready(admin, Duration::from_secs(15)).await {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        return Err(format!("{e}\n--- {name} log ---\n{text}"));
+    }
+    Ok(gw)
+}
+
 fn gateway_yaml(
     listen: u16,
     admin: u16,
@@ -1170,30 +1203,16 @@ async fn run(o: Opts) -> R<()> {
     let gw_conf = d.join("gateway.yaml");
     std::fs::write(&gw_conf, &yaml).map_err(|e| e.to_string())?;
     env.otlp = Some(otlp);
-    let gw = Proc::spawn(
+    let gw = spawn_gateway(
         "zuora-gateway",
-        Command::new(GATEWAY_BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(&gw_conf)
-            .env(
-                "RUST_LOG",
-                if o.access_log {
-                    "warn"
-                } else {
-                    "warn,access=off"
-                },
-            ),
-        // The access log (stdout, one line per request) goes to /dev/null, like nginx's.
+        &gw_conf,
         &d.join("gateway.log"),
-        true,
-    )?;
+        admin_port,
+        &o,
+    )
+    .await?;
     let gw_addr: SocketAddr = ([127, 0, 0, 1], gw_port).into();
     let admin_addr: SocketAddr = ([127, 0, 0, 1], admin_port).into();
-    if let Err(e) = wait_ready(admin_addr, Duration::from_secs(15)).await {
-        let log = std::fs::read_to_string(d.join("gateway.log")).unwrap_or_default();
-        return Err(format!("{e}\n--- gateway log ---\n{log}"));
-    }
     env.gateway = Some((gw, gw_addr, admin_addr));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let gw_pid = env.proxy_pids(Target::Gateway);
@@ -1761,29 +1780,16 @@ async fn refresh_phase(
     );
     let conf = d.join("gateway-refresh.yaml");
     std::fs::write(&conf, &yaml).map_err(|e| e.to_string())?;
-    let _gw = Proc::spawn(
+    let _gw = spawn_gateway(
         "zuora-gateway (refresh)",
-        Command::new(GATEWAY_BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(&conf)
-            .env(
-                "RUST_LOG",
-                if o.access_log {
-                    "warn"
-                } else {
-                    "warn,access=off"
-                },
-            ),
+        &conf,
         &d.join("gateway-refresh.log"),
-        true,
-    )?;
+        admin_port,
+        o,
+    )
+    .await?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
-    if let Err(e) = wait_ready(admin, Duration::from_secs(15)).await {
-        let log = std::fs::read_to_string(d.join("gateway-refresh.log")).unwrap_or_default();
-        return Err(format!("{e}\n--- refresh gateway log ---\n{log}"));
-    }
     // Every request kind once (also creates stream 0xffff's jobs).
     {
         let mut s = connect(addr).await?;

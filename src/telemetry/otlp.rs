@@ -865,24 +865,15 @@ mod tests {
     #[test]
     fn span_records_keep_their_attribute_types() {
         let span = SpanRecord {
-            trace_id: TraceId::from(1),
-            span_id: SpanId::from(2),
-            parent: None,
-            parent_remote: false,
-            trace_state: None,
             name: "zuora.token_fetch".into(),
-            kind: SpanKind::Internal,
-            start: SystemTime::now(),
-            end: SystemTime::now(),
             attributes: vec![
                 ("s", AttrValue::Str("v".into())),
                 ("i", AttrValue::Int(-5)),
                 ("f", AttrValue::Float(1.5)),
                 ("b", AttrValue::Bool(true)),
             ],
-            events: vec![],
             events_dropped: 3,
-            error: false,
+            ..SpanRecord::for_test(1, 2)
         };
         let body = encode(&[], &[Item::Spans(vec![span])]);
         let (_, spans) = decode(&body);
@@ -937,25 +928,7 @@ mod tests {
     }
 
     fn spans(n: u64) -> Item {
-        Item::Spans(
-            (0..n)
-                .map(|i| SpanRecord {
-                    trace_id: TraceId::from(1),
-                    span_id: SpanId::from(i + 1),
-                    parent: None,
-                    parent_remote: false,
-                    trace_state: None,
-                    name: "s".into(),
-                    kind: SpanKind::Internal,
-                    start: SystemTime::now(),
-                    end: SystemTime::now(),
-                    attributes: vec![],
-                    events: vec![],
-                    events_dropped: 0,
-                    error: false,
-                })
-                .collect(),
-        )
+        Item::Spans((0..n).map(|i| SpanRecord::for_test(1, i + 1)).collect())
     }
 
     #[tokio::test]

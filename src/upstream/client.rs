@@ -364,7 +364,9 @@ impl Client {
             let reused = lease.conn.is_some();
             let conn = match lease.conn {
                 Some(conn) => conn,
-                None => self.pool.clone().connect(lease.origin).await?,
+                // Boxed: the handshakes' state would otherwise make every
+                // request's future (and the caller's) several KiB larger.
+                None => Box::pin(self.pool.clone().connect(lease.origin)).await?,
             };
             let refused = match conn {
                 Checked::H2(mut tx) => {
@@ -1185,6 +1187,15 @@ mod tests {
         let client = client(Duration::from_secs(30), 4);
         let e = get(&client, Uri::from_static("/a")).await.unwrap_err();
         assert!(!e.is_connect());
+    }
+
+    #[tokio::test]
+    async fn a_request_future_stays_small() {
+        let client = client(Duration::from_secs(30), 4);
+        let req = Request::get("http://127.0.0.1:9/").body(crate::body::empty());
+        let fut = client.request(req.unwrap());
+        // Connecting is boxed: it is rare, and its state is large.
+        assert!(std::mem::size_of_val(&fut) < 1024, "{}", std::mem::size_of_val(&fut));
     }
 
     #[test]

@@ -598,8 +598,7 @@ impl Pool {
         for o in &mut state.origins {
             o.idle
                 .retain(|i| !i.tx.is_closed() && !self.expired(i.since, now));
-            if o
-                .h2
+            if o.h2
                 .as_ref()
                 .is_some_and(|s| s.tx.is_closed() || self.expired(s.since, now))
             {
@@ -623,19 +622,46 @@ impl Pool {
             self.lock().sweeping = false;
             return;
         };
-        let pool: Weak<Self> = Arc::downgrade(self);
+        let task = SweepTask {
+            pool: Arc::downgrade(self),
+            finished: false,
+        };
         let period = self.idle_timeout.max(Duration::from_millis(100));
         runtime.spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
-                let Some(pool) = pool.upgrade() else {
-                    return;
+                let Some(pool) = task.pool.upgrade() else {
+                    return task.finish();
                 };
                 if !pool.sweep(Instant::now()) {
-                    return;
+                    return task.finish();
                 }
             }
         });
+    }
+}
+
+/// The sweep task's hold on its pool. Dropped before the sweep finished
+/// (its runtime shut down), it lets the next idle connection start another.
+struct SweepTask {
+    pool: Weak<Pool>,
+    finished: bool,
+}
+
+impl SweepTask {
+    /// Ends the sweep normally (the pool is gone or has nothing idle).
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for SweepTask {
+    fn drop(&mut self) {
+        if !self.finished
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.lock().sweeping = false;
+        }
     }
 }
 
@@ -953,8 +979,11 @@ mod tests {
             finished: Arc::default(),
             heads: Arc::default(),
         };
-        let (accepted, finished, heads) =
-            (raw.accepted.clone(), raw.finished.clone(), raw.heads.clone());
+        let (accepted, finished, heads) = (
+            raw.accepted.clone(),
+            raw.finished.clone(),
+            raw.heads.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
@@ -997,7 +1026,8 @@ mod tests {
                             Mode::CloseWithoutAnswer => break,
                             Mode::Large => {
                                 let size = 4 << 20;
-                                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                                let head =
+                                    format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
                                 if tcp.write_all(head.as_bytes()).await.is_err() {
                                     break;
                                 }
@@ -1020,7 +1050,9 @@ mod tests {
 
     impl Raw {
         fn url(&self, path: &str) -> Uri {
-            format!("http://127.0.0.1:{}{path}", self.port).parse().unwrap()
+            format!("http://127.0.0.1:{}{path}", self.port)
+                .parse()
+                .unwrap()
         }
 
         fn accepted(&self) -> usize {
@@ -1055,7 +1087,10 @@ mod tests {
         let server = raw_server(Mode::KeepAlive).await;
         let client = client(Duration::from_secs(30), 4);
         for _ in 0..3 {
-            assert_eq!(get(&client, server.url("/v1/x?a=1&b=%20")).await.unwrap(), "ok");
+            assert_eq!(
+                get(&client, server.url("/v1/x?a=1&b=%20")).await.unwrap(),
+                "ok"
+            );
         }
         assert_eq!(server.accepted(), 1);
         let heads = server.heads.lock().unwrap().clone();
@@ -1092,6 +1127,29 @@ mod tests {
         assert_eq!(server.accepted(), 2);
     }
 
+    #[test]
+    fn the_sweep_restarts_on_another_runtime_when_its_runtime_is_gone() {
+        let servers = tokio::runtime::Runtime::new().unwrap();
+        let server = servers.block_on(raw_server(Mode::KeepAlive));
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let client = client(Duration::from_millis(150), 4);
+        let first = runtime();
+        first.block_on(get(&client, server.url("/a"))).unwrap();
+        // Its connection task and its sweep go with it.
+        drop(first);
+        runtime().block_on(async {
+            assert!(eventually(|| server.finished() == 1).await);
+            get(&client, server.url("/a")).await.unwrap();
+            assert_eq!(server.accepted(), 2);
+            assert!(eventually(|| server.finished() == 2).await);
+        });
+    }
+
     #[tokio::test]
     async fn a_stale_idle_connection_is_dropped_at_checkout() {
         let server = raw_server(Mode::KeepAlive).await;
@@ -1121,7 +1179,11 @@ mod tests {
         let server = raw_server(Mode::Large).await;
         let client: Client = client(Duration::from_secs(30), 4);
         let resp = client
-            .request(Request::get(server.url("/big")).body(crate::body::empty()).unwrap())
+            .request(
+                Request::get(server.url("/big"))
+                    .body(crate::body::empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         let mut body = resp.into_body();
@@ -1131,7 +1193,11 @@ mod tests {
         assert!(eventually(|| server.finished() == 1).await);
         assert!(client.pool.lock().origins[0].idle.is_empty());
         let resp = client
-            .request(Request::get(server.url("/big")).body(crate::body::empty()).unwrap())
+            .request(
+                Request::get(server.url("/big"))
+                    .body(crate::body::empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -1178,7 +1244,10 @@ mod tests {
         let e = get(&client, server.url("/a")).await.unwrap_err();
         assert!(!e.is_connect(), "{e:?}");
         let cause = std::error::Error::source(&e).unwrap().to_string();
-        assert!(cause.contains("connection closed before message completed"), "{cause}");
+        assert!(
+            cause.contains("connection closed before message completed"),
+            "{cause}"
+        );
         assert_eq!(server.accepted(), 1);
     }
 
@@ -1195,7 +1264,11 @@ mod tests {
         let req = Request::get("http://127.0.0.1:9/").body(crate::body::empty());
         let fut = client.request(req.unwrap());
         // Connecting is boxed: it is rare, and its state is large.
-        assert!(std::mem::size_of_val(&fut) < 1024, "{}", std::mem::size_of_val(&fut));
+        assert!(
+            std::mem::size_of_val(&fut) < 1024,
+            "{}",
+            std::mem::size_of_val(&fut)
+        );
     }
 
     #[test]

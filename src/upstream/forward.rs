@@ -156,7 +156,7 @@ impl Forward {
     }
 }
 
-/// The `Host` hyper-util's client sets on an HTTP/1 request to `base`
+/// The `Host` the client ([`super::client`]) sets on an HTTP/1 request to `base`
 /// (host, and the port unless it is the scheme's default), for plain-http
 /// bases only.
 fn http_host(base: &Uri) -> Option<HeaderValue> {

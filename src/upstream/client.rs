@@ -16,7 +16,7 @@
 //! - HTTP/2 (when ALPN picks `h2`): one connection per origin, shared by
 //!   all requests, replaced when it closes.
 //! - At most `pool.max_idle_per_host` idle HTTP/1.1 connections per origin
-//!   (each holds about 25 KiB of buffers plus its connection task); idle
+//!   (each keeps hyper's read and write buffers and its connection task); idle
 //!   ones are closed after `pool.idle_timeout`, by a sweep that runs while
 //!   the pool holds any. Busy connections are not capped here: the
 //!   upstream's `max_concurrent_requests` bounds them.
@@ -341,8 +341,8 @@ impl fmt::Debug for Client {
     }
 }
 
-/// How often a request refused by a pooled connection before anything was
-/// sent (it was closing) is tried again on another one.
+/// At most this many times a request that a pooled connection refused
+/// before sending anything (it was closing) is tried on another one.
 const MAX_UNSENT_RETRIES: usize = 8;
 
 impl Client {
@@ -429,6 +429,7 @@ fn origin_form(uri: &Uri) -> Uri {
         Some(pq) if pq.as_str() != "/" => {
             let mut parts = http::uri::Parts::default();
             parts.path_and_query = Some(pq.clone());
+            // A path-and-query alone always makes a valid URI.
             Uri::from_parts(parts).unwrap_or_default()
         }
         _ => Uri::default(),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, USER_AGENT};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Limited};
 use prometheus_client::metrics::counter::Counter;
 
 use super::otel::{
@@ -642,7 +642,7 @@ pub(crate) fn spawn<K: Sink + Send + 'static>(
 /// OTLP/HTTP: `POST <endpoint>` with `application/x-protobuf`.
 #[derive(Debug)]
 pub(crate) struct HttpSink {
-    client: hyper_util::client::legacy::Client<crate::upstream::client::Connector, Full<Bytes>>,
+    client: crate::upstream::client::Client,
     endpoint: Uri,
     headers: HeaderMap,
 }
@@ -679,7 +679,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 impl Sink for HttpSink {
     async fn send(&self, body: Vec<u8>) -> Result<(), String> {
-        let mut req = Request::new(Full::new(Bytes::from(body)));
+        let mut req = Request::new(crate::body::full(Bytes::from(body)));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.endpoint.clone();
         let h = req.headers_mut();

@@ -29,7 +29,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,7 +38,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -376,7 +376,7 @@ impl Client {
                         Err(mut e) => match e.take_message() {
                             Some(unsent) if reused && retries < MAX_UNSENT_RETRIES => {
                                 self.pool.forget_closed_h2(lease.origin);
-                                (unsent, None, e.into_error())
+                                (unsent, None, BoxError::from(e.into_error()))
                             }
                             Some(_) => return Err(Error::new(ErrorKind::Canceled, e.into_error())),
                             None => {
@@ -385,30 +385,30 @@ impl Client {
                         },
                     }
                 }
-                Checked::H1(mut tx) => {
+                Checked::H1(mut h1) => {
                     if let Some(host) = lease.host {
                         req.headers_mut().insert(HOST, host);
                     }
                     let absolute = std::mem::take(req.uri_mut());
                     *req.uri_mut() = origin_form(&absolute);
-                    match tx.try_send_request(req).await {
+                    match h1.exchange(req).await {
                         Ok(resp) => {
                             let back = GiveBack {
                                 pool: self.pool.clone(),
                                 origin: lease.origin,
-                                tx,
+                                h1,
                             };
                             return Ok(resp.map(|b| ResponseBody::new(b, Some(back))));
                         }
-                        Err(mut e) => match e.take_message() {
-                            Some(unsent) if reused && retries < MAX_UNSENT_RETRIES => {
-                                (unsent, Some(absolute), e.into_error())
-                            }
-                            Some(_) => return Err(Error::new(ErrorKind::Canceled, e.into_error())),
-                            None => {
-                                return Err(Error::new(ErrorKind::SendRequest, e.into_error()));
-                            }
-                        },
+                        Err((Some(unsent), reason)) if reused && retries < MAX_UNSENT_RETRIES => {
+                            (unsent, Some(absolute), reason)
+                        }
+                        Err((Some(_), reason)) => {
+                            return Err(Error::new(ErrorKind::Canceled, reason));
+                        }
+                        Err((None, reason)) => {
+                            return Err(Error::new(ErrorKind::SendRequest, reason));
+                        }
                     }
                 }
             };
@@ -470,8 +470,9 @@ struct Origin {
     authority: Authority,
     /// `Host` for HTTP/1.1 requests that carry none.
     host: Option<HeaderValue>,
-    /// Idle HTTP/1.1 connections, the most recently used last.
-    idle: Vec<Idle<http1::SendRequest<Body>>>,
+    /// Idle HTTP/1.1 connections, the most recently used last (so their
+    /// `since` only grows towards the end).
+    idle: Vec<Idle<Box<H1>>>,
     /// The shared HTTP/2 connection, if the origin speaks it.
     h2: Option<Idle<http2::SendRequest<Body>>>,
 }
@@ -483,8 +484,101 @@ struct Idle<T> {
 }
 
 enum Checked {
-    H1(http1::SendRequest<Body>),
+    H1(Box<H1>),
     H2(http2::SendRequest<Body>),
+}
+
+/// An HTTP/1.1 connection with no task of its own: hyper's connection state
+/// machine ([`http1::Connection`]) is polled by the task that uses it, while
+/// it waits for the response head ([`H1::exchange`]) and while it reads the
+/// response body ([`ResponseBody`]); that saves the hops to and from a
+/// connection task on every request. Idle in the pool, nobody polls it: a
+/// checkout (and the idle sweep) polls it once to see whether the peer
+/// closed it. Dropping it closes the connection.
+struct H1 {
+    tx: http1::SendRequest<Body>,
+    /// `None` once the connection has finished (closed or failed).
+    conn: Option<http1::Connection<Conn, Body>>,
+}
+
+/// Why an exchange failed: the request if nothing of it was sent, and the cause.
+type Refused = (Option<Request<Body>>, BoxError);
+
+impl H1 {
+    /// Drives the connection: writes the request and its body, reads the
+    /// response into the response body's channel. `Ready` once the
+    /// connection has finished; it is dropped then, which answers any
+    /// request still waiting on it (with an error).
+    fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(conn) = &mut self.conn else {
+            return Poll::Ready(());
+        };
+        let Poll::Ready(done) = Pin::new(conn).poll(cx) else {
+            return Poll::Pending;
+        };
+        if let Err(e) = done {
+            tracing::debug!(error = %e, "upstream HTTP/1.1 connection error");
+        }
+        self.conn = None;
+        Poll::Ready(())
+    }
+
+    /// Whether an idle connection can take a request: polled once, it is
+    /// still open (it reads a close by the peer), and hyper wants the next
+    /// request. No wake-up is wanted: nobody waits on an idle connection.
+    fn is_reusable(&mut self) -> bool {
+        self.poll_conn(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+            && self.tx.is_ready()
+    }
+
+    /// Sends `req` and waits for the response head, driving the connection
+    /// meanwhile (that is what writes the request and its body).
+    fn exchange(
+        &mut self,
+        req: Request<Body>,
+    ) -> Exchange<'_, impl Future<Output = Result<Response<Incoming>, TrySendError<Request<Body>>>>>
+    {
+        let resp = self.tx.try_send_request(req);
+        Exchange { h1: self, resp }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`H1::exchange`]'s future.
+    struct Exchange<'a, F> {
+        h1: &'a mut H1,
+        #[pin]
+        resp: F,
+    }
+}
+
+impl<F> Future for Exchange<'_, F>
+where
+    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<Body>>>>,
+{
+    type Output = Result<Response<Incoming>, Refused>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let finished = this.h1.poll_conn(cx).is_ready();
+        // Only the connection, polled just above, answers `resp` (or its
+        // drop does): `resp` needs no wake-up of its own.
+        match this.resp.poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(resp)) => Poll::Ready(Ok(resp)),
+            Poll::Ready(Err(mut e)) => {
+                let unsent = e.take_message();
+                Poll::Ready(Err((unsent, BoxError::from(e.into_error()))))
+            }
+            // hyper answers every request of a dropped connection; never
+            // wait forever if it did not.
+            Poll::Pending if finished => Poll::Ready(Err((
+                None,
+                BoxError::from("the connection closed without an answer"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 struct Lease {
@@ -544,25 +638,39 @@ impl Pool {
             }
             o.h2 = None;
         }
-        let mut i = o.idle.len();
-        while i > 0 {
-            i -= 1;
-            let idle = &o.idle[i];
-            if idle.tx.is_closed() || self.expired(idle.since, now) {
-                // Dropping the last sender closes the connection.
-                o.idle.remove(i);
-            } else if idle.tx.is_ready() {
-                let idle = o.idle.remove(i);
-                return Ok(lease(Some(Checked::H1(idle.tx))));
+        let mut candidate = o.idle.pop();
+        drop(state);
+        // The newest first: if it is stale, all are.
+        while let Some(idle) = candidate {
+            let mut h1 = idle.tx;
+            if self.expired(idle.since, now) {
+                let stale = self.take_idle(origin);
+                // Dropped (closed) outside the lock.
+                drop(stale);
+            } else if h1.is_reusable() {
+                return Ok(lease(Some(Checked::H1(h1))));
             }
-            // Otherwise still finishing its last exchange: left for later.
+            // Closed by the peer (or stale): dropped here.
+            drop(h1);
+            candidate = self.lock().origins.get_mut(origin).and_then(|o| o.idle.pop());
         }
         Ok(lease(None))
     }
 
-    /// Gives an HTTP/1.1 connection whose response was read to the end back.
-    fn put(&self, origin: usize, tx: http1::SendRequest<Body>) -> bool {
-        if tx.is_closed() {
+    /// All of `origin`'s idle connections, taken out of the pool.
+    fn take_idle(&self, origin: usize) -> Vec<Idle<Box<H1>>> {
+        self.lock()
+            .origins
+            .get_mut(origin)
+            .map(|o| std::mem::take(&mut o.idle))
+            .unwrap_or_default()
+    }
+
+    /// Gives an HTTP/1.1 connection whose response was read to the end back
+    /// (if hyper is ready for its next request: a connection still writing
+    /// the request body of an early answer is closed instead).
+    fn put(&self, origin: usize, h1: Box<H1>) -> bool {
+        if h1.conn.is_none() || !h1.tx.is_ready() {
             return false;
         }
         let mut state = self.lock();
@@ -571,11 +679,11 @@ impl Pool {
         };
         if o.idle.len() >= self.max_idle {
             drop(state);
-            drop(tx);
+            drop(h1);
             return false;
         }
         o.idle.push(Idle {
-            tx,
+            tx: h1,
             since: Instant::now(),
         });
         !std::mem::replace(&mut state.sweeping, true)
@@ -597,8 +705,9 @@ impl Pool {
         let mut state = self.lock();
         let mut left = false;
         for o in &mut state.origins {
+            // Polled with no wake-up: this also notices a close by the peer.
             o.idle
-                .retain(|i| !i.tx.is_closed() && !self.expired(i.since, now));
+                .retain_mut(|i| !self.expired(i.since, now) && i.tx.is_reusable());
             if o.h2
                 .as_ref()
                 .is_some_and(|s| s.tx.is_closed() || self.expired(s.since, now))
@@ -729,27 +838,17 @@ impl Pool {
             }
             return Ok(Checked::H2(tx));
         }
-        let (mut tx, conn) = self
+        let (tx, conn) = self
             .h1
             .handshake(io)
             .await
             .map_err(|e| Error::new(ErrorKind::SendRequest, e))?;
-        // The connection's own error says more than "channel closed".
-        let (failed, failure) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/1.1 connection error");
-                let _ = failed.send(e);
-            }
-        });
-        match tx.ready().await {
-            Ok(()) => Ok(Checked::H1(tx)),
-            Err(e) if e.is_closed() => match failure.await {
-                Ok(cause) => Err(Error::new(ErrorKind::SendRequest, cause)),
-                Err(_) => Err(Error::new(ErrorKind::SendRequest, e)),
-            },
-            Err(e) => Err(Error::new(ErrorKind::SendRequest, e)),
-        }
+        // No task: the request's task drives it (see `H1`). A new connection
+        // takes its first request before it has been polled.
+        Ok(Checked::H1(Box::new(H1 {
+            tx,
+            conn: Some(conn),
+        })))
     }
 }
 
@@ -757,12 +856,12 @@ impl Pool {
 struct GiveBack {
     pool: Arc<Pool>,
     origin: usize,
-    tx: http1::SendRequest<Body>,
+    h1: Box<H1>,
 }
 
 impl GiveBack {
     fn give_back(self) {
-        if self.pool.put(self.origin, self.tx) {
+        if self.pool.put(self.origin, self.h1) {
             self.pool.start_sweep();
         }
     }
@@ -799,7 +898,15 @@ impl http_body::Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(back) = &mut this.back else {
+            return Pin::new(&mut this.inner).poll_frame(cx);
+        };
+        // HTTP/1.1: this task drives the connection, which reads the body
+        // into `inner`'s channel. Only that connection, polled just here,
+        // feeds `inner` (or its drop ends it): `inner` needs no wake-up of
+        // its own, and asking for one would only wake this task again.
+        let _ = back.h1.poll_conn(cx);
+        let polled = Pin::new(&mut this.inner).poll_frame(&mut Context::from_waker(Waker::noop()));
         match &polled {
             Poll::Ready(None) => {
                 if let Some(back) = this.back.take() {
@@ -1141,12 +1248,15 @@ mod tests {
         let client = client(Duration::from_millis(150), 4);
         let first = runtime();
         first.block_on(get(&client, server.url("/a"))).unwrap();
-        // Its connection task and its sweep go with it.
+        // Its sweep goes with it. The idle connection (it has no task) stays
+        // in the pool, but its socket belonged to that runtime's reactor.
         drop(first);
         runtime().block_on(async {
-            assert!(eventually(|| server.finished() == 1).await);
+            // The next checkout finds it unusable and closes it; the request
+            // goes on a new connection, which this runtime's sweep closes.
             get(&client, server.url("/a")).await.unwrap();
             assert_eq!(server.accepted(), 2);
+            assert!(eventually(|| server.finished() == 1).await);
             assert!(eventually(|| server.finished() == 2).await);
         });
     }

@@ -1319,6 +1319,114 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_streamed_request_body_is_sent_while_the_request_waits_for_its_answer() {
+        // Answers once the whole (chunked) request body has arrived.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let got = seen.clone();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = tcp.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the client closed before its body ended");
+                let mut seen = got.lock().unwrap();
+                seen.extend_from_slice(&chunk[..n]);
+                if seen.ends_with(b"\r\n0\r\n\r\n") {
+                    break;
+                }
+            }
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            tcp.write_all(ok).await.unwrap();
+            let _ = tcp.read(&mut chunk).await;
+        });
+        let (feed, rx) = tokio::sync::mpsc::channel::<&'static str>(1);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(data))), rx))
+        });
+        let body = http_body_util::StreamBody::new(frames).boxed_unsync();
+        let uri: Uri = format!("http://127.0.0.1:{port}/up").parse().unwrap();
+        let client = client(Duration::from_secs(30), 4);
+        let call = client.request(Request::post(uri).body(body).unwrap());
+        let contains = |s: &[u8]| seen.lock().unwrap().windows(s.len()).any(|w| w == s);
+        let feeding = async {
+            feed.send("first part").await.unwrap();
+            // Only the waiting request drives the connection that writes it.
+            assert!(eventually(|| contains(b"first part")).await);
+            assert!(!contains(b"second"));
+            feed.send("second part").await.unwrap();
+            drop(feed);
+        };
+        let (resp, ()) = tokio::join!(call, feeding);
+        let body = resp.unwrap().into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+        assert!(contains(b"transfer-encoding: chunked\r\n"));
+        assert!(contains(b"second part"));
+    }
+
+    #[tokio::test]
+    async fn a_response_body_dropped_unread_closes_its_connection() {
+        let server = raw_server(Mode::KeepAlive).await;
+        let client: Client = client(Duration::from_secs(30), 4);
+        let req = Request::get(server.url("/a")).body(crate::body::empty());
+        let resp = client.request(req.unwrap()).await.unwrap();
+        drop(resp);
+        assert!(eventually(|| server.finished() == 1).await);
+        assert!(client.pool.lock().origins[0].idle.is_empty());
+        assert_eq!(get(&client, server.url("/a")).await.unwrap(), "ok");
+        assert_eq!(server.accepted(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_while_waiting_for_its_answer_closes_the_upstream_connection() {
+        let server = raw_server(Mode::Slow).await;
+        let client: Client = client(Duration::from_secs(30), 4);
+        let heads = server.heads.clone();
+        tokio::select! {
+            _ = get(&client, server.url("/slow")) => panic!("answered"),
+            seen = eventually(|| heads.lock().unwrap().len() == 1) => assert!(seen),
+        }
+        // The request future is gone, and its connection with it.
+        assert!(eventually(|| server.finished() == 1).await);
+        assert!(client.pool.lock().origins[0].idle.is_empty());
+        assert_eq!(server.accepted(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_closed_while_idle_is_dropped_at_checkout() {
+        // Answers one request, then closes when told.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (close, closing) = tokio::sync::oneshot::channel::<()>();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let count = closed.clone();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut chunk = [0u8; 4096];
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(chunk[..n].ends_with(b"\r\n\r\n"));
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            tcp.write_all(ok).await.unwrap();
+            let _ = closing.await;
+            drop(tcp);
+            count.fetch_add(1, Ordering::SeqCst);
+        });
+        let uri: Uri = format!("http://127.0.0.1:{port}/a").parse().unwrap();
+        let client: Client = client(Duration::from_secs(30), 4);
+        assert_eq!(get(&client, uri.clone()).await.unwrap(), "ok");
+        assert_eq!(client.pool.lock().origins[0].idle.len(), 1);
+        close.send(()).unwrap();
+        assert!(eventually(|| closed.load(Ordering::SeqCst) == 1).await);
+        // Let the reactor see the close (nobody polls the idle connection).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let lease = client.pool.checkout(&uri, false).unwrap();
+        assert!(lease.conn.is_none());
+        assert!(client.pool.lock().origins[0].idle.is_empty());
+    }
+
+    #[tokio::test]
     async fn at_most_max_idle_connections_are_kept() {
         let server = raw_server(Mode::Slow).await;
         let client = client(Duration::from_secs(30), 2);

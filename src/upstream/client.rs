@@ -902,11 +902,17 @@ impl http_body::Body for ResponseBody {
             return Pin::new(&mut this.inner).poll_frame(cx);
         };
         // HTTP/1.1: this task drives the connection, which reads the body
-        // into `inner`'s channel. Only that connection, polled just here,
-        // feeds `inner` (or its drop ends it): `inner` needs no wake-up of
-        // its own, and asking for one would only wake this task again.
-        let _ = back.h1.poll_conn(cx);
-        let polled = Pin::new(&mut this.inner).poll_frame(&mut Context::from_waker(Waker::noop()));
+        // into `inner`'s channel. Only that connection feeds `inner` (or its
+        // drop ends it), and only when polled here: `inner` needs no wake-up
+        // of its own (asking for one would only wake this task again). What
+        // the connection has already read is taken first; it is polled only
+        // when `inner` has nothing yet.
+        let noop = &mut Context::from_waker(Waker::noop());
+        let mut polled = Pin::new(&mut this.inner).poll_frame(noop);
+        if polled.is_pending() {
+            let _ = back.h1.poll_conn(cx);
+            polled = Pin::new(&mut this.inner).poll_frame(noop);
+        }
         match &polled {
             Poll::Ready(None) => {
                 if let Some(back) = this.back.take() {

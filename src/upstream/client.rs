@@ -540,7 +540,11 @@ impl H1 {
     ) -> Exchange<'_, impl Future<Output = Result<Response<Incoming>, TrySendError<Request<Body>>>>>
     {
         let resp = self.tx.try_send_request(req);
-        Exchange { h1: self, resp }
+        Exchange {
+            h1: self,
+            resp,
+            sent: false,
+        }
     }
 }
 
@@ -550,6 +554,8 @@ pin_project_lite::pin_project! {
         h1: &'a mut H1,
         #[pin]
         resp: F,
+        // Whether it was polled before (so the request went out).
+        sent: bool,
     }
 }
 
@@ -560,25 +566,55 @@ where
     type Output = Result<Response<Incoming>, Refused>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
+        let noop = &mut Context::from_waker(Waker::noop());
+        // Once the request is out, the answer has usually come when this is
+        // polled: the connection is polled without a waker first, so that
+        // what it registers while reading the answer (hyper's body channel
+        // keeps its waker, and wakes it as the body is taken) does not wake
+        // this task again for nothing. Every `Pending` below still leaves
+        // the connection polled with `cx` last, and so does every `Pending`
+        // of the response body (see `ResponseBody::poll_frame`).
+        if std::mem::replace(this.sent, true) {
+            let finished = this.h1.poll_conn(noop).is_ready();
+            if let Poll::Ready(answer) = this.resp.as_mut().poll(noop) {
+                return Poll::Ready(refusal(answer));
+            }
+            if finished {
+                return Poll::Ready(Err(unanswered()));
+            }
+        }
         let finished = this.h1.poll_conn(cx).is_ready();
         // Only the connection, polled just above, answers `resp` (or its
         // drop does): `resp` needs no wake-up of its own.
-        match this.resp.poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(resp)) => Poll::Ready(Ok(resp)),
-            Poll::Ready(Err(mut e)) => {
-                let unsent = e.take_message();
-                Poll::Ready(Err((unsent, BoxError::from(e.into_error()))))
-            }
+        match this.resp.poll(noop) {
+            Poll::Ready(answer) => Poll::Ready(refusal(answer)),
             // hyper answers every request of a dropped connection; never
             // wait forever if it did not.
-            Poll::Pending if finished => Poll::Ready(Err((
-                None,
-                BoxError::from("the connection closed without an answer"),
-            ))),
+            Poll::Pending if finished => Poll::Ready(Err(unanswered())),
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+/// hyper's answer, its refusal split into the request (if unsent) and the cause.
+// The unsent request rides back for a retry (hyper's `TrySendError` does the same).
+#[allow(clippy::result_large_err)]
+fn refusal(
+    answer: Result<Response<Incoming>, TrySendError<Request<Body>>>,
+) -> Result<Response<Incoming>, Refused> {
+    answer.map_err(|mut e| {
+        let unsent = e.take_message();
+        (unsent, BoxError::from(e.into_error()))
+    })
+}
+
+/// A connection that finished without answering (hyper always answers).
+fn unanswered() -> Refused {
+    (
+        None,
+        BoxError::from("the connection closed without an answer"),
+    )
 }
 
 struct Lease {

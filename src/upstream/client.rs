@@ -9,14 +9,19 @@
 //! of a handful of origins (a client talks to its upstream's base URL and
 //! perhaps a token URL) and no hashing, no boxing and no task of its own.
 //!
-//! - HTTP/1.1: idle connections wait in a LIFO list per origin; one is
-//!   reused only when hyper says it is ready (its last response was read to
-//!   the end). A response body dropped before its end never gives its
-//!   connection back: hyper closes that connection.
+//! - HTTP/1.1: a connection has no task of its own. The request's task
+//!   drives it (hyper's `Connection` future, kept with its `SendRequest`):
+//!   while waiting for the response head, which also writes a streamed
+//!   request body, and while reading the response body. Idle connections
+//!   wait, unpolled, in a LIFO list per origin; one is reused only when,
+//!   polled once at checkout, it is still open and hyper says it is ready
+//!   (its last response was read to the end). A response body dropped
+//!   before its end, or a request dropped before its answer, closes its
+//!   connection.
 //! - HTTP/2 (when ALPN picks `h2`): one connection per origin, shared by
-//!   all requests, replaced when it closes.
+//!   all requests (it runs as its own task), replaced when it closes.
 //! - At most `pool.max_idle_per_host` idle HTTP/1.1 connections per origin
-//!   (each keeps hyper's read and write buffers and its connection task); idle
+//!   (each keeps hyper's read and write buffers); idle
 //!   ones are closed after `pool.idle_timeout`, by a sweep that runs while
 //!   the pool holds any. Busy connections are not capped here: the
 //!   upstream's `max_concurrent_requests` bounds them.
@@ -250,10 +255,11 @@ pub fn set_runtime_index(index: usize) {
 }
 
 /// One pooled client per serving runtime. With one current-thread runtime
-/// per core, a pooled connection's task lives on the runtime that made it;
-/// sharing one pool would have requests on one thread wake connection tasks
-/// on another (a cross-thread wake-up both ways, every request). Each
-/// runtime keeping its own pool avoids that; the upstream's
+/// per core, a pooled connection's socket (and an HTTP/2 connection's task)
+/// belongs to the runtime that made it; sharing one pool would have
+/// requests on one thread use sockets of another's reactor (cross-thread
+/// wake-ups, every request). Each runtime keeping its own pool avoids
+/// that; the upstream's
 /// `max_concurrent_requests` slots stay shared.
 #[derive(Clone, Debug)]
 pub struct Clients(Arc<[HttpClient]>);
@@ -813,7 +819,8 @@ impl Drop for SweepTask {
 
 impl Pool {
     /// A new connection to `origin`: HTTP/2 if ALPN says so (then shared),
-    /// HTTP/1.1 otherwise. Its connection task runs on the current runtime.
+    /// HTTP/1.1 otherwise (no task: see [`H1`]). An HTTP/2 connection's
+    /// task runs on the current runtime.
     fn connect(
         self: Arc<Self>,
         origin: usize,

@@ -407,6 +407,10 @@ impl Client {
                             return Ok(resp.map(|b| ResponseBody::new(b, Some(back))));
                         }
                         Err((Some(unsent), reason)) if reused && retries < MAX_UNSENT_RETRIES => {
+                            // It closed while idle: so may have the others
+                            // (an upstream restart): they go now, not one
+                            // retry each.
+                            self.pool.drop_closed_idle(lease.origin);
                             (unsent, Some(absolute), reason)
                         }
                         Err((Some(_), reason)) => {
@@ -532,6 +536,7 @@ impl H1 {
     /// Whether an idle connection can take a request: polled once, it is
     /// still open (it reads a close by the peer), and hyper wants the next
     /// request. No wake-up is wanted: nobody waits on an idle connection.
+    /// (The idle sweep and a refused request use it; a checkout does not.)
     fn is_reusable(&mut self) -> bool {
         self.poll_conn(&mut Context::from_waker(Waker::noop()))
             .is_pending()
@@ -689,14 +694,30 @@ impl Pool {
                 let stale = self.take_idle(origin);
                 // Dropped (closed) outside the lock.
                 drop(stale);
-            } else if h1.is_reusable() {
+            } else if h1.conn.is_some() && h1.tx.is_ready() {
+                // Not polled here (that costs about as much as a tenth of a
+                // request): a close by the peer shows on the exchange's first
+                // poll, before anything is written, and the request is then
+                // sent again on another connection (see `Client::send`).
                 return Ok(lease(Some(Checked::H1(h1))));
             }
             // Closed by the peer (or stale): dropped here.
             drop(h1);
-            candidate = self.lock().origins.get_mut(origin).and_then(|o| o.idle.pop());
+            candidate = self
+                .lock()
+                .origins
+                .get_mut(origin)
+                .and_then(|o| o.idle.pop());
         }
         Ok(lease(None))
+    }
+
+    /// Drops `origin`'s idle HTTP/1.1 connections that have closed (each
+    /// polled once, with no wake-up).
+    fn drop_closed_idle(&self, origin: usize) {
+        if let Some(o) = self.lock().origins.get_mut(origin) {
+            o.idle.retain_mut(|i| i.tx.is_reusable());
+        }
     }
 
     /// All of `origin`'s idle connections, taken out of the pool.
@@ -1393,7 +1414,10 @@ mod tests {
         let (feed, rx) = tokio::sync::mpsc::channel::<&'static str>(1);
         let frames = futures_util::stream::unfold(rx, |mut rx| async move {
             let data = rx.recv().await?;
-            Some((Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(data))), rx))
+            Some((
+                Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(data))),
+                rx,
+            ))
         });
         let body = http_body_util::StreamBody::new(frames).boxed_unsync();
         let uri: Uri = format!("http://127.0.0.1:{port}/up").parse().unwrap();
@@ -1409,7 +1433,13 @@ mod tests {
             drop(feed);
         };
         let (resp, ()) = tokio::join!(call, feeding);
-        let body = resp.unwrap().into_body().collect().await.unwrap().to_bytes();
+        let body = resp
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
         assert_eq!(body, "ok");
         assert!(contains(b"transfer-encoding: chunked\r\n"));
         assert!(contains(b"second part"));
@@ -1444,35 +1474,94 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_the_peer_closed_while_idle_is_dropped_at_checkout() {
-        // Answers one request, then closes when told.
+    async fn idle_connections_the_peer_closed_all_go_at_the_first_one_met() {
+        // More connections than a request has retries answer once (after
+        // 100 ms, so that all are opened) and close when told; later ones
+        // answer and stay open.
+        const N: usize = MAX_UNSENT_RETRIES + 2;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let close = Arc::new(tokio::sync::Notify::new());
+        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (accepts, closes, closing) = (accepted.clone(), closed.clone(), close.clone());
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let first = accepts.fetch_add(1, Ordering::SeqCst) < N;
+                let (closes, closing) = (closes.clone(), closing.clone());
+                tokio::spawn(async move {
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    let mut chunk = [0u8; 4096];
+                    if first {
+                        let _ = tcp.read(&mut chunk).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tcp.write_all(ok).await.unwrap();
+                        closing.notified().await;
+                        drop(tcp);
+                        closes.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    while tcp.read(&mut chunk).await.is_ok_and(|n| n > 0) {
+                        if tcp.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let uri: Uri = format!("http://127.0.0.1:{port}/a").parse().unwrap();
+        let client: Client = client(Duration::from_secs(30), N);
+        let calls = (0..N).map(|_| get(&client, uri.clone()));
+        for r in futures_util::future::join_all(calls).await {
+            assert_eq!(r.unwrap(), "ok");
+        }
+        assert_eq!(client.pool.lock().origins[0].idle.len(), N);
+        close.notify_waiters();
+        assert!(eventually(|| closed.load(Ordering::SeqCst) == N).await);
+        // Let the reactor see the closes (nobody polls idle connections).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(get(&client, uri).await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), N + 1);
+        // The others were dropped with the first one met (one retry, not
+        // one per closed connection, which would have run out).
+        assert_eq!(client.pool.lock().origins[0].idle.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_meeting_a_connection_the_peer_closed_while_idle_goes_on_a_new_one() {
+        // The first connection answers once and closes when told; the
+        // second one answers.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (close, closing) = tokio::sync::oneshot::channel::<()>();
-        let closed = Arc::new(AtomicUsize::new(0));
-        let count = closed.clone();
+        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (accepts, closes) = (accepted.clone(), closed.clone());
         tokio::spawn(async move {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut chunk = [0u8; 4096];
-            let n = tcp.read(&mut chunk).await.unwrap();
-            assert!(chunk[..n].ends_with(b"\r\n\r\n"));
             let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-            tcp.write_all(ok).await.unwrap();
+            let mut chunk = [0u8; 4096];
+            let (mut first, _) = listener.accept().await.unwrap();
+            accepts.fetch_add(1, Ordering::SeqCst);
+            let n = first.read(&mut chunk).await.unwrap();
+            assert!(chunk[..n].ends_with(b"\r\n\r\n"));
+            first.write_all(ok).await.unwrap();
             let _ = closing.await;
-            drop(tcp);
-            count.fetch_add(1, Ordering::SeqCst);
+            drop(first);
+            closes.fetch_add(1, Ordering::SeqCst);
+            let (mut second, _) = listener.accept().await.unwrap();
+            accepts.fetch_add(1, Ordering::SeqCst);
+            let n = second.read(&mut chunk).await.unwrap();
+            assert!(chunk[..n].ends_with(b"\r\n\r\n"));
+            second.write_all(ok).await.unwrap();
+            while second.read(&mut chunk).await.is_ok_and(|n| n > 0) {}
         });
         let uri: Uri = format!("http://127.0.0.1:{port}/a").parse().unwrap();
         let client: Client = client(Duration::from_secs(30), 4);
         assert_eq!(get(&client, uri.clone()).await.unwrap(), "ok");
-        assert_eq!(client.pool.lock().origins[0].idle.len(), 1);
         close.send(()).unwrap();
         assert!(eventually(|| closed.load(Ordering::SeqCst) == 1).await);
-        // Let the reactor see the close (nobody polls the idle connection).
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let lease = client.pool.checkout(&uri, false).unwrap();
-        assert!(lease.conn.is_none());
-        assert!(client.pool.lock().origins[0].idle.is_empty());
+        assert_eq!(get(&client, uri).await.unwrap(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(client.pool.lock().origins[0].idle.len(), 1);
     }
 
     #[tokio::test]

@@ -4,10 +4,12 @@
 
 pub mod h1_guard;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -16,8 +18,8 @@ use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -278,6 +280,8 @@ pub async fn start_on(
     })
 }
 
+/// The admin port's connections: HTTP/1.1 or h2c, detected by hyper-util,
+/// with the same settings as the caller connections'.
 fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -297,16 +301,41 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The caller connections' HTTP/1.1 settings (the same as `builder`'s; a
+/// test compares them).
+fn http1_builder(cfg: &ServerConfig) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_headers(cfg.max_header_count)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b
+}
+
+/// The caller connections' HTTP/2 (h2c prior knowledge) settings (the same
+/// as `builder`'s; a test compares them).
+fn http2_builder(cfg: &ServerConfig) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(256))
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
 /// Adapts hyper to the stack: hop-by-hop headers removed on arrival, the
 /// framing guard's verdict attached to its stand-in request, body boxing, no
 /// async block. Every check happens inside the stack, so every refusal gets a
 /// track ID and a log line.
 struct HyperAdapter {
     /// The connection's own copy of the stack, called in place (see `call`).
-    service: std::sync::Mutex<GatewayService>,
-    /// Set on the first request of the connection (see `serve`).
-    first_request: Arc<AtomicBool>,
-    /// What the connection's framing guard refused, if anything.
+    service: RefCell<GatewayService>,
+    /// What the connection's framing guard refused, if anything; told
+    /// when a request arrives (see `drive`).
     framing: Arc<h1_guard::Verdict>,
 }
 
@@ -319,7 +348,7 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
     >;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        self.first_request.store(true, Ordering::Relaxed);
+        self.framing.note_request();
         if let Some(violation) = self.framing.refused()
             && req.uri().path() == h1_guard::REFUSAL_TARGET
         {
@@ -335,15 +364,15 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         let req = req.map(caller_body);
         // Every layer of the stack is always ready, so the connection's copy
         // is called in place: cloning the boxed stack for each request (an
-        // allocation and an Arc count per layer) was measurable. The lock is
-        // uncontended (one connection's requests) and never held across an
-        // await; if a layer ever reports not-ready, fall back to a clone.
-        // (A panic inside `call` cannot leave the stack half-updated: take it
-        // even if the lock is poisoned.)
-        let mut svc = self
-            .service
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // allocation and an Arc count per layer) was measurable. hyper
+        // calls the service from the connection's task only (HTTP/2 streams
+        // too: their futures run elsewhere, `call` does not), and the borrow
+        // ends with `call`; if it is ever busy, or a layer reports
+        // not-ready, fall back to a clone.
+        let Ok(mut svc) = self.service.try_borrow_mut() else {
+            let svc = self.service.borrow().clone();
+            return Either::Right(svc.oneshot(req));
+        };
         let mut cx = Context::from_waker(Waker::noop());
         match svc.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => Either::Left(svc.call(req)),
@@ -387,7 +416,8 @@ async fn serve(
     // One worker per serving runtime; the first is this one.
     let conn_cfg = ConnConfig {
         service,
-        builder,
+        http1: http1_builder(&cfg),
+        http2: Arc::new(http2_builder(&cfg)),
         // The same bound as hyper's read buffer (see `builder`).
         head_limit: cfg.max_header_bytes.max(8192),
         first_request_timeout: cfg.header_read_timeout,
@@ -441,7 +471,9 @@ async fn serve(
 #[derive(Clone)]
 struct ConnConfig {
     service: GatewayService,
-    builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    /// Shared: a connection that turns out to be h2c takes a reference.
+    http2: Arc<http2::Builder<TokioExecutor>>,
     head_limit: usize,
     first_request_timeout: Duration,
     shutdown_grace: Duration,
@@ -516,7 +548,9 @@ async fn run_worker(
     cfg: ConnConfig,
     active: Arc<AtomicUsize>,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Graceful shutdown: every connection holds a receiver; the worker
+    // sends, then waits until all of them are gone.
+    let (stop, _) = watch::channel(());
     while let Some(handoff) = from_acceptor.recv().await {
         let (stream, permit) = match handoff {
             Handoff::Local(s, p) => (s, p),
@@ -529,9 +563,10 @@ async fn run_worker(
                 }
             },
         };
-        serve_connection(stream, permit, &cfg, &graceful, active.clone());
+        serve_connection(stream, permit, &cfg, &stop, active.clone());
     }
-    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
+    let _ = stop.send(());
+    if tokio::time::timeout(cfg.shutdown_grace, stop.closed())
         .await
         .is_err()
     {
@@ -539,47 +574,166 @@ async fn run_worker(
     }
 }
 
+/// The guarded caller socket hyper reads and writes.
+type CallerIo = TokioIo<h1_guard::H1Guard<tokio::net::TcpStream>>;
+
+/// A caller connection served as HTTP/1.1 (the usual case).
+type H1Conn = http1::Connection<CallerIo, HyperAdapter>;
+
+/// A caller connection served as h2c (HTTP/2 with prior knowledge).
+type H2Conn = http2::Connection<CallerIo, HyperAdapter, TokioExecutor>;
+
+/// What a caller connection holds until it ends: its `max_connections`
+/// permit and its place in its worker's count.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A hyper connection that can be asked to finish (its own
+/// `graceful_shutdown`; hyper-util's `GracefulShutdown` would own the
+/// connection, and an HTTP/1 connection must stay at hand to give it up
+/// for HTTP/2).
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl Graceful for H1Conn {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::Connection::graceful_shutdown(self);
+    }
+}
+
+impl Graceful for H2Conn {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// How driving a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Driven {
+    /// It finished, or was closed (silent past the first-request deadline,
+    /// or nothing read when shutdown began).
+    Ended,
+    /// Its first bytes were the HTTP/2 preface: it must become an HTTP/2
+    /// connection.
+    H2c,
+}
+
 /// Serves one caller connection on the current runtime.
+///
+/// The framing guard sees the first bytes and tells HTTP/1.1 from h2c prior
+/// knowledge, so the connection starts as hyper's HTTP/1 connection in a
+/// task sized for HTTP/1 only; the rare h2c connection is handed over to a
+/// task of its own.
 fn serve_connection(
     stream: tokio::net::TcpStream,
     permit: OwnedSemaphorePermit,
     cfg: &ConnConfig,
-    graceful: &GracefulShutdown,
+    stop: &watch::Sender<()>,
     active: Arc<AtomicUsize>,
 ) {
-    let first_request = Arc::new(AtomicBool::new(false));
-    let framing = Arc::new(h1_guard::Verdict::default());
+    let verdict = Arc::new(h1_guard::Verdict::default());
     let hyper_svc = HyperAdapter {
-        service: std::sync::Mutex::new(cfg.service.clone()),
-        first_request: first_request.clone(),
-        framing: framing.clone(),
+        service: RefCell::new(cfg.service.clone()),
+        framing: verdict.clone(),
     };
     // Strict HTTP/1.1 framing checks on the raw bytes, before hyper parses them.
-    let io = h1_guard::H1Guard::new(stream, framing, cfg.head_limit);
-    let conn = cfg
-        .builder
-        .serve_connection(TokioIo::new(io), hyper_svc)
-        .into_owned();
-    let conn = graceful.watch(conn);
-    let first_request_timeout = cfg.first_request_timeout;
+    let io = h1_guard::H1Guard::new(stream, verdict.clone(), cfg.head_limit).detect_h2c();
+    let mut conn = cfg.http1.serve_connection(TokioIo::new(io), hyper_svc);
+    let mut served = Served {
+        verdict,
+        stop: stop.subscribe(),
+        deadline: tokio::time::Instant::now() + cfg.first_request_timeout,
+        _slot: Slot {
+            _permit: permit,
+            active,
+        },
+    };
+    let http2 = cfg.http2.clone();
+    // An `async` block using its captures in place: an `async fn` would
+    // keep its arguments twice in the task (rust-lang/rust#62958).
     tokio::spawn(async move {
-        let mut conn = std::pin::pin!(conn);
-        // hyper's header_read_timeout starts only once the HTTP/1
-        // parser runs; protocol detection (h1 vs h2c) comes first
-        // and would wait forever on a silent socket. A connection
-        // that has not produced a request by then is closed, so idle
-        // sockets cannot hold every max_connections slot.
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            () = tokio::time::sleep(first_request_timeout) => {
-                if first_request.load(Ordering::Relaxed) {
-                    let _ = conn.await;
-                }
+        if drive(Pin::new(&mut conn), &mut served, true).await == Driven::H2c {
+            serve_h2c(conn, served, &http2);
+        }
+    });
+}
+
+/// What a connection's task holds besides the hyper connection.
+struct Served {
+    verdict: Arc<h1_guard::Verdict>,
+    /// Changes when the worker shuts down.
+    stop: watch::Receiver<()>,
+    /// A connection without a request by then is closed.
+    deadline: tokio::time::Instant,
+    _slot: Slot,
+}
+
+/// h2c prior knowledge: the guard held the preface back, hyper's HTTP/1
+/// side has read nothing. The socket moves on to an HTTP/2 connection in a
+/// task of its own (not an `async` step of the HTTP/1 task, which would
+/// size every HTTP/1 task for HTTP/2).
+fn serve_h2c(conn: H1Conn, served: Served, http2: &http2::Builder<TokioExecutor>) {
+    let parts = conn.into_parts();
+    let mut io = parts.io;
+    io.inner_mut().resume_after_preface(&parts.read_buf);
+    let mut conn = http2.serve_connection(io, parts.service);
+    let mut served = served;
+    tokio::spawn(async move {
+        drive(Pin::new(&mut conn), &mut served, false).await;
+    });
+}
+
+/// Polls `conn` until it ends, closing it if it has not produced a request
+/// by the deadline, and asking it to finish when the worker shuts down.
+/// With `h2c`, stops as soon as the guard has seen the HTTP/2 preface.
+async fn drive<C: Graceful>(mut conn: Pin<&mut C>, served: &mut Served, h2c: bool) -> Driven {
+    let verdict = &*served.verdict;
+    // hyper's header_read_timeout starts only once bytes arrive, so a
+    // silent socket would otherwise stay open forever. Boxed, and dropped
+    // at the first request, so an idle keep-alive connection carries no
+    // timer.
+    let mut timer =
+        (!verdict.request_seen()).then(|| Box::pin(tokio::time::sleep_until(served.deadline)));
+    let mut stopping = false;
+    let mut stopped = std::pin::pin!(served.stop.changed());
+    std::future::poll_fn(|cx| {
+        if conn.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Driven::Ended);
+        }
+        if h2c && verdict.is_h2c() {
+            return Poll::Ready(Driven::H2c);
+        }
+        if let Some(t) = timer.as_mut() {
+            if verdict.request_seen() {
+                timer = None;
+            } else if t.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Driven::Ended);
             }
         }
-        active.fetch_sub(1, Ordering::Relaxed);
-        drop(permit);
-    });
+        if !stopping && stopped.as_mut().poll(cx).is_ready() {
+            stopping = true;
+            if verdict.undecided() {
+                // Nothing read yet: closed now, as hyper-util's version
+                // sniff was cancelled.
+                return Poll::Ready(Driven::Ended);
+            }
+            conn.as_mut().graceful_shutdown();
+            if conn.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Driven::Ended);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 async fn serve_admin(

@@ -130,18 +130,73 @@ impl Violation {
     }
 }
 
-/// The verdict a guard leaves for the server's service (one per connection).
+/// What a guard and the server share about one connection: the head the
+/// guard refused, which protocol its first bytes chose (see
+/// [`H1Guard::detect_h2c`]), and whether a request reached the service.
 #[derive(Debug, Default)]
-pub struct Verdict(AtomicU8);
+pub struct Verdict {
+    refused: AtomicU8,
+    flags: AtomicU8,
+}
+
+/// [`Verdict`] flag: the first bytes are not the HTTP/2 preface.
+const HTTP1: u8 = 1;
+/// [`Verdict`] flag: the first bytes are the HTTP/2 preface.
+const H2C: u8 = 2;
+/// [`Verdict`] flag: a request reached the service.
+const REQUEST: u8 = 4;
 
 impl Verdict {
     /// The head violation that made the guard substitute [`REFUSAL_TARGET`].
     pub fn refused(&self) -> Option<Violation> {
-        Violation::from_u8(self.0.load(Ordering::Acquire))
+        Violation::from_u8(self.refused.load(Ordering::Acquire))
     }
     fn set(&self, v: Violation) {
-        self.0.store(v as u8, Ordering::Release);
+        self.refused.store(v as u8, Ordering::Release);
     }
+    fn flag(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::Relaxed);
+    }
+    fn has(&self, flag: u8) -> bool {
+        self.flags.load(Ordering::Relaxed) & flag != 0
+    }
+    /// Notes that a request of the connection reached the service.
+    pub fn note_request(&self) {
+        if !self.has(REQUEST) {
+            self.flag(REQUEST);
+        }
+    }
+    /// Whether a request of the connection reached the service.
+    pub fn request_seen(&self) -> bool {
+        self.has(REQUEST)
+    }
+    /// Whether the connection's first bytes were the HTTP/2 preface: the
+    /// guard stopped reading for the HTTP/1 connection, which must be given
+    /// up for an HTTP/2 one (see [`H1Guard::resume_after_preface`]).
+    pub fn is_h2c(&self) -> bool {
+        self.has(H2C)
+    }
+    /// Whether the guard has not yet seen enough bytes to choose between
+    /// HTTP/1 and HTTP/2 (always `false` without detection).
+    pub fn undecided(&self) -> bool {
+        !self.has(HTTP1 | H2C)
+    }
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4), sent first by a client
+/// with prior knowledge.
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Where a guard is in telling HTTP/1 from HTTP/2 prior knowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detect {
+    /// Decided (or never asked): a plain HTTP/1 guard.
+    Done,
+    /// This many bytes, all a prefix of the preface, are held raw in `ready`.
+    Matching(u8),
+    /// The preface was seen: nothing is read until the server takes the
+    /// connection over for HTTP/2.
+    HandedOff,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -658,6 +713,7 @@ pub struct H1Guard<T> {
     /// A head was refused: after the stand-in request nothing more is read
     /// (not even EOF, which would make hyper drop the stand-in's response).
     refused: bool,
+    detect: Detect,
     verdict: Arc<Verdict>,
 }
 
@@ -671,7 +727,68 @@ impl<T> H1Guard<T> {
             ready: BytesMut::new(),
             eof_after_ready: false,
             refused: false,
+            detect: Detect::Done,
             verdict,
+        }
+    }
+
+    /// Makes the guard tell HTTP/1 from HTTP/2 prior knowledge on the
+    /// connection's first bytes, so that the server needs no version sniff
+    /// of its own (which would send the first read down the staged path).
+    /// The first bytes that cannot be the preface decide HTTP/1 (marked in
+    /// the verdict, then checked as usual, in place). The whole preface
+    /// decides HTTP/2: it is held back, the verdict says so
+    /// ([`Verdict::is_h2c`]) and reads return `Pending` (without waking: the
+    /// server checks the verdict after every poll of its HTTP/1 connection)
+    /// until [`H1Guard::resume_after_preface`].
+    #[must_use]
+    pub fn detect_h2c(mut self) -> Self {
+        self.detect = Detect::Matching(0);
+        self
+    }
+
+    /// After the preface was detected: `unread` (what hyper's HTTP/1
+    /// connection had read but not parsed, normally nothing), then the
+    /// preface and everything after it are read unchecked, for HTTP/2.
+    pub fn resume_after_preface(&mut self, unread: &[u8]) {
+        if self.detect != Detect::HandedOff {
+            return;
+        }
+        self.detect = Detect::Done;
+        if !unread.is_empty() {
+            let mut all = BytesMut::with_capacity(unread.len() + self.ready.len());
+            all.extend_from_slice(unread);
+            all.extend_from_slice(&self.ready);
+            self.ready = all;
+        }
+    }
+
+    /// How `bytes`, read after `matched` bytes that were all a prefix of
+    /// the preface, continue it: `Some(true)` completes it, `Some(false)`
+    /// still matches, `None` cannot be the preface.
+    fn continues_preface(matched: u8, bytes: &[u8]) -> Option<bool> {
+        let rest = &H2_PREFACE[usize::from(matched)..];
+        let n = rest.len().min(bytes.len());
+        (rest[..n] == bytes[..n]).then_some(n == rest.len())
+    }
+
+    /// The preface is complete and held in `ready`: stop for the hand-over.
+    fn hand_off(&mut self) -> Poll<io::Result<()>> {
+        self.detect = Detect::HandedOff;
+        self.scanner.state = State::Passthrough;
+        self.verdict.flag(H2C);
+        Poll::Pending
+    }
+
+    /// HTTP/1 is decided: the raw bytes held while they matched the preface
+    /// go through the scanner like any other.
+    fn decide_http1(&mut self) {
+        self.detect = Detect::Done;
+        self.verdict.flag(HTTP1);
+        if !self.ready.is_empty() {
+            let raw = std::mem::take(&mut self.ready);
+            let outcome = self.scanner.scan(&raw, &mut self.ready);
+            self.refuse(outcome);
         }
     }
 }
@@ -684,7 +801,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if !this.ready.is_empty() {
+            let matching = match this.detect {
+                Detect::Done => None,
+                Detect::Matching(matched) => Some(matched),
+                Detect::HandedOff => return Poll::Pending,
+            };
+            // While the first bytes match the preface, `ready` holds them raw.
+            if matching.is_none() && !this.ready.is_empty() {
                 let n = this.ready.len().min(buf.remaining());
                 buf.put_slice(&this.ready[..n]);
                 this.ready.advance(n);
@@ -700,7 +823,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
             if this.scanner.is_passthrough() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            if this.scanner.holds_nothing() && buf.remaining() >= READ_SIZE {
+            if matching.unwrap_or(0) == 0
+                && this.scanner.holds_nothing()
+                && buf.remaining() >= READ_SIZE
+            {
                 // The common case, without a copy: read into hyper's buffer,
                 // scan the new bytes there, and take back out of it only what
                 // must be held (the incomplete head or line at the end) or
@@ -710,9 +836,30 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
                 let data = &buf.filled()[start..];
                 if data.is_empty() {
                     // The caller closed, and nothing is held.
+                    if matching.is_some() {
+                        this.decide_http1();
+                    }
                     this.eof_after_ready = true;
                     return Poll::Ready(Ok(()));
                 }
+                if matching.is_some() {
+                    // The connection's first bytes: almost always a request
+                    // line, decided at its first byte and checked in place.
+                    match Self::continues_preface(0, data) {
+                        None => this.decide_http1(),
+                        Some(complete) => {
+                            this.ready.extend_from_slice(data);
+                            let len = data.len();
+                            buf.set_filled(start);
+                            if complete {
+                                return this.hand_off();
+                            }
+                            this.detect = Detect::Matching(preface_len(len));
+                            continue;
+                        }
+                    }
+                }
+                let data = &buf.filled()[start..];
                 let mut passed = Passed(0);
                 let outcome = this.scanner.scan(data, &mut passed);
                 buf.set_filled(start + passed.0);
@@ -733,15 +880,45 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
             if data.is_empty() {
                 // The caller closed: whatever was held goes to hyper, which
                 // sees an incomplete message.
+                if matching.is_some() {
+                    this.decide_http1();
+                    if this.refused {
+                        continue;
+                    }
+                }
                 let held = this.scanner.take_held();
                 this.ready.extend_from_slice(&held);
                 this.eof_after_ready = true;
                 continue;
             }
+            if let Some(matched) = matching {
+                match Self::continues_preface(matched, data) {
+                    Some(complete) => {
+                        this.ready.extend_from_slice(data);
+                        if complete {
+                            return this.hand_off();
+                        }
+                        this.detect =
+                            Detect::Matching(preface_len(usize::from(matched) + data.len()));
+                        continue;
+                    }
+                    None => {
+                        this.decide_http1();
+                        if this.refused {
+                            continue;
+                        }
+                    }
+                }
+            }
             let outcome = this.scanner.scan(data, &mut this.ready);
             this.refuse(outcome);
         }
     }
+}
+
+/// A count of preface bytes matched so far (always below its 24 bytes).
+fn preface_len(n: usize) -> u8 {
+    u8::try_from(n).unwrap_or(u8::MAX)
 }
 
 impl<T> H1Guard<T> {

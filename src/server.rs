@@ -640,31 +640,65 @@ fn serve_connection(
     stop: &watch::Sender<()>,
     active: Arc<AtomicUsize>,
 ) {
-    let verdict = Arc::new(h1_guard::Verdict::default());
-    let hyper_svc = HyperAdapter {
-        service: RefCell::new(cfg.service.clone()),
-        framing: verdict.clone(),
-    };
-    // Strict HTTP/1.1 framing checks on the raw bytes, before hyper parses them.
-    let io = h1_guard::H1Guard::new(stream, verdict.clone(), cfg.head_limit).detect_h2c();
-    let mut conn = cfg.http1.serve_connection(TokioIo::new(io), hyper_svc);
     let mut served = Served {
-        verdict,
+        verdict: Arc::new(h1_guard::Verdict::default()),
         stop: stop.subscribe(),
-        deadline: tokio::time::Instant::now() + cfg.first_request_timeout,
+        // hyper's header_read_timeout starts only once bytes arrive, so a
+        // silent socket would otherwise stay open forever. Boxed, and
+        // dropped at the first request, so an idle keep-alive connection
+        // carries no timer.
+        timer: Some(Box::pin(tokio::time::sleep(cfg.first_request_timeout))),
         _slot: Slot {
             _permit: permit,
             active,
         },
     };
+    let service = cfg.service.clone();
+    let http1 = cfg.http1.clone();
     let http2 = cfg.http2.clone();
+    let head_limit = cfg.head_limit;
     // An `async` block using its captures in place: an `async fn` would
     // keep its arguments twice in the task (rust-lang/rust#62958).
     tokio::spawn(async move {
+        // hyper's HTTP/1 connection allocates its read buffer when first
+        // polled: until the caller sends something, only the socket waits.
+        if !first_bytes(&stream, &mut served).await {
+            return;
+        }
+        let hyper_svc = HyperAdapter {
+            service: RefCell::new(service),
+            framing: served.verdict.clone(),
+        };
+        // Strict HTTP/1.1 framing checks on the raw bytes, before hyper
+        // parses them; the guard also tells HTTP/1 from h2c.
+        let io = h1_guard::H1Guard::new(stream, served.verdict.clone(), head_limit).detect_h2c();
+        let mut conn = http1.serve_connection(TokioIo::new(io), hyper_svc);
         if drive(Pin::new(&mut conn), &mut served, true).await == Driven::H2c {
             serve_h2c(conn, served, &http2);
         }
     });
+}
+
+/// Waits until the caller's first bytes can be read; `false` if the
+/// connection is to be closed first (no bytes by the first-request
+/// deadline, or the worker shutting down).
+async fn first_bytes(stream: &tokio::net::TcpStream, served: &mut Served) -> bool {
+    let timer = &mut served.timer;
+    let mut stopped = std::pin::pin!(served.stop.changed());
+    std::future::poll_fn(|cx| {
+        if stream.poll_read_ready(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        if timer.as_mut().is_some_and(|t| t.as_mut().poll(cx).is_ready()) {
+            return Poll::Ready(false);
+        }
+        if stopped.as_mut().poll(cx).is_ready() {
+            // As hyper-util's version sniff was cancelled.
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// What a connection's task holds besides the hyper connection.
@@ -672,8 +706,8 @@ struct Served {
     verdict: Arc<h1_guard::Verdict>,
     /// Changes when the worker shuts down.
     stop: watch::Receiver<()>,
-    /// A connection without a request by then is closed.
-    deadline: tokio::time::Instant,
+    /// Until the first request: a connection without one by then is closed.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: Slot,
 }
 
@@ -697,12 +731,7 @@ fn serve_h2c(conn: H1Conn, served: Served, http2: &http2::Builder<TokioExecutor>
 /// With `h2c`, stops as soon as the guard has seen the HTTP/2 preface.
 async fn drive<C: Graceful>(mut conn: Pin<&mut C>, served: &mut Served, h2c: bool) -> Driven {
     let verdict = &*served.verdict;
-    // hyper's header_read_timeout starts only once bytes arrive, so a
-    // silent socket would otherwise stay open forever. Boxed, and dropped
-    // at the first request, so an idle keep-alive connection carries no
-    // timer.
-    let mut timer =
-        (!verdict.request_seen()).then(|| Box::pin(tokio::time::sleep_until(served.deadline)));
+    let timer = &mut served.timer;
     let mut stopping = false;
     let mut stopped = std::pin::pin!(served.stop.changed());
     std::future::poll_fn(|cx| {
@@ -714,7 +743,7 @@ async fn drive<C: Graceful>(mut conn: Pin<&mut C>, served: &mut Served, h2c: boo
         }
         if let Some(t) = timer.as_mut() {
             if verdict.request_seen() {
-                timer = None;
+                *timer = None;
             } else if t.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Driven::Ended);
             }

@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper::server::conn::{http1, http2};
 use hyper_util::server::conn::auto;
 use prometheus_client::registry::Registry;
+use tokio::io::ReadBuf;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -686,7 +687,11 @@ async fn first_bytes(stream: &tokio::net::TcpStream, served: &mut Served) -> boo
     let timer = &mut served.timer;
     let mut stopped = std::pin::pin!(served.stop.changed());
     std::future::poll_fn(|cx| {
-        if stream.poll_read_ready(cx).is_ready() {
+        // A peek, not `poll_read_ready`: tokio reports a new socket
+        // readable before anything arrived. (One syscall per connection;
+        // EOF and errors go on to hyper, which closes.)
+        let mut byte = [std::mem::MaybeUninit::uninit()];
+        if stream.poll_peek(cx, &mut ReadBuf::uninit(&mut byte)).is_ready() {
             return Poll::Ready(true);
         }
         if timer.as_mut().is_some_and(|t| t.as_mut().poll(cx).is_ready()) {
@@ -789,3 +794,4 @@ async fn serve_admin(
         }
     }
 }
+

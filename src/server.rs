@@ -417,10 +417,12 @@ async fn serve(
     // One worker per serving runtime; the first is this one.
     let conn_cfg = ConnConfig {
         service,
-        http1: http1_builder(&cfg),
-        http2: Arc::new(http2_builder(&cfg)),
-        // The same bound as hyper's read buffer (see `builder`).
-        head_limit: cfg.max_header_bytes.max(8192),
+        shared: Arc::new(ConnShared {
+            http1: http1_builder(&cfg),
+            http2: http2_builder(&cfg),
+            // The same bound as hyper's read buffer (see `builder`).
+            head_limit: cfg.max_header_bytes.max(8192),
+        }),
         first_request_timeout: cfg.header_read_timeout,
         shutdown_grace: cfg.shutdown_grace,
     };
@@ -472,12 +474,17 @@ async fn serve(
 #[derive(Clone)]
 struct ConnConfig {
     service: GatewayService,
-    http1: http1::Builder,
-    /// Shared: a connection that turns out to be h2c takes a reference.
-    http2: Arc<http2::Builder<TokioExecutor>>,
-    head_limit: usize,
+    /// Behind an `Arc`: each connection's task holds a reference, not a copy.
+    shared: Arc<ConnShared>,
     first_request_timeout: Duration,
     shutdown_grace: Duration,
+}
+
+/// How caller connections are served (shared by all of them).
+struct ConnShared {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    head_limit: usize,
 }
 
 /// An accepted connection on its way to a worker, with its
@@ -655,9 +662,7 @@ fn serve_connection(
         },
     };
     let service = cfg.service.clone();
-    let http1 = cfg.http1.clone();
-    let http2 = cfg.http2.clone();
-    let head_limit = cfg.head_limit;
+    let shared = cfg.shared.clone();
     // An `async` block using its captures in place: an `async fn` would
     // keep its arguments twice in the task (rust-lang/rust#62958).
     tokio::spawn(async move {
@@ -672,10 +677,11 @@ fn serve_connection(
         };
         // Strict HTTP/1.1 framing checks on the raw bytes, before hyper
         // parses them; the guard also tells HTTP/1 from h2c.
-        let io = h1_guard::H1Guard::new(stream, served.verdict.clone(), head_limit).detect_h2c();
-        let mut conn = http1.serve_connection(TokioIo::new(io), hyper_svc);
+        let io = h1_guard::H1Guard::new(stream, served.verdict.clone(), shared.head_limit)
+            .detect_h2c();
+        let mut conn = shared.http1.serve_connection(TokioIo::new(io), hyper_svc);
         if drive(Pin::new(&mut conn), &mut served, true).await == Driven::H2c {
-            serve_h2c(conn, served, &http2);
+            serve_h2c(conn, served, &shared.http2);
         }
     });
 }

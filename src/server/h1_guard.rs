@@ -1374,6 +1374,16 @@ mod tests {
         head_limit: usize,
         rng: &mut fastrand::Rng,
     ) -> (Vec<u8>, End, Option<Violation>, Vec<Vec<u8>>) {
+        drive_guard_with(pieces, head_limit, rng, false)
+    }
+
+    /// [`drive_guard`], with h2c detection on if `detect`.
+    fn drive_guard_with(
+        pieces: Vec<Vec<u8>>,
+        head_limit: usize,
+        rng: &mut fastrand::Rng,
+        detect: bool,
+    ) -> (Vec<u8>, End, Option<Violation>, Vec<Vec<u8>>) {
         let verdict = Arc::new(Verdict::default());
         let inner = Pieces {
             pieces: pieces.into(),
@@ -1383,6 +1393,9 @@ mod tests {
             delivered: Vec::new(),
         };
         let mut guard = H1Guard::new(inner, verdict.clone(), head_limit);
+        if detect {
+            guard = guard.detect_h2c();
+        }
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut out = Vec::new();
         let end = loop {
@@ -1628,6 +1641,136 @@ mod tests {
         assert_eq!(rb.filled(), &split[..]);
         // The held head's buffer is kept for the next one.
         assert!(guard.scanner.line.is_empty() && guard.scanner.line.capacity() > 0);
+    }
+
+    /// A guard with h2c detection over `pieces`, no `Pending` from the socket.
+    fn detecting_guard(pieces: Vec<Vec<u8>>) -> (H1Guard<Pieces>, Arc<Verdict>) {
+        let verdict = Arc::new(Verdict::default());
+        let inner = Pieces {
+            pieces: pieces.into(),
+            rng: fastrand::Rng::with_seed(7),
+            pending_odds: 0,
+            pendings: 0,
+            delivered: Vec::new(),
+        };
+        let guard = H1Guard::new(inner, verdict.clone(), HEAD_LIMIT).detect_h2c();
+        (guard, verdict)
+    }
+
+    /// Reads with hyper's 8 KiB buffer until EOF or `Pending`.
+    fn read_all(guard: &mut H1Guard<Pieces>) -> (Vec<u8>, bool) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut out = Vec::new();
+        loop {
+            let mut storage = vec![0u8; READ_SIZE];
+            let mut rb = ReadBuf::new(&mut storage);
+            match Pin::new(&mut *guard).poll_read(&mut cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return (out, true),
+                Poll::Ready(Ok(())) => out.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => panic!("read error {e}"),
+                Poll::Pending => return (out, false),
+            }
+        }
+    }
+
+    #[test]
+    fn detection_decides_http1_at_the_first_byte_and_reads_in_place() {
+        let request = b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n".to_vec();
+        let (mut guard, verdict) = detecting_guard(vec![request.clone()]);
+        assert!(verdict.undecided());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut storage = vec![0u8; READ_SIZE];
+        let mut rb = ReadBuf::new(&mut storage);
+        assert!(Pin::new(&mut guard).poll_read(&mut cx, &mut rb).is_ready());
+        assert_eq!(rb.filled(), &request[..]);
+        // The first read went straight into hyper's buffer.
+        assert_eq!(guard.ready.capacity(), 0);
+        assert!(!verdict.undecided() && !verdict.is_h2c());
+    }
+
+    #[test]
+    fn a_preface_in_tiny_pieces_is_detected_and_handed_over_whole() {
+        let mut input = H2_PREFACE.to_vec();
+        input.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0"); // an empty SETTINGS frame
+        input.extend_from_slice(b"GET / HTTP/1.1\r\nfoo\n\n"); // never checked
+        for step in [1, 2, 3, 5, 23, 24, 25] {
+            let pieces: Vec<Vec<u8>> = input.chunks(step).map(<[u8]>::to_vec).collect();
+            let (mut guard, verdict) = detecting_guard(pieces);
+            let (before, eof) = read_all(&mut guard);
+            // Nothing reached hyper's HTTP/1 side; the guard stopped.
+            assert!(before.is_empty() && !eof, "step {step}");
+            assert!(verdict.is_h2c() && !verdict.undecided(), "step {step}");
+            // Reads stay stopped until the hand-over.
+            assert_eq!(read_all(&mut guard), (Vec::new(), false));
+            guard.resume_after_preface(&[]);
+            let (after, eof) = read_all(&mut guard);
+            assert!(eof, "step {step}");
+            assert_eq!(after, input, "step {step}");
+        }
+    }
+
+    #[test]
+    fn what_hyper_had_read_comes_first_after_the_hand_over() {
+        let (mut guard, _) = detecting_guard(vec![H2_PREFACE.to_vec(), b"rest".to_vec()]);
+        assert_eq!(read_all(&mut guard), (Vec::new(), false));
+        guard.resume_after_preface(b"early");
+        let mut expected = b"early".to_vec();
+        expected.extend_from_slice(H2_PREFACE);
+        expected.extend_from_slice(b"rest");
+        assert_eq!(read_all(&mut guard), (expected, true));
+    }
+
+    #[test]
+    fn a_preface_cut_short_or_gone_astray_is_http1() {
+        // EOF inside the preface; a mismatch at its last byte; a request
+        // line that starts like it. All go to hyper as HTTP/1, checked.
+        let cases: [&[u8]; 3] = [
+            b"PRI * HTTP/2.0\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\r",
+            b"PRI * HTTP/1.1\r\nhost: x\r\n\r\n",
+        ];
+        for input in cases {
+            for step in [1, 4, input.len()] {
+                let pieces: Vec<Vec<u8>> = input.chunks(step).map(<[u8]>::to_vec).collect();
+                let (mut guard, verdict) = detecting_guard(pieces.clone());
+                let detected = read_all(&mut guard);
+                assert!(!verdict.is_h2c() && !verdict.undecided());
+                // Exactly what the guard without detection passes.
+                let (mut plain, _) = detecting_guard(pieces);
+                plain.detect = Detect::Done;
+                assert_eq!(detected, read_all(&mut plain), "{input:?} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn detection_changes_nothing_for_http1_streams() {
+        let mut rng = fastrand::Rng::with_seed(0xd37e_c7ed);
+        for case in 0..3_000 {
+            let input = random_stream(&mut rng);
+            if input.starts_with(H2_PREFACE) {
+                continue;
+            }
+            let mut pieces = Vec::new();
+            let mut rest = &input[..];
+            let most = [1, 3, 24, 700, usize::MAX][rng.usize(0..5)];
+            while !rest.is_empty() {
+                let n = rng.usize(1..=most.min(rest.len()));
+                pieces.push(rest[..n].to_vec());
+                rest = &rest[n..];
+            }
+            let mut a = rng.clone();
+            let mut b = rng.clone();
+            rng.u64(..);
+            let plain = drive_guard_with(pieces.clone(), HEAD_LIMIT, &mut a, false);
+            let detecting = drive_guard_with(pieces, HEAD_LIMIT, &mut b, true);
+            assert_eq!(
+                detecting,
+                plain,
+                "case {case}: {:?}",
+                String::from_utf8_lossy(&input)
+            );
+        }
     }
 
     #[test]

@@ -801,3 +801,45 @@ async fn serve_admin(
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn server_config() -> ServerConfig {
+        ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            max_body_bytes: 1000,
+            shutdown_grace: Duration::from_secs(3),
+            header_read_timeout: Duration::from_millis(1234),
+            body_read_timeout: Duration::from_secs(5),
+            max_connections: 10,
+            max_in_flight: 10,
+            max_header_count: 77,
+            max_header_bytes: 20_000,
+            max_uri_bytes: 4000,
+            http2_max_concurrent_streams: 33,
+            compress_responses_over: None,
+            allow_unauthenticated_network: false,
+            worker_threads: Some(1),
+            work_stealing: false,
+        }
+    }
+
+    #[test]
+    fn caller_connections_keep_every_setting_of_the_auto_builder() {
+        let cfg = server_config();
+        let auto = format!("{:?}", builder(&cfg));
+        let h1 = format!("{:?}", http1_builder(&cfg));
+        let h2 = format!("{:?}", http2_builder(&cfg));
+        assert!(auto.contains(&h1), "{auto}\n{h1}");
+        assert!(auto.contains(&h2), "{auto}\n{h2}");
+        // The settings are there (not two sets of defaults that agree).
+        assert_ne!(h1, format!("{:?}", http1::Builder::new()));
+        assert!(h1.contains("1.234s") && h1.contains("77") && h1.contains("20000"), "{h1}");
+        assert!(h2.contains("33"), "{h2}");
+    }
+}

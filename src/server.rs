@@ -7,9 +7,9 @@ pub mod h1_guard;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -17,8 +17,8 @@ use arc_swap::ArcSwap;
 use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::registry::Registry;
 use tokio::io::ReadBuf;
@@ -677,8 +677,8 @@ fn serve_connection(
         };
         // Strict HTTP/1.1 framing checks on the raw bytes, before hyper
         // parses them; the guard also tells HTTP/1 from h2c.
-        let io = h1_guard::H1Guard::new(stream, served.verdict.clone(), shared.head_limit)
-            .detect_h2c();
+        let io =
+            h1_guard::H1Guard::new(stream, served.verdict.clone(), shared.head_limit).detect_h2c();
         let mut conn = shared.http1.serve_connection(TokioIo::new(io), hyper_svc);
         if drive(Pin::new(&mut conn), &mut served, true).await == Driven::H2c {
             serve_h2c(conn, served, &shared.http2);
@@ -697,10 +697,16 @@ async fn first_bytes(stream: &tokio::net::TcpStream, served: &mut Served) -> boo
         // readable before anything arrived. (One syscall per connection;
         // EOF and errors go on to hyper, which closes.)
         let mut byte = [std::mem::MaybeUninit::uninit()];
-        if stream.poll_peek(cx, &mut ReadBuf::uninit(&mut byte)).is_ready() {
+        if stream
+            .poll_peek(cx, &mut ReadBuf::uninit(&mut byte))
+            .is_ready()
+        {
             return Poll::Ready(true);
         }
-        if timer.as_mut().is_some_and(|t| t.as_mut().poll(cx).is_ready()) {
+        if timer
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+        {
             return Poll::Ready(false);
         }
         if stopped.as_mut().poll(cx).is_ready() {
@@ -801,7 +807,6 @@ async fn serve_admin(
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -839,7 +844,10 @@ mod tests {
         assert!(auto.contains(&h2), "{auto}\n{h2}");
         // The settings are there (not two sets of defaults that agree).
         assert_ne!(h1, format!("{:?}", http1::Builder::new()));
-        assert!(h1.contains("1.234s") && h1.contains("77") && h1.contains("20000"), "{h1}");
+        assert!(
+            h1.contains("1.234s") && h1.contains("77") && h1.contains("20000"),
+            "{h1}"
+        );
         assert!(h2.contains("33"), "{h2}");
     }
 }

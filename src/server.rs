@@ -362,6 +362,7 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         // `Connection: authorization, zuora-entity-ids` to strip what the
         // gateway sets later.
         strip_hop_by_hop(req.headers_mut());
+        unpin_head(&mut req);
         let req = req.map(caller_body);
         // Every layer of the stack is always ready, so the connection's copy
         // is called in place: cloning the boxed stack for each request (an
@@ -379,6 +380,40 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
             Poll::Ready(Ok(())) => Either::Left(svc.call(req)),
             _ => Either::Right(svc.clone().oneshot(req)),
         }
+    }
+}
+
+/// Moves the request's URI and header values out of hyper's read buffer
+/// into one small allocation of their own.
+///
+/// hyper hands them out as slices of its (8 KiB) read buffer, so while the
+/// request is in flight that buffer cannot be reused, and hyper's read for
+/// the caller going away allocates a second one: 8 KiB more per busy
+/// connection. Once nothing refers to it, hyper reuses its buffer.
+fn unpin_head<B>(req: &mut Request<B>) {
+    use std::fmt::Write as _;
+    let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len() + 16);
+    let total = uri_len + req.headers().values().map(|v| v.len()).sum::<usize>();
+    let mut copy = bytes::BytesMut::with_capacity(total);
+    let _ = write!(copy, "{}", req.uri());
+    let uri_end = copy.len();
+    for v in req.headers().values() {
+        copy.extend_from_slice(v.as_bytes());
+    }
+    let copy = copy.freeze();
+    if let Ok(uri) = http::Uri::from_maybe_shared(copy.slice(..uri_end)) {
+        *req.uri_mut() = uri;
+    }
+    let mut at = uri_end;
+    for v in req.headers_mut().values_mut() {
+        let end = at + v.len();
+        // The same bytes, so always valid; if not, the original stays.
+        if let Ok(mut moved) = http::HeaderValue::from_maybe_shared(copy.slice(at..end)) {
+            moved.set_sensitive(v.is_sensitive());
+            *v = moved;
+        }
+        at = end;
     }
 }
 

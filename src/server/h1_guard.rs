@@ -21,6 +21,11 @@
 //!   checked; a bad one is replaced by bytes hyper's decoder refuses, so the
 //!   body fails, the caller gets a 400 and nothing more is read.
 //!
+//! With [`H1Guard::detect_h2c`] the guard also tells HTTP/1.1 from HTTP/2
+//! prior knowledge on the connection's first bytes (the server needs no
+//! version sniff of its own, and the first read of an HTTP/1 connection goes
+//! straight into hyper's buffer like any other).
+//!
 //! The guard hands over to hyper's own parser only where that cannot switch
 //! the checks off for a later request: HTTP/2 prior knowledge, and inputs
 //! hyper refuses and closes the connection on (heads over the limit, bad

@@ -1469,7 +1469,7 @@ async fn run(o: Opts) -> R<()> {
             report,
             "after {} requests over {} keep-alive connections ({} phase(s), {:.0} req/s, {} errors): \
              RSS while loaded (max of 0.5 s samples) **{:.1} MiB** (target ≤ 30 MiB: {}), \
-             RSS after the connections closed {:.1} MiB (anonymous {:.1} MiB), VmHWM {:.1} MiB",
+             RSS 3 s after the connections closed {:.1} MiB (anonymous {:.1} MiB), VmHWM {:.1} MiB",
             soak.requests,
             o.soak_conns,
             soak.phases,
@@ -1974,7 +1974,9 @@ fn soak(env: &Env, script: &Path, o: &Opts) -> R<Soak> {
     }
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.join();
-    std::thread::sleep(Duration::from_millis(500));
+    // The gateway's serving threads give their free memory back about 1–2 s
+    // after they go idle (src/memory.rs); 3 s covers it.
+    std::thread::sleep(Duration::from_secs(3));
     Ok(Soak {
         requests: total.requests,
         errors: total.errors,

@@ -15,6 +15,7 @@ pub mod context;
 pub mod error;
 pub mod health;
 pub mod layers;
+pub mod memory;
 pub mod metrics;
 pub mod oauth;
 pub mod policy;

@@ -12,7 +12,7 @@ use zuora_gateway::cli::{self, Cli, Command};
 /// (Off with `--no-default-features`, for heap profilers.)
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: zuora_gateway_alloc::MiMalloc = zuora_gateway_alloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

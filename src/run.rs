@@ -77,6 +77,7 @@ impl ExtraRuntimes {
                     crate::upstream::set_runtime_index(i + 1);
                     // Tasks spawned through the handle run while this blocks.
                     rt.block_on(async move {
+                        tokio::spawn(crate::memory::release_after_bursts());
                         let _ = stopped.await;
                     });
                 });
@@ -135,6 +136,8 @@ pub fn serve(config: Config) -> ExitCode {
     };
     let handles = extra.handles.clone();
     let code = rt.block_on(async move {
+        // Frees what a burst of traffic leaves behind (see `memory`).
+        tokio::spawn(crate::memory::release_after_bursts());
         // Logs, access log and (when configured) OTLP export; inside the runtime.
         let telemetry = match crate::telemetry::Telemetry::init(&config.telemetry) {
             Ok(t) => t,

@@ -98,3 +98,42 @@ fn dockerfile_is_multi_stage_non_root_with_a_healthcheck() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn dockerfile_copies_everything_the_release_build_reads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    let copied: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words[..words.len().saturating_sub(1)].to_vec()
+        })
+        .collect();
+    // The build script (link flags), the workspace's path crates, the
+    // sources and the bench targets that Cargo.toml declares.
+    let mut needed = vec!["Cargo.toml", "Cargo.lock", "build.rs", "src", "benches"];
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    for line in manifest.lines() {
+        if let Some(rest) = line.split("path = \"").nth(1) {
+            let path = rest.split('"').next().unwrap();
+            let top = path.split('/').next().unwrap();
+            if !needed.contains(&top) && !path.starts_with("src/") {
+                needed.push(top);
+            }
+        }
+    }
+    assert!(
+        needed.contains(&"crates"),
+        "the allocator crate: {needed:?}"
+    );
+    for path in needed {
+        assert!(root.join(path).exists(), "{path} is not in the repository");
+        assert!(
+            copied.contains(&path),
+            "deploy/Dockerfile does not COPY {path} (copies {copied:?})"
+        );
+    }
+}

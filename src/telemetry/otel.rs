@@ -306,6 +306,27 @@ impl SpanRecord {
     pub fn failed(&self) -> bool {
         self.error || self.attributes.iter().any(|(k, _)| *k == "error.type")
     }
+
+    /// A finished internal span named "s" with no attributes or events, for
+    /// the exporter's and the encoder's tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(trace: u128, id: u64) -> SpanRecord {
+        SpanRecord {
+            trace_id: TraceId::from(trace),
+            span_id: SpanId::from(id),
+            parent: None,
+            parent_remote: false,
+            trace_state: None,
+            name: "s".into(),
+            kind: SpanKind::Internal,
+            start: SystemTime::now(),
+            end: SystemTime::now(),
+            attributes: vec![],
+            events: vec![],
+            events_dropped: 0,
+            error: false,
+        }
+    }
 }
 
 /// A request's server span with its children, built only for exported
@@ -1091,21 +1112,7 @@ mod tests {
     }
 
     fn record(trace: u128, id: u64) -> SpanRecord {
-        SpanRecord {
-            trace_id: TraceId::from(trace),
-            span_id: SpanId::from(id),
-            parent: None,
-            parent_remote: false,
-            trace_state: None,
-            name: "s".into(),
-            kind: SpanKind::Internal,
-            start: SystemTime::now(),
-            end: SystemTime::now(),
-            attributes: vec![],
-            events: vec![],
-            events_dropped: 0,
-            error: false,
-        }
+        SpanRecord::for_test(trace, id)
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, USER_AGENT};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Limited};
 use prometheus_client::metrics::counter::Counter;
 
 use super::otel::{
@@ -642,7 +642,7 @@ pub(crate) fn spawn<K: Sink + Send + 'static>(
 /// OTLP/HTTP: `POST <endpoint>` with `application/x-protobuf`.
 #[derive(Debug)]
 pub(crate) struct HttpSink {
-    client: hyper_util::client::legacy::Client<crate::upstream::client::Connector, Full<Bytes>>,
+    client: crate::upstream::client::Client,
     endpoint: Uri,
     headers: HeaderMap,
 }
@@ -679,7 +679,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 impl Sink for HttpSink {
     async fn send(&self, body: Vec<u8>) -> Result<(), String> {
-        let mut req = Request::new(Full::new(Bytes::from(body)));
+        let mut req = Request::new(crate::body::full(Bytes::from(body)));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.endpoint.clone();
         let h = req.headers_mut();
@@ -865,24 +865,15 @@ mod tests {
     #[test]
     fn span_records_keep_their_attribute_types() {
         let span = SpanRecord {
-            trace_id: TraceId::from(1),
-            span_id: SpanId::from(2),
-            parent: None,
-            parent_remote: false,
-            trace_state: None,
             name: "zuora.token_fetch".into(),
-            kind: SpanKind::Internal,
-            start: SystemTime::now(),
-            end: SystemTime::now(),
             attributes: vec![
                 ("s", AttrValue::Str("v".into())),
                 ("i", AttrValue::Int(-5)),
                 ("f", AttrValue::Float(1.5)),
                 ("b", AttrValue::Bool(true)),
             ],
-            events: vec![],
             events_dropped: 3,
-            error: false,
+            ..SpanRecord::for_test(1, 2)
         };
         let body = encode(&[], &[Item::Spans(vec![span])]);
         let (_, spans) = decode(&body);
@@ -937,25 +928,7 @@ mod tests {
     }
 
     fn spans(n: u64) -> Item {
-        Item::Spans(
-            (0..n)
-                .map(|i| SpanRecord {
-                    trace_id: TraceId::from(1),
-                    span_id: SpanId::from(i + 1),
-                    parent: None,
-                    parent_remote: false,
-                    trace_state: None,
-                    name: "s".into(),
-                    kind: SpanKind::Internal,
-                    start: SystemTime::now(),
-                    end: SystemTime::now(),
-                    attributes: vec![],
-                    events: vec![],
-                    events_dropped: 0,
-                    error: false,
-                })
-                .collect(),
-        )
+        Item::Spans((0..n).map(|i| SpanRecord::for_test(1, i + 1)).collect())
     }
 
     #[tokio::test]

@@ -190,7 +190,7 @@ impl CallTrace {
     pub fn finish_attempt<B>(
         self,
         outcome: &Result<
-            Result<Response<B>, hyper_util::client::legacy::Error>,
+            Result<Response<B>, crate::upstream::client::Error>,
             tokio::time::error::Elapsed,
         >,
     ) {

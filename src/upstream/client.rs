@@ -1,56 +1,71 @@
-//! The pooled HTTP client used for Zuora (API calls and token requests):
-//! hyper-util's legacy client over rustls with webpki roots plus the
+//! The pooled HTTP client used for Zuora (API calls and token requests), the
+//! JWKS fetch and the OTLP export: rustls with webpki roots plus the
 //! upstream's `ca_file`, HTTP/1.1 and HTTP/2 by ALPN, plain http for the
 //! simulator.
 //!
-//! Pool: at most `pool.max_idle_per_host` idle connections are kept (each
-//! idle HTTP/1.1 connection holds about 30 KiB: buffers plus the client's
-//! dispatch task), and an idle one is closed after `pool.idle_timeout`.
-//! Busy connections are not capped here: the gateway's `max_in_flight`
-//! bounds them (see the README's configuration reference).
+//! It is built on hyper's connection API, not hyper-util's legacy client:
+//! each client keeps its own small pool, one per serving runtime (see
+//! [`Clients`]), so a request costs a lock of an uncontended mutex, a scan
+//! of a handful of origins (a client talks to its upstream's base URL and
+//! perhaps a token URL) and no hashing, no boxing and no task of its own.
+//!
+//! - HTTP/1.1: idle connections wait in a LIFO list per origin; one is
+//!   reused only when hyper says it is ready (its last response was read to
+//!   the end). A response body dropped before its end never gives its
+//!   connection back: hyper closes that connection.
+//! - HTTP/2 (when ALPN picks `h2`): one connection per origin, shared by
+//!   all requests, replaced when it closes.
+//! - At most `pool.max_idle_per_host` idle HTTP/1.1 connections per origin
+//!   (each keeps hyper's read and write buffers and its connection task); idle
+//!   ones are closed after `pool.idle_timeout`, by a sweep that runs while
+//!   the pool holds any. Busy connections are not capped here: the
+//!   upstream's `max_concurrent_requests` bounds them.
+//! - A request that an idle connection refused before sending anything (it
+//!   was closing) is sent again on another connection, as hyper-util's
+//!   client did.
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::Uri;
+use bytes::Bytes;
+use http::header::{HOST, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
+use tower::Service;
 
 use crate::body::{Body, BoxError};
 use crate::config::UpstreamConfig;
 
 /// The client type used for every upstream call.
-pub type HttpClient = Client<Connector, Body>;
+pub type HttpClient = Client;
 
-/// The connector: rustls (or plain http) over hyper-util's TCP connector.
-/// Its connections report no `HttpInfo` (peer and local address), which the
-/// stock connector attaches to every single response: one map allocation
-/// per call that nothing here reads.
+/// The connector: rustls (or plain http) over hyper-util's TCP connector
+/// (connect timeout, `TCP_NODELAY`, keep-alive probes).
 #[derive(Clone, Debug)]
 pub struct Connector(HttpsConnector<HttpConnector>);
 
-impl tower::Service<Uri> for Connector {
-    type Response = Conn;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move { connecting.await.map(Conn) })
+impl Connector {
+    /// A TCP (and TLS for https) connection to `dst`'s authority.
+    async fn connect(&self, dst: Uri) -> Result<Conn, BoxError> {
+        // hyper-util's connector is always ready (its `poll_ready` returns
+        // `Ready`); its legacy client called it the same way.
+        self.0.clone().call(dst).await.map(Conn)
     }
 }
 
@@ -58,19 +73,14 @@ impl tower::Service<Uri> for Connector {
 #[derive(Debug)]
 pub struct Conn(MaybeHttpsStream<TokioIo<TcpStream>>);
 
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        let h2 = match &self.0 {
+impl Conn {
+    /// Whether TLS negotiated HTTP/2 by ALPN.
+    fn is_h2(&self) -> bool {
+        match &self.0 {
             MaybeHttpsStream::Http(_) => false,
             MaybeHttpsStream::Https(tls) => {
                 tls.inner().get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
             }
-        };
-        let connected = Connected::new();
-        if h2 {
-            connected.negotiated_h2()
-        } else {
-            connected
         }
     }
 }
@@ -112,6 +122,62 @@ impl Write for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// A failed call, shaped like hyper-util's client error (`client error
+/// (Connect)`, the cause in [`std::error::Error::source`]).
+pub struct Error {
+    kind: ErrorKind,
+    source: Option<BoxError>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ErrorKind {
+    /// The connector failed (DNS, TCP, TLS, connect timeout): nothing was sent.
+    Connect,
+    /// The connection failed during the handshake or the exchange.
+    SendRequest,
+    /// A new connection closed before it took the request.
+    Canceled,
+    /// The request's URI has no scheme or authority.
+    UserAbsoluteUriRequired,
+}
+
+impl Error {
+    fn new(kind: ErrorKind, source: impl Into<BoxError>) -> Self {
+        Error {
+            kind,
+            source: Some(source.into()),
+        }
+    }
+
+    /// Whether connecting failed (so nothing reached the upstream).
+    pub fn is_connect(&self) -> bool {
+        self.kind == ErrorKind::Connect
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut t = f.debug_tuple("client::Error");
+        t.field(&self.kind);
+        if let Some(source) = &self.source {
+            t.field(source);
+        }
+        t.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client error ({:?})", self.kind)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| &**e as _)
     }
 }
 
@@ -184,10 +250,10 @@ pub fn set_runtime_index(index: usize) {
 }
 
 /// One pooled client per serving runtime. With one current-thread runtime
-/// per core, a pooled connection's dispatch task lives on the runtime that
-/// made it; sharing one pool would have requests on one thread wake
-/// connection tasks on another (a cross-thread wake-up both ways, every
-/// request). Each runtime keeping its own pool avoids that; the upstream's
+/// per core, a pooled connection's task lives on the runtime that made it;
+/// sharing one pool would have requests on one thread wake connection tasks
+/// on another (a cross-thread wake-up both ways, every request). Each
+/// runtime keeping its own pool avoids that; the upstream's
 /// `max_concurrent_requests` slots stay shared.
 #[derive(Clone, Debug)]
 pub struct Clients(Arc<[HttpClient]>);
@@ -218,46 +284,566 @@ impl Clients {
 
 /// A pooled HTTP/1.1 + HTTP/2 (by ALPN) client over rustls that also speaks
 /// plain http (the simulator, a local JWKS).
-pub fn https_client<B>(
+pub fn https_client(
     tls: rustls::ClientConfig,
-    connect_timeout: std::time::Duration,
-    idle_timeout: std::time::Duration,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
     max_idle_per_host: usize,
-) -> Client<Connector, B>
-where
-    B: http_body::Body + Send,
-    B::Data: Send,
-{
+) -> Client {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    http.set_keepalive(Some(Duration::from_secs(60)));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(max_idle_per_host)
-        .build(Connector(connector))
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
+    Client {
+        pool: Arc::new(Pool {
+            connector: Connector(connector),
+            h1: http1::Builder::new(),
+            h2,
+            idle_timeout,
+            max_idle: max_idle_per_host,
+            state: Mutex::new(State {
+                origins: Vec::new(),
+                sweeping: false,
+            }),
+        }),
+    }
+}
+
+/// A pooled client (cheap to clone: clones share the pool). Requests must
+/// carry an absolute URI (`scheme://authority/path`).
+pub struct Client {
+    pool: Arc<Pool>,
+}
+
+impl Clone for Client {
+    fn clone(&self) -> Self {
+        Client {
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("idle_timeout", &self.pool.idle_timeout)
+            .field("max_idle_per_host", &self.pool.max_idle)
+            .finish_non_exhaustive()
+    }
+}
+
+/// At most this many times a request that a pooled connection refused
+/// before sending anything (it was closing) is tried on another one.
+const MAX_UNSENT_RETRIES: usize = 8;
+
+impl Client {
+    /// Sends `req` (absolute URI) on a pooled or new connection; the
+    /// response's body gives the connection back once read to its end.
+    pub fn request(
+        &self,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, Error>> + Send + '_ {
+        self.send(req)
+    }
+
+    async fn send(&self, mut req: Request<Body>) -> Result<Response<ResponseBody>, Error> {
+        // HTTP/1.1 wants `Host`; `forward` sets it for plain-http upstreams.
+        let want_host = !req.headers().contains_key(HOST);
+        let mut retries = 0;
+        loop {
+            let lease = self.pool.checkout(req.uri(), want_host)?;
+            let reused = lease.conn.is_some();
+            let conn = match lease.conn {
+                Some(conn) => conn,
+                // Boxed: the handshakes' state would otherwise make every
+                // request's future (and the caller's) several KiB larger.
+                None => Box::pin(self.pool.clone().connect(lease.origin)).await?,
+            };
+            let refused = match conn {
+                Checked::H2(mut tx) => {
+                    // Absolute form: hyper takes `:scheme` and `:authority` from it.
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => return Ok(resp.map(|b| ResponseBody::new(b, None))),
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) if reused && retries < MAX_UNSENT_RETRIES => {
+                                self.pool.forget_closed_h2(lease.origin);
+                                (unsent, None, e.into_error())
+                            }
+                            Some(_) => return Err(Error::new(ErrorKind::Canceled, e.into_error())),
+                            None => {
+                                return Err(Error::new(ErrorKind::SendRequest, e.into_error()));
+                            }
+                        },
+                    }
+                }
+                Checked::H1(mut tx) => {
+                    if let Some(host) = lease.host {
+                        req.headers_mut().insert(HOST, host);
+                    }
+                    let absolute = std::mem::take(req.uri_mut());
+                    *req.uri_mut() = origin_form(&absolute);
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => {
+                            let back = GiveBack {
+                                pool: self.pool.clone(),
+                                origin: lease.origin,
+                                tx,
+                            };
+                            return Ok(resp.map(|b| ResponseBody::new(b, Some(back))));
+                        }
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) if reused && retries < MAX_UNSENT_RETRIES => {
+                                (unsent, Some(absolute), e.into_error())
+                            }
+                            Some(_) => return Err(Error::new(ErrorKind::Canceled, e.into_error())),
+                            None => {
+                                return Err(Error::new(ErrorKind::SendRequest, e.into_error()));
+                            }
+                        },
+                    }
+                }
+            };
+            let (unsent, absolute, reason) = refused;
+            tracing::trace!(reason = %reason, "a pooled connection refused the request; trying another");
+            req = unsent;
+            if let Some(uri) = absolute {
+                *req.uri_mut() = uri;
+            }
+            retries += 1;
+        }
+    }
+}
+
+/// `/path?query` of an absolute URI (what HTTP/1.1 puts on the request line).
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(pq) if pq.as_str() != "/" => {
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(pq.clone());
+            // A path-and-query alone always makes a valid URI.
+            Uri::from_parts(parts).unwrap_or_default()
+        }
+        _ => Uri::default(),
+    }
+}
+
+/// `host[:port]`, the port only when it is not the scheme's default (what
+/// hyper-util's client set).
+fn host_header(scheme: &Scheme, authority: &Authority) -> Option<HeaderValue> {
+    let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let value = match authority.port_u16() {
+        Some(port) if port != default => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
+}
+
+/// One client's connections.
+struct Pool {
+    connector: Connector,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    idle_timeout: Duration,
+    max_idle: usize,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// The origins this client talks to, in order of first use (a few:
+    /// never removed, so an index stays valid).
+    origins: Vec<Origin>,
+    /// Whether the idle sweep task runs.
+    sweeping: bool,
+}
+
+struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+    /// `Host` for HTTP/1.1 requests that carry none.
+    host: Option<HeaderValue>,
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    idle: Vec<Idle<http1::SendRequest<Body>>>,
+    /// The shared HTTP/2 connection, if the origin speaks it.
+    h2: Option<Idle<http2::SendRequest<Body>>>,
+}
+
+struct Idle<T> {
+    tx: T,
+    /// When it went idle (HTTP/1.1) or was last used (HTTP/2).
+    since: Instant,
+}
+
+enum Checked {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+struct Lease {
+    origin: usize,
+    conn: Option<Checked>,
+    /// The origin's `Host`, when the request needs one.
+    host: Option<HeaderValue>,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding it; a poisoned pool is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn expired(&self, since: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(since) > self.idle_timeout
+    }
+
+    /// A live connection to `uri`'s origin, if one is idle (or shared).
+    /// Stale and closed idle connections met on the way are dropped.
+    fn checkout(&self, uri: &Uri, want_host: bool) -> Result<Lease, Error> {
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return Err(Error::new(
+                ErrorKind::UserAbsoluteUriRequired,
+                "the request URI has no scheme or authority",
+            ));
+        };
+        let now = Instant::now();
+        let mut state = self.lock();
+        let origin = match state
+            .origins
+            .iter()
+            .position(|o| o.scheme == *scheme && o.authority == *authority)
+        {
+            Some(i) => i,
+            None => {
+                state.origins.push(Origin {
+                    scheme: scheme.clone(),
+                    authority: authority.clone(),
+                    host: host_header(scheme, authority),
+                    idle: Vec::new(),
+                    h2: None,
+                });
+                state.origins.len() - 1
+            }
+        };
+        let Some(o) = state.origins.get_mut(origin) else {
+            return Err(Error::new(ErrorKind::Canceled, "pool origin vanished"));
+        };
+        let host = if want_host { o.host.clone() } else { None };
+        let lease = |conn| Lease { origin, conn, host };
+        if let Some(shared) = &mut o.h2 {
+            if !shared.tx.is_closed() {
+                shared.since = now;
+                return Ok(lease(Some(Checked::H2(shared.tx.clone()))));
+            }
+            o.h2 = None;
+        }
+        let mut i = o.idle.len();
+        while i > 0 {
+            i -= 1;
+            let idle = &o.idle[i];
+            if idle.tx.is_closed() || self.expired(idle.since, now) {
+                // Dropping the last sender closes the connection.
+                o.idle.remove(i);
+            } else if idle.tx.is_ready() {
+                let idle = o.idle.remove(i);
+                return Ok(lease(Some(Checked::H1(idle.tx))));
+            }
+            // Otherwise still finishing its last exchange: left for later.
+        }
+        Ok(lease(None))
+    }
+
+    /// Gives an HTTP/1.1 connection whose response was read to the end back.
+    fn put(&self, origin: usize, tx: http1::SendRequest<Body>) -> bool {
+        if tx.is_closed() {
+            return false;
+        }
+        let mut state = self.lock();
+        let Some(o) = state.origins.get_mut(origin) else {
+            return false;
+        };
+        if o.idle.len() >= self.max_idle {
+            drop(state);
+            drop(tx);
+            return false;
+        }
+        o.idle.push(Idle {
+            tx,
+            since: Instant::now(),
+        });
+        !std::mem::replace(&mut state.sweeping, true)
+    }
+
+    /// Drops `origin`'s shared HTTP/2 connection if it has closed.
+    fn forget_closed_h2(&self, origin: usize) {
+        let mut state = self.lock();
+        if let Some(o) = state.origins.get_mut(origin)
+            && o.h2.as_ref().is_some_and(|s| s.tx.is_closed())
+        {
+            o.h2 = None;
+        }
+    }
+
+    /// Closes idle connections past the idle timeout (and forgets closed
+    /// ones). Returns whether any are left; if none, the sweep stops.
+    fn sweep(&self, now: Instant) -> bool {
+        let mut state = self.lock();
+        let mut left = false;
+        for o in &mut state.origins {
+            o.idle
+                .retain(|i| !i.tx.is_closed() && !self.expired(i.since, now));
+            if o.h2
+                .as_ref()
+                .is_some_and(|s| s.tx.is_closed() || self.expired(s.since, now))
+            {
+                o.h2 = None;
+            }
+            left |= !o.idle.is_empty() || o.h2.is_some();
+        }
+        if !left {
+            state.sweeping = false;
+        }
+        left
+    }
+}
+
+impl Pool {
+    /// Starts the idle sweep on the current runtime (it stops by itself
+    /// when the pool has no idle connection left, or the client is gone).
+    fn start_sweep(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime here: checkouts still drop stale connections.
+            self.lock().sweeping = false;
+            return;
+        };
+        let task = SweepTask {
+            pool: Arc::downgrade(self),
+            finished: false,
+        };
+        let period = self.idle_timeout.max(Duration::from_millis(100));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(pool) = task.pool.upgrade() else {
+                    return task.finish();
+                };
+                if !pool.sweep(Instant::now()) {
+                    return task.finish();
+                }
+            }
+        });
+    }
+}
+
+/// The sweep task's hold on its pool. Dropped before the sweep finished
+/// (its runtime shut down), it lets the next idle connection start another.
+struct SweepTask {
+    pool: Weak<Pool>,
+    finished: bool,
+}
+
+impl SweepTask {
+    /// Ends the sweep normally (the pool is gone or has nothing idle).
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for SweepTask {
+    fn drop(&mut self) {
+        if !self.finished
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.lock().sweeping = false;
+        }
+    }
+}
+
+impl Pool {
+    /// A new connection to `origin`: HTTP/2 if ALPN says so (then shared),
+    /// HTTP/1.1 otherwise. Its connection task runs on the current runtime.
+    fn connect(
+        self: Arc<Self>,
+        origin: usize,
+    ) -> impl Future<Output = Result<Checked, Error>> + Send {
+        self.connect_inner(origin)
+    }
+
+    async fn connect_inner(self: Arc<Self>, origin: usize) -> Result<Checked, Error> {
+        let dst = {
+            let state = self.lock();
+            let o = state
+                .origins
+                .get(origin)
+                .ok_or_else(|| Error::new(ErrorKind::Canceled, "pool origin vanished"))?;
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(o.scheme.clone());
+            parts.authority = Some(o.authority.clone());
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+            Uri::from_parts(parts).map_err(|e| Error::new(ErrorKind::Connect, e))?
+        };
+        let io = self
+            .connector
+            .connect(dst)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connect, e))?;
+        if io.is_h2() {
+            let (mut tx, conn) = self
+                .h2
+                .handshake(io)
+                .await
+                .map_err(|e| Error::new(ErrorKind::SendRequest, e))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection error");
+                }
+            });
+            tx.ready()
+                .await
+                .map_err(|e| Error::new(ErrorKind::SendRequest, e))?;
+            let start = {
+                let mut state = self.lock();
+                let Some(o) = state.origins.get_mut(origin) else {
+                    return Ok(Checked::H2(tx));
+                };
+                // Shared unless a concurrent request already shared its own.
+                if o.h2.as_ref().is_none_or(|s| s.tx.is_closed()) {
+                    o.h2 = Some(Idle {
+                        tx: tx.clone(),
+                        since: Instant::now(),
+                    });
+                    !std::mem::replace(&mut state.sweeping, true)
+                } else {
+                    false
+                }
+            };
+            if start {
+                self.start_sweep();
+            }
+            return Ok(Checked::H2(tx));
+        }
+        let (mut tx, conn) = self
+            .h1
+            .handshake(io)
+            .await
+            .map_err(|e| Error::new(ErrorKind::SendRequest, e))?;
+        // The connection's own error says more than "channel closed".
+        let (failed, failure) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/1.1 connection error");
+                let _ = failed.send(e);
+            }
+        });
+        match tx.ready().await {
+            Ok(()) => Ok(Checked::H1(tx)),
+            Err(e) if e.is_closed() => match failure.await {
+                Ok(cause) => Err(Error::new(ErrorKind::SendRequest, cause)),
+                Err(_) => Err(Error::new(ErrorKind::SendRequest, e)),
+            },
+            Err(e) => Err(Error::new(ErrorKind::SendRequest, e)),
+        }
+    }
+}
+
+/// An HTTP/1.1 connection to give back once its response is read.
+struct GiveBack {
+    pool: Arc<Pool>,
+    origin: usize,
+    tx: http1::SendRequest<Body>,
+}
+
+impl GiveBack {
+    fn give_back(self) {
+        if self.pool.put(self.origin, self.tx) {
+            self.pool.start_sweep();
+        }
+    }
+}
+
+/// A response body from [`Client::request`]: hyper's body, which gives its
+/// HTTP/1.1 connection back to the pool once read to the end (or dropped
+/// after its end). Dropped earlier, the connection is not reused.
+pub struct ResponseBody {
+    inner: Incoming,
+    back: Option<GiveBack>,
+}
+
+impl ResponseBody {
+    fn new(inner: Incoming, back: Option<GiveBack>) -> Self {
+        ResponseBody { inner, back }
+    }
+}
+
+impl fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(back) = this.back.take() {
+                    back.give_back();
+                }
+            }
+            // A broken exchange: the connection goes with it.
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(back) = self.back.take()
+            && self.inner.is_end_stream()
+        {
+            back.give_back();
+        }
+    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use bytes::Bytes;
     use http::{Request, Response, Version};
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use hyper_util::client::legacy::connect::HttpInfo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
@@ -288,21 +874,29 @@ mod tests {
         (server, ca_cert.pem())
     }
 
-    /// Serves over TLS, HTTP/2 only; answers with the version it was spoken to in.
-    async fn h2_only_server(server: rustls::ServerConfig) -> u16 {
+    /// Serves over TLS, HTTP/2 only; answers with the version it was spoken
+    /// to in and the request's authority. Counts accepted connections.
+    async fn h2_only_server(server: rustls::ServerConfig) -> (u16, Arc<AtomicUsize>) {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let answer = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        let version = format!("{:?}", req.version());
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(version))))
+                        let text = format!(
+                            "{:?} {}",
+                            req.version(),
+                            req.uri().authority().map_or("-", |a| a.as_str())
+                        );
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
                     });
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), answer)
@@ -310,27 +904,386 @@ mod tests {
                 });
             }
         });
-        port
+        (port, accepted)
+    }
+
+    fn client(idle_timeout: Duration, max_idle: usize) -> Client {
+        https_client(
+            tls_config(None).unwrap(),
+            Duration::from_secs(2),
+            idle_timeout,
+            max_idle,
+        )
     }
 
     #[tokio::test]
-    async fn an_upstream_choosing_h2_by_alpn_is_spoken_to_in_http2_without_http_info() {
+    async fn an_upstream_choosing_h2_by_alpn_is_spoken_to_in_http2_on_one_shared_connection() {
         let (server, ca_pem) = pki(&[b"h2"]);
-        let port = h2_only_server(server).await;
-        let client: Client<Connector, Full<Bytes>> = https_client(
+        let (port, accepted) = h2_only_server(server).await;
+        let client: Client = https_client(
             tls_config(Some(ca_pem.as_bytes())).unwrap(),
             Duration::from_secs(5),
             Duration::from_secs(30),
             4,
         );
-        for _ in 0..2 {
+        for _ in 0..3 {
             let uri: Uri = format!("https://localhost:{port}/v1/x").parse().unwrap();
-            let resp = client.get(uri).await.unwrap();
+            let resp = client.request(Request::get(uri).body(crate::body::empty()).unwrap());
+            let resp = resp.await.unwrap();
             assert_eq!(resp.version(), Version::HTTP_2);
-            assert!(resp.extensions().get::<HttpInfo>().is_none());
+            assert!(resp.extensions().is_empty());
             let body = resp.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(body, "HTTP/2.0");
+            assert_eq!(body, format!("HTTP/2.0 localhost:{port}").as_str());
         }
+        // Concurrent requests share it too.
+        let calls = (0..5).map(|_| {
+            let client = client.clone();
+            let uri: Uri = format!("https://localhost:{port}/v1/y").parse().unwrap();
+            async move {
+                let resp = client.request(Request::get(uri).body(crate::body::empty()).unwrap());
+                resp.await.unwrap().into_body().collect().await.unwrap();
+            }
+        });
+        futures_util::future::join_all(calls).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// What a raw test server does with each request.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mode {
+        /// `200`, `ok`, keep-alive.
+        KeepAlive,
+        /// `200`, `ok` without `Connection: close`, then closes the socket.
+        CloseAfterAnswer,
+        /// Closes the socket without answering.
+        CloseWithoutAnswer,
+        /// A 4 MiB body, written until the client goes away.
+        Large,
+        /// `200`, `ok` after 200 ms.
+        Slow,
+    }
+
+    /// A raw HTTP/1.1 server: counts accepted and finished connections and
+    /// records each request head.
+    struct Raw {
+        port: u16,
+        accepted: Arc<AtomicUsize>,
+        finished: Arc<AtomicUsize>,
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    async fn raw_server(mode: Mode) -> Raw {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let raw = Raw {
+            port: listener.local_addr().unwrap().port(),
+            accepted: Arc::default(),
+            finished: Arc::default(),
+            heads: Arc::default(),
+        };
+        let (accepted, finished, heads) = (
+            raw.accepted.clone(),
+            raw.finished.clone(),
+            raw.heads.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let (finished, heads) = (finished.clone(), heads.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    'conn: loop {
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => break 'conn,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head: Vec<u8> = buf.drain(..head_end).collect();
+                        heads
+                            .lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        match mode {
+                            Mode::KeepAlive => {
+                                if tcp.write_all(ok).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Mode::Slow => {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                if tcp.write_all(ok).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Mode::CloseAfterAnswer => {
+                                let _ = tcp.write_all(ok).await;
+                                break;
+                            }
+                            Mode::CloseWithoutAnswer => break,
+                            Mode::Large => {
+                                let size = 4 << 20;
+                                let head =
+                                    format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                                if tcp.write_all(head.as_bytes()).await.is_err() {
+                                    break;
+                                }
+                                let chunk = vec![b'x'; 64 * 1024];
+                                for _ in 0..size / chunk.len() {
+                                    if tcp.write_all(&chunk).await.is_err() {
+                                        break 'conn;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    drop(tcp);
+                    finished.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        raw
+    }
+
+    impl Raw {
+        fn url(&self, path: &str) -> Uri {
+            format!("http://127.0.0.1:{}{path}", self.port)
+                .parse()
+                .unwrap()
+        }
+
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+
+        fn finished(&self) -> usize {
+            self.finished.load(Ordering::SeqCst)
+        }
+    }
+
+    async fn get(client: &Client, uri: Uri) -> Result<Bytes, Error> {
+        let resp = client
+            .request(Request::get(uri).body(crate::body::empty()).unwrap())
+            .await?;
+        Ok(resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    /// Waits up to 2 s for `cond`.
+    async fn eventually(cond: impl Fn() -> bool) -> bool {
+        for _ in 0..200 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cond()
+    }
+
+    #[tokio::test]
+    async fn an_idle_http1_connection_is_reused_with_origin_form_and_host() {
+        let server = raw_server(Mode::KeepAlive).await;
+        let client = client(Duration::from_secs(30), 4);
+        for _ in 0..3 {
+            assert_eq!(
+                get(&client, server.url("/v1/x?a=1&b=%20")).await.unwrap(),
+                "ok"
+            );
+        }
+        assert_eq!(server.accepted(), 1);
+        let heads = server.heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 3);
+        for head in heads {
+            let mut lines = head.lines();
+            assert_eq!(lines.next(), Some("GET /v1/x?a=1&b=%20 HTTP/1.1"));
+            let host = format!("host: 127.0.0.1:{}", server.port);
+            assert!(lines.any(|l| l == host), "{head}");
+        }
+        // A `Host` the caller set is kept, and the bare origin is sent as `/`.
+        let req = Request::get(server.url(""))
+            .header(HOST, "zuora.example")
+            .body(crate::body::empty())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        let last = server.heads.lock().unwrap().last().cloned().unwrap();
+        assert!(last.starts_with("GET / HTTP/1.1\r\n"), "{last}");
+        assert!(last.contains("host: zuora.example\r\n"), "{last}");
+        assert!(!last.contains("127.0.0.1"), "{last}");
+        assert_eq!(server.accepted(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_the_idle_timeout_and_not_reused() {
+        let server = raw_server(Mode::KeepAlive).await;
+        let client = client(Duration::from_millis(150), 4);
+        get(&client, server.url("/a")).await.unwrap();
+        assert_eq!(server.finished(), 0);
+        // The sweep closes it without any further request.
+        assert!(eventually(|| server.finished() == 1).await);
+        get(&client, server.url("/a")).await.unwrap();
+        assert_eq!(server.accepted(), 2);
+    }
+
+    #[test]
+    fn the_sweep_restarts_on_another_runtime_when_its_runtime_is_gone() {
+        let servers = tokio::runtime::Runtime::new().unwrap();
+        let server = servers.block_on(raw_server(Mode::KeepAlive));
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let client = client(Duration::from_millis(150), 4);
+        let first = runtime();
+        first.block_on(get(&client, server.url("/a"))).unwrap();
+        // Its connection task and its sweep go with it.
+        drop(first);
+        runtime().block_on(async {
+            assert!(eventually(|| server.finished() == 1).await);
+            get(&client, server.url("/a")).await.unwrap();
+            assert_eq!(server.accepted(), 2);
+            assert!(eventually(|| server.finished() == 2).await);
+        });
+    }
+
+    #[tokio::test]
+    async fn a_stale_idle_connection_is_dropped_at_checkout() {
+        let server = raw_server(Mode::KeepAlive).await;
+        let client: Client = client(Duration::from_millis(100), 4);
+        get(&client, server.url("/a")).await.unwrap();
+        // Pretend the sweep has not run yet.
+        client.pool.lock().origins[0].idle[0].since -= Duration::from_millis(500);
+        let lease = client.pool.checkout(&server.url("/a"), false).unwrap();
+        assert!(lease.conn.is_none());
+        assert!(client.pool.lock().origins[0].idle.is_empty());
+        assert!(eventually(|| server.finished() == 1).await);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_reused_and_the_next_request_succeeds() {
+        let server = raw_server(Mode::CloseAfterAnswer).await;
+        let client = client(Duration::from_secs(30), 4);
+        for _ in 0..3 {
+            assert_eq!(get(&client, server.url("/a")).await.unwrap(), "ok");
+            // Whether or not the pool noticed the close yet, the next one works.
+        }
+        assert_eq!(server.accepted(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_response_not_read_to_its_end_does_not_give_its_connection_back() {
+        let server = raw_server(Mode::Large).await;
+        let client: Client = client(Duration::from_secs(30), 4);
+        let resp = client
+            .request(
+                Request::get(server.url("/big"))
+                    .body(crate::body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        drop(body);
+        assert!(eventually(|| server.finished() == 1).await);
+        assert!(client.pool.lock().origins[0].idle.is_empty());
+        let resp = client
+            .request(
+                Request::get(server.url("/big"))
+                    .body(crate::body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 4 << 20);
+        assert_eq!(server.accepted(), 2);
+        // Read to the end, that one is kept.
+        assert!(eventually(|| client.pool.lock().origins[0].idle.len() == 1).await);
+    }
+
+    #[tokio::test]
+    async fn at_most_max_idle_connections_are_kept() {
+        let server = raw_server(Mode::Slow).await;
+        let client = client(Duration::from_secs(30), 2);
+        let calls = (0..4).map(|_| get(&client, server.url("/slow")));
+        for r in futures_util::future::join_all(calls).await {
+            assert_eq!(r.unwrap(), "ok");
+        }
+        assert_eq!(server.accepted(), 4);
+        assert_eq!(client.pool.lock().origins[0].idle.len(), 2);
+        assert!(eventually(|| server.finished() == 2).await);
+        // The two kept are reused.
+        let calls = (0..2).map(|_| get(&client, server.url("/slow")));
+        futures_util::future::join_all(calls).await;
+        assert_eq!(server.accepted(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri: Uri = format!("http://{}/a", closed.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        drop(closed);
+        let client = client(Duration::from_secs(30), 4);
+        let e = get(&client, uri).await.unwrap_err();
+        assert!(e.is_connect(), "{e:?}");
+        assert_eq!(e.to_string(), "client error (Connect)");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_closing_without_an_answer_is_not_a_connect_error_and_not_retried() {
+        let server = raw_server(Mode::CloseWithoutAnswer).await;
+        let client = client(Duration::from_secs(30), 4);
+        let e = get(&client, server.url("/a")).await.unwrap_err();
+        assert!(!e.is_connect(), "{e:?}");
+        let cause = std::error::Error::source(&e).unwrap().to_string();
+        assert!(
+            cause.contains("connection closed before message completed"),
+            "{cause}"
+        );
+        assert_eq!(server.accepted(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_relative_uri_is_refused() {
+        let client = client(Duration::from_secs(30), 4);
+        let e = get(&client, Uri::from_static("/a")).await.unwrap_err();
+        assert!(!e.is_connect());
+    }
+
+    #[tokio::test]
+    async fn a_request_future_stays_small() {
+        let client = client(Duration::from_secs(30), 4);
+        let req = Request::get("http://127.0.0.1:9/").body(crate::body::empty());
+        let fut = client.request(req.unwrap());
+        // Connecting is boxed: it is rare, and its state is large.
+        assert!(
+            std::mem::size_of_val(&fut) < 1024,
+            "{}",
+            std::mem::size_of_val(&fut)
+        );
+    }
+
+    #[test]
+    fn the_host_header_omits_only_the_default_port() {
+        let host = |s: &str, a: &str| {
+            let v = host_header(&s.parse().unwrap(), &a.parse().unwrap()).unwrap();
+            v.to_str().unwrap().to_owned()
+        };
+        assert_eq!(host("http", "127.0.0.1:18090"), "127.0.0.1:18090");
+        assert_eq!(host("http", "sim.local:80"), "sim.local");
+        assert_eq!(host("https", "rest.zuora.com:443"), "rest.zuora.com");
+        assert_eq!(host("https", "rest.zuora.com"), "rest.zuora.com");
+        assert_eq!(host("https", "localhost:8443"), "localhost:8443");
+        assert_eq!(host("http", "[::1]:8080"), "[::1]:8080");
     }
 
     #[test]

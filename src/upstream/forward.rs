@@ -156,7 +156,7 @@ impl Forward {
     }
 }
 
-/// The `Host` hyper-util's client sets on an HTTP/1 request to `base`
+/// The `Host` the client ([`super::client`]) sets on an HTTP/1 request to `base`
 /// (host, and the port unless it is the scheme's default), for plain-http
 /// bases only.
 fn http_host(base: &Uri) -> Option<HeaderValue> {
@@ -466,7 +466,7 @@ const RESPONSE_BUFFER_LIMIT: u64 = 64 * 1024;
 /// Zuora-shaped 502/504 instead of a truncated 200. A larger or unsized body
 /// is streamed, and fails if it is not finished by the deadline.
 async fn read_response(
-    resp: http::Response<hyper::body::Incoming>,
+    resp: http::Response<super::client::ResponseBody>,
     deadline: tokio::time::Instant,
     timeout: std::time::Duration,
 ) -> Result<http::Response<Body>, GatewayError> {
@@ -554,7 +554,7 @@ impl http_body::Body for DeadlineBody {
 /// Maps a client error: a gateway error raised by the request body (size
 /// limit, corrupt gzip) wins; then connect failures; everything else is a
 /// broken exchange with Zuora.
-fn classify_client_error(e: &hyper_util::client::legacy::Error) -> GatewayError {
+fn classify_client_error(e: &super::client::Error) -> GatewayError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(gw) = s.downcast_ref::<GatewayError>() {

@@ -686,10 +686,11 @@ fn serve_connection(
     let mut served = Served {
         verdict: Arc::new(h1_guard::Verdict::default()),
         stop: stop.subscribe(),
-        // hyper's header_read_timeout starts only once bytes arrive, so a
-        // silent socket would otherwise stay open forever. Boxed, and
-        // dropped at the first request, so an idle keep-alive connection
-        // carries no timer.
+        // hyper's header_read_timeout runs only while hyper waits for a
+        // head, and hyper starts at the caller's first bytes (see
+        // `first_bytes`), so a silent socket would otherwise stay open
+        // forever. Boxed, and dropped at the first request, so an idle
+        // keep-alive connection carries no timer of ours.
         timer: Some(Box::pin(tokio::time::sleep(cfg.first_request_timeout))),
         _slot: Slot {
             _permit: permit,

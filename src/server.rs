@@ -4,10 +4,12 @@
 
 pub mod h1_guard;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -15,10 +17,11 @@ use arc_swap::ArcSwap;
 use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
+use tokio::io::ReadBuf;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -278,6 +281,8 @@ pub async fn start_on(
     })
 }
 
+/// The admin port's connections: HTTP/1.1 or h2c, detected by hyper-util,
+/// with the same settings as the caller connections'.
 fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -297,16 +302,41 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The caller connections' HTTP/1.1 settings (the same as `builder`'s; a
+/// test compares them).
+fn http1_builder(cfg: &ServerConfig) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_headers(cfg.max_header_count)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b
+}
+
+/// The caller connections' HTTP/2 (h2c prior knowledge) settings (the same
+/// as `builder`'s; a test compares them).
+fn http2_builder(cfg: &ServerConfig) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(256))
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
 /// Adapts hyper to the stack: hop-by-hop headers removed on arrival, the
 /// framing guard's verdict attached to its stand-in request, body boxing, no
 /// async block. Every check happens inside the stack, so every refusal gets a
 /// track ID and a log line.
 struct HyperAdapter {
     /// The connection's own copy of the stack, called in place (see `call`).
-    service: std::sync::Mutex<GatewayService>,
-    /// Set on the first request of the connection (see `serve`).
-    first_request: Arc<AtomicBool>,
-    /// What the connection's framing guard refused, if anything.
+    service: RefCell<GatewayService>,
+    /// What the connection's framing guard refused, if anything; told
+    /// when a request arrives (see `drive`).
     framing: Arc<h1_guard::Verdict>,
 }
 
@@ -319,7 +349,7 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
     >;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        self.first_request.store(true, Ordering::Relaxed);
+        self.framing.note_request();
         if let Some(violation) = self.framing.refused()
             && req.uri().path() == h1_guard::REFUSAL_TARGET
         {
@@ -332,23 +362,58 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         // `Connection: authorization, zuora-entity-ids` to strip what the
         // gateway sets later.
         strip_hop_by_hop(req.headers_mut());
+        unpin_head(&mut req);
         let req = req.map(caller_body);
         // Every layer of the stack is always ready, so the connection's copy
         // is called in place: cloning the boxed stack for each request (an
-        // allocation and an Arc count per layer) was measurable. The lock is
-        // uncontended (one connection's requests) and never held across an
-        // await; if a layer ever reports not-ready, fall back to a clone.
-        // (A panic inside `call` cannot leave the stack half-updated: take it
-        // even if the lock is poisoned.)
-        let mut svc = self
-            .service
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // allocation and an Arc count per layer) was measurable. hyper
+        // calls the service from the connection's task only (HTTP/2 streams
+        // too: their futures run elsewhere, `call` does not), and the borrow
+        // ends with `call`; if it is ever busy, or a layer reports
+        // not-ready, fall back to a clone.
+        let Ok(mut svc) = self.service.try_borrow_mut() else {
+            let svc = self.service.borrow().clone();
+            return Either::Right(svc.oneshot(req));
+        };
         let mut cx = Context::from_waker(Waker::noop());
         match svc.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => Either::Left(svc.call(req)),
             _ => Either::Right(svc.clone().oneshot(req)),
         }
+    }
+}
+
+/// Moves the request's URI and header values out of hyper's read buffer
+/// into one small allocation of their own.
+///
+/// hyper hands them out as slices of its (8 KiB) read buffer, so while the
+/// request is in flight that buffer cannot be reused, and hyper's read for
+/// the caller going away allocates a second one: 8 KiB more per busy
+/// connection. Once nothing refers to it, hyper reuses its buffer.
+fn unpin_head<B>(req: &mut Request<B>) {
+    use std::fmt::Write as _;
+    let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len() + 16);
+    let total = uri_len + req.headers().values().map(|v| v.len()).sum::<usize>();
+    let mut copy = bytes::BytesMut::with_capacity(total);
+    let _ = write!(copy, "{}", req.uri());
+    let uri_end = copy.len();
+    for v in req.headers().values() {
+        copy.extend_from_slice(v.as_bytes());
+    }
+    let copy = copy.freeze();
+    if let Ok(uri) = http::Uri::from_maybe_shared(copy.slice(..uri_end)) {
+        *req.uri_mut() = uri;
+    }
+    let mut at = uri_end;
+    for v in req.headers_mut().values_mut() {
+        let end = at + v.len();
+        // The same bytes, so always valid; if not, the original stays.
+        if let Ok(mut moved) = http::HeaderValue::from_maybe_shared(copy.slice(at..end)) {
+            moved.set_sensitive(v.is_sensitive());
+            *v = moved;
+        }
+        at = end;
     }
 }
 
@@ -387,9 +452,12 @@ async fn serve(
     // One worker per serving runtime; the first is this one.
     let conn_cfg = ConnConfig {
         service,
-        builder,
-        // The same bound as hyper's read buffer (see `builder`).
-        head_limit: cfg.max_header_bytes.max(8192),
+        shared: Arc::new(ConnShared {
+            http1: http1_builder(&cfg),
+            http2: http2_builder(&cfg),
+            // The same bound as hyper's read buffer (see `builder`).
+            head_limit: cfg.max_header_bytes.max(8192),
+        }),
         first_request_timeout: cfg.header_read_timeout,
         shutdown_grace: cfg.shutdown_grace,
     };
@@ -441,10 +509,17 @@ async fn serve(
 #[derive(Clone)]
 struct ConnConfig {
     service: GatewayService,
-    builder: auto::Builder<TokioExecutor>,
-    head_limit: usize,
+    /// Behind an `Arc`: each connection's task holds a reference, not a copy.
+    shared: Arc<ConnShared>,
     first_request_timeout: Duration,
     shutdown_grace: Duration,
+}
+
+/// How caller connections are served (shared by all of them).
+struct ConnShared {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    head_limit: usize,
 }
 
 /// An accepted connection on its way to a worker, with its
@@ -516,7 +591,9 @@ async fn run_worker(
     cfg: ConnConfig,
     active: Arc<AtomicUsize>,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Graceful shutdown: every connection holds a receiver; the worker
+    // sends, then waits until all of them are gone.
+    let (stop, _) = watch::channel(());
     while let Some(handoff) = from_acceptor.recv().await {
         let (stream, permit) = match handoff {
             Handoff::Local(s, p) => (s, p),
@@ -529,9 +606,10 @@ async fn run_worker(
                 }
             },
         };
-        serve_connection(stream, permit, &cfg, &graceful, active.clone());
+        serve_connection(stream, permit, &cfg, &stop, active.clone());
     }
-    if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
+    let _ = stop.send(());
+    if tokio::time::timeout(cfg.shutdown_grace, stop.closed())
         .await
         .is_err()
     {
@@ -539,47 +617,205 @@ async fn run_worker(
     }
 }
 
+/// The guarded caller socket hyper reads and writes.
+type CallerIo = TokioIo<h1_guard::H1Guard<tokio::net::TcpStream>>;
+
+/// A caller connection served as HTTP/1.1 (the usual case).
+type H1Conn = http1::Connection<CallerIo, HyperAdapter>;
+
+/// A caller connection served as h2c (HTTP/2 with prior knowledge).
+type H2Conn = http2::Connection<CallerIo, HyperAdapter, TokioExecutor>;
+
+/// What a caller connection holds until it ends: its `max_connections`
+/// permit and its place in its worker's count.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A hyper connection that can be asked to finish (its own
+/// `graceful_shutdown`; hyper-util's `GracefulShutdown` would own the
+/// connection, and an HTTP/1 connection must stay at hand to give it up
+/// for HTTP/2).
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl Graceful for H1Conn {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::Connection::graceful_shutdown(self);
+    }
+}
+
+impl Graceful for H2Conn {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// How driving a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Driven {
+    /// It finished, or was closed (silent past the first-request deadline,
+    /// or nothing read when shutdown began).
+    Ended,
+    /// Its first bytes were the HTTP/2 preface: it must become an HTTP/2
+    /// connection.
+    H2c,
+}
+
 /// Serves one caller connection on the current runtime.
+///
+/// The framing guard sees the first bytes and tells HTTP/1.1 from h2c prior
+/// knowledge, so the connection starts as hyper's HTTP/1 connection in a
+/// task sized for HTTP/1 only; the rare h2c connection is handed over to a
+/// task of its own.
 fn serve_connection(
     stream: tokio::net::TcpStream,
     permit: OwnedSemaphorePermit,
     cfg: &ConnConfig,
-    graceful: &GracefulShutdown,
+    stop: &watch::Sender<()>,
     active: Arc<AtomicUsize>,
 ) {
-    let first_request = Arc::new(AtomicBool::new(false));
-    let framing = Arc::new(h1_guard::Verdict::default());
-    let hyper_svc = HyperAdapter {
-        service: std::sync::Mutex::new(cfg.service.clone()),
-        first_request: first_request.clone(),
-        framing: framing.clone(),
+    let mut served = Served {
+        verdict: Arc::new(h1_guard::Verdict::default()),
+        stop: stop.subscribe(),
+        // hyper's header_read_timeout runs only while hyper waits for a
+        // head, and hyper starts at the caller's first bytes (see
+        // `first_bytes`), so a silent socket would otherwise stay open
+        // forever. Boxed, and dropped at the first request, so an idle
+        // keep-alive connection carries no timer of ours.
+        timer: Some(Box::pin(tokio::time::sleep(cfg.first_request_timeout))),
+        _slot: Slot {
+            _permit: permit,
+            active,
+        },
     };
-    // Strict HTTP/1.1 framing checks on the raw bytes, before hyper parses them.
-    let io = h1_guard::H1Guard::new(stream, framing, cfg.head_limit);
-    let conn = cfg
-        .builder
-        .serve_connection(TokioIo::new(io), hyper_svc)
-        .into_owned();
-    let conn = graceful.watch(conn);
-    let first_request_timeout = cfg.first_request_timeout;
+    let service = cfg.service.clone();
+    let shared = cfg.shared.clone();
+    // An `async` block using its captures in place: an `async fn` would
+    // keep its arguments twice in the task (rust-lang/rust#62958).
     tokio::spawn(async move {
-        let mut conn = std::pin::pin!(conn);
-        // hyper's header_read_timeout starts only once the HTTP/1
-        // parser runs; protocol detection (h1 vs h2c) comes first
-        // and would wait forever on a silent socket. A connection
-        // that has not produced a request by then is closed, so idle
-        // sockets cannot hold every max_connections slot.
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            () = tokio::time::sleep(first_request_timeout) => {
-                if first_request.load(Ordering::Relaxed) {
-                    let _ = conn.await;
-                }
+        // hyper's HTTP/1 connection allocates its read buffer when first
+        // polled: until the caller sends something, only the socket waits.
+        if !first_bytes(&stream, &mut served).await {
+            return;
+        }
+        let hyper_svc = HyperAdapter {
+            service: RefCell::new(service),
+            framing: served.verdict.clone(),
+        };
+        // Strict HTTP/1.1 framing checks on the raw bytes, before hyper
+        // parses them; the guard also tells HTTP/1 from h2c.
+        let io =
+            h1_guard::H1Guard::new(stream, served.verdict.clone(), shared.head_limit).detect_h2c();
+        let mut conn = shared.http1.serve_connection(TokioIo::new(io), hyper_svc);
+        if drive(Pin::new(&mut conn), &mut served, true).await == Driven::H2c {
+            serve_h2c(conn, served, &shared.http2);
+        }
+    });
+}
+
+/// Waits until the caller's first bytes can be read; `false` if the
+/// connection is to be closed first (no bytes by the first-request
+/// deadline, or the worker shutting down).
+async fn first_bytes(stream: &tokio::net::TcpStream, served: &mut Served) -> bool {
+    let timer = &mut served.timer;
+    let mut stopped = std::pin::pin!(served.stop.changed());
+    std::future::poll_fn(|cx| {
+        // A peek, not `poll_read_ready`: tokio reports a new socket
+        // readable before anything arrived. (One syscall per connection;
+        // EOF and errors go on to hyper, which closes.)
+        let mut byte = [std::mem::MaybeUninit::uninit()];
+        if stream
+            .poll_peek(cx, &mut ReadBuf::uninit(&mut byte))
+            .is_ready()
+        {
+            return Poll::Ready(true);
+        }
+        if timer
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+        {
+            return Poll::Ready(false);
+        }
+        if stopped.as_mut().poll(cx).is_ready() {
+            // As hyper-util's version sniff was cancelled.
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// What a connection's task holds besides the hyper connection.
+struct Served {
+    verdict: Arc<h1_guard::Verdict>,
+    /// Changes when the worker shuts down.
+    stop: watch::Receiver<()>,
+    /// Until the first request: a connection without one by then is closed.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    _slot: Slot,
+}
+
+/// h2c prior knowledge: the guard held the preface back, hyper's HTTP/1
+/// side has read nothing. The socket moves on to an HTTP/2 connection in a
+/// task of its own (not an `async` step of the HTTP/1 task, which would
+/// size every HTTP/1 task for HTTP/2).
+fn serve_h2c(conn: H1Conn, served: Served, http2: &http2::Builder<TokioExecutor>) {
+    let parts = conn.into_parts();
+    let mut io = parts.io;
+    io.inner_mut().resume_after_preface(&parts.read_buf);
+    let mut conn = http2.serve_connection(io, parts.service);
+    let mut served = served;
+    tokio::spawn(async move {
+        drive(Pin::new(&mut conn), &mut served, false).await;
+    });
+}
+
+/// Polls `conn` until it ends, closing it if it has not produced a request
+/// by the deadline, and asking it to finish when the worker shuts down.
+/// With `h2c`, stops as soon as the guard has seen the HTTP/2 preface.
+async fn drive<C: Graceful>(mut conn: Pin<&mut C>, served: &mut Served, h2c: bool) -> Driven {
+    let verdict = &*served.verdict;
+    let timer = &mut served.timer;
+    let mut stopping = false;
+    let mut stopped = std::pin::pin!(served.stop.changed());
+    std::future::poll_fn(|cx| {
+        if conn.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Driven::Ended);
+        }
+        if h2c && verdict.is_h2c() {
+            return Poll::Ready(Driven::H2c);
+        }
+        if let Some(t) = timer.as_mut() {
+            if verdict.request_seen() {
+                *timer = None;
+            } else if t.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Driven::Ended);
             }
         }
-        active.fetch_sub(1, Ordering::Relaxed);
-        drop(permit);
-    });
+        if !stopping && stopped.as_mut().poll(cx).is_ready() {
+            stopping = true;
+            if verdict.undecided() {
+                // Nothing read yet: closed now, as hyper-util's version
+                // sniff was cancelled.
+                return Poll::Ready(Driven::Ended);
+            }
+            conn.as_mut().graceful_shutdown();
+            if conn.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Driven::Ended);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 async fn serve_admin(
@@ -604,5 +840,50 @@ async fn serve_admin(
             }
             _ = stop.changed() => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn server_config() -> ServerConfig {
+        ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            max_body_bytes: 1000,
+            shutdown_grace: Duration::from_secs(3),
+            header_read_timeout: Duration::from_millis(1234),
+            body_read_timeout: Duration::from_secs(5),
+            max_connections: 10,
+            max_in_flight: 10,
+            max_header_count: 77,
+            max_header_bytes: 20_000,
+            max_uri_bytes: 4000,
+            http2_max_concurrent_streams: 33,
+            compress_responses_over: None,
+            allow_unauthenticated_network: false,
+            worker_threads: Some(1),
+            work_stealing: false,
+        }
+    }
+
+    #[test]
+    fn caller_connections_keep_every_setting_of_the_auto_builder() {
+        let cfg = server_config();
+        let auto = format!("{:?}", builder(&cfg));
+        let h1 = format!("{:?}", http1_builder(&cfg));
+        let h2 = format!("{:?}", http2_builder(&cfg));
+        assert!(auto.contains(&h1), "{auto}\n{h1}");
+        assert!(auto.contains(&h2), "{auto}\n{h2}");
+        // The settings are there (not two sets of defaults that agree).
+        assert_ne!(h1, format!("{:?}", http1::Builder::new()));
+        assert!(
+            h1.contains("1.234s") && h1.contains("77") && h1.contains("20000"),
+            "{h1}"
+        );
+        assert!(h2.contains("33"), "{h2}");
     }
 }

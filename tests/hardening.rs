@@ -946,3 +946,120 @@ async fn many_concurrent_h2_streams_on_one_connection_are_all_served() {
     assert_eq!(sim.control().api_requests() - before, 80);
     g.shutdown().await;
 }
+
+// ---- protocol detection, first-request timeout, shutdown ---------------------------------------
+
+#[tokio::test]
+async fn an_h2c_preface_in_tiny_writes_is_served_over_http2() {
+    let (sim, g) = setup(&[]).await;
+    let before = sim.control().api_requests();
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    // The preface in 1- to 3-byte writes, each its own segment.
+    for piece in H2_PREFACE
+        .chunks(3)
+        .flat_map(|c| c.chunks(if c[0] == b'P' { 1 } else { 3 }))
+    {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut out = h2_frame(FRAME_SETTINGS, 0, 0, &[]);
+    let block = h2_get_block(&format!("{STOP_PATH}?pageSize=1"), "gw");
+    out.extend(h2_frame(FRAME_HEADERS, 0x4 | 0x1, 1, &block));
+    s.write_all(&out).await.unwrap();
+    let (frames, _) = h2_read_frames(&mut s, Duration::from_secs(2)).await;
+    assert!(
+        frames.iter().any(|f| f.0 == FRAME_SETTINGS),
+        "an HTTP/2 server answered: {frames:?}"
+    );
+    assert!(
+        frames.iter().any(|f| f.0 == FRAME_HEADERS && f.2 == 1),
+        "stream 1 got a response: {frames:?}"
+    );
+    assert_eq!(sim.control().api_requests() - before, 1);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn http1_whose_first_bytes_look_like_the_preface_is_served_as_http1() {
+    let (_sim, g) = setup(&[]).await;
+    for first in ["P", "PU", "PR"] {
+        let mut s = TcpStream::connect(g.addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let req = if first == "PR" {
+            // A request line that matches the preface up to its version.
+            "PRI * HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n".to_string()
+        } else {
+            stop_request_line(&format!("{STOP_PATH}/{JOB}"))
+        };
+        s.write_all(&req.as_bytes()[..first.len()]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.write_all(&req.as_bytes()[first.len()..]).await.unwrap();
+        let (text, closed) = read_until_close(&mut s, Duration::from_secs(3)).await;
+        assert!(closed, "{first}: {text}");
+        assert!(text.starts_with("HTTP/1.1 "), "{first}: {text}");
+        if first != "PR" {
+            assert!(text.starts_with("HTTP/1.1 200"), "{first}: {text}");
+        }
+    }
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_made_a_request_is_not_cut_at_the_first_request_deadline() {
+    // The deadline runs from the connect; hyper's own header read timeout
+    // from the start of each wait for a head.
+    let (_sim, g) = setup(&["header_read_timeout: 1s"]).await;
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    let connected = Instant::now();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let req = format!("GET {STOP_PATH}?pageSize=1 HTTP/1.1\r\nhost: gw\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(connected.elapsed() > Duration::from_millis(1100));
+    let last =
+        format!("GET {STOP_PATH}?pageSize=2 HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n");
+    s.write_all(last.as_bytes()).await.unwrap();
+    let (text, closed) = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert!(closed && text.starts_with("HTTP/1.1 200"), "{text}");
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_silent_and_idle_connections_without_waiting_for_the_grace() {
+    let (_sim, g) = setup(&["header_read_timeout: 30s"]).await;
+    let mut silent = TcpStream::connect(g.addr).await.unwrap();
+    let mut idle = TcpStream::connect(g.addr).await.unwrap();
+    let req = format!("GET {STOP_PATH}?pageSize=1 HTTP/1.1\r\nhost: gw\r\n\r\n");
+    idle.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // And an h2c connection between requests (the client answers pings).
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let url = g.url(&format!("{STOP_PATH}?pageSize=1"));
+    let r = h2
+        .request(request(Method::GET, &url, &[], ""))
+        .await
+        .unwrap();
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    drop(r);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    g.shutdown().await;
+    // The grace is 5 s: none of these held the shutdown up.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    for s in [&mut silent, &mut idle] {
+        let (_, closed) = read_until_close(s, Duration::from_secs(1)).await;
+        assert!(closed);
+    }
+}

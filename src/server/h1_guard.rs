@@ -21,6 +21,11 @@
 //!   checked; a bad one is replaced by bytes hyper's decoder refuses, so the
 //!   body fails, the caller gets a 400 and nothing more is read.
 //!
+//! With [`H1Guard::detect_h2c`] the guard also tells HTTP/1.1 from HTTP/2
+//! prior knowledge on the connection's first bytes (the server needs no
+//! version sniff of its own, and the first read of an HTTP/1 connection goes
+//! straight into hyper's buffer like any other).
+//!
 //! The guard hands over to hyper's own parser only where that cannot switch
 //! the checks off for a later request: HTTP/2 prior knowledge, and inputs
 //! hyper refuses and closes the connection on (heads over the limit, bad
@@ -130,18 +135,73 @@ impl Violation {
     }
 }
 
-/// The verdict a guard leaves for the server's service (one per connection).
+/// What a guard and the server share about one connection: the head the
+/// guard refused, which protocol its first bytes chose (see
+/// [`H1Guard::detect_h2c`]), and whether a request reached the service.
 #[derive(Debug, Default)]
-pub struct Verdict(AtomicU8);
+pub struct Verdict {
+    refused: AtomicU8,
+    flags: AtomicU8,
+}
+
+/// [`Verdict`] flag: the first bytes are not the HTTP/2 preface.
+const HTTP1: u8 = 1;
+/// [`Verdict`] flag: the first bytes are the HTTP/2 preface.
+const H2C: u8 = 2;
+/// [`Verdict`] flag: a request reached the service.
+const REQUEST: u8 = 4;
 
 impl Verdict {
     /// The head violation that made the guard substitute [`REFUSAL_TARGET`].
     pub fn refused(&self) -> Option<Violation> {
-        Violation::from_u8(self.0.load(Ordering::Acquire))
+        Violation::from_u8(self.refused.load(Ordering::Acquire))
     }
     fn set(&self, v: Violation) {
-        self.0.store(v as u8, Ordering::Release);
+        self.refused.store(v as u8, Ordering::Release);
     }
+    fn flag(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::Relaxed);
+    }
+    fn has(&self, flag: u8) -> bool {
+        self.flags.load(Ordering::Relaxed) & flag != 0
+    }
+    /// Notes that a request of the connection reached the service.
+    pub fn note_request(&self) {
+        if !self.has(REQUEST) {
+            self.flag(REQUEST);
+        }
+    }
+    /// Whether a request of the connection reached the service.
+    pub fn request_seen(&self) -> bool {
+        self.has(REQUEST)
+    }
+    /// Whether the connection's first bytes were the HTTP/2 preface: the
+    /// guard stopped reading for the HTTP/1 connection, which must be given
+    /// up for an HTTP/2 one (see [`H1Guard::resume_after_preface`]).
+    pub fn is_h2c(&self) -> bool {
+        self.has(H2C)
+    }
+    /// Whether the guard has not yet seen enough bytes to choose between
+    /// HTTP/1 and HTTP/2 (always `false` without detection).
+    pub fn undecided(&self) -> bool {
+        !self.has(HTTP1 | H2C)
+    }
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4), sent first by a client
+/// with prior knowledge.
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Where a guard is in telling HTTP/1 from HTTP/2 prior knowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detect {
+    /// Decided (or never asked): a plain HTTP/1 guard.
+    Done,
+    /// This many bytes, all a prefix of the preface, are held raw in `ready`.
+    Matching(u8),
+    /// The preface was seen: nothing is read until the server takes the
+    /// connection over for HTTP/2.
+    HandedOff,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -658,6 +718,7 @@ pub struct H1Guard<T> {
     /// A head was refused: after the stand-in request nothing more is read
     /// (not even EOF, which would make hyper drop the stand-in's response).
     refused: bool,
+    detect: Detect,
     verdict: Arc<Verdict>,
 }
 
@@ -671,7 +732,68 @@ impl<T> H1Guard<T> {
             ready: BytesMut::new(),
             eof_after_ready: false,
             refused: false,
+            detect: Detect::Done,
             verdict,
+        }
+    }
+
+    /// Makes the guard tell HTTP/1 from HTTP/2 prior knowledge on the
+    /// connection's first bytes, so that the server needs no version sniff
+    /// of its own (which would send the first read down the staged path).
+    /// The first bytes that cannot be the preface decide HTTP/1 (marked in
+    /// the verdict, then checked as usual, in place). The whole preface
+    /// decides HTTP/2: it is held back, the verdict says so
+    /// ([`Verdict::is_h2c`]) and reads return `Pending` (without waking: the
+    /// server checks the verdict after every poll of its HTTP/1 connection)
+    /// until [`H1Guard::resume_after_preface`].
+    #[must_use]
+    pub fn detect_h2c(mut self) -> Self {
+        self.detect = Detect::Matching(0);
+        self
+    }
+
+    /// After the preface was detected: `unread` (what hyper's HTTP/1
+    /// connection had read but not parsed, normally nothing), then the
+    /// preface and everything after it are read unchecked, for HTTP/2.
+    pub fn resume_after_preface(&mut self, unread: &[u8]) {
+        if self.detect != Detect::HandedOff {
+            return;
+        }
+        self.detect = Detect::Done;
+        if !unread.is_empty() {
+            let mut all = BytesMut::with_capacity(unread.len() + self.ready.len());
+            all.extend_from_slice(unread);
+            all.extend_from_slice(&self.ready);
+            self.ready = all;
+        }
+    }
+
+    /// How `bytes`, read after `matched` bytes that were all a prefix of
+    /// the preface, continue it: `Some(true)` completes it, `Some(false)`
+    /// still matches, `None` cannot be the preface.
+    fn continues_preface(matched: u8, bytes: &[u8]) -> Option<bool> {
+        let rest = &H2_PREFACE[usize::from(matched)..];
+        let n = rest.len().min(bytes.len());
+        (rest[..n] == bytes[..n]).then_some(n == rest.len())
+    }
+
+    /// The preface is complete and held in `ready`: stop for the hand-over.
+    fn hand_off(&mut self) -> Poll<io::Result<()>> {
+        self.detect = Detect::HandedOff;
+        self.scanner.state = State::Passthrough;
+        self.verdict.flag(H2C);
+        Poll::Pending
+    }
+
+    /// HTTP/1 is decided: the raw bytes held while they matched the preface
+    /// go through the scanner like any other.
+    fn decide_http1(&mut self) {
+        self.detect = Detect::Done;
+        self.verdict.flag(HTTP1);
+        if !self.ready.is_empty() {
+            let raw = std::mem::take(&mut self.ready);
+            let outcome = self.scanner.scan(&raw, &mut self.ready);
+            self.refuse(outcome);
         }
     }
 }
@@ -684,7 +806,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if !this.ready.is_empty() {
+            let matching = match this.detect {
+                Detect::Done => None,
+                Detect::Matching(matched) => Some(matched),
+                Detect::HandedOff => return Poll::Pending,
+            };
+            // While the first bytes match the preface, `ready` holds them raw.
+            if matching.is_none() && !this.ready.is_empty() {
                 let n = this.ready.len().min(buf.remaining());
                 buf.put_slice(&this.ready[..n]);
                 this.ready.advance(n);
@@ -700,7 +828,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
             if this.scanner.is_passthrough() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            if this.scanner.holds_nothing() && buf.remaining() >= READ_SIZE {
+            if matching.unwrap_or(0) == 0
+                && this.scanner.holds_nothing()
+                && buf.remaining() >= READ_SIZE
+            {
                 // The common case, without a copy: read into hyper's buffer,
                 // scan the new bytes there, and take back out of it only what
                 // must be held (the incomplete head or line at the end) or
@@ -710,9 +841,30 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
                 let data = &buf.filled()[start..];
                 if data.is_empty() {
                     // The caller closed, and nothing is held.
+                    if matching.is_some() {
+                        this.decide_http1();
+                    }
                     this.eof_after_ready = true;
                     return Poll::Ready(Ok(()));
                 }
+                if matching.is_some() {
+                    // The connection's first bytes: almost always a request
+                    // line, decided at its first byte and checked in place.
+                    match Self::continues_preface(0, data) {
+                        None => this.decide_http1(),
+                        Some(complete) => {
+                            this.ready.extend_from_slice(data);
+                            let len = data.len();
+                            buf.set_filled(start);
+                            if complete {
+                                return this.hand_off();
+                            }
+                            this.detect = Detect::Matching(preface_len(len));
+                            continue;
+                        }
+                    }
+                }
+                let data = &buf.filled()[start..];
                 let mut passed = Passed(0);
                 let outcome = this.scanner.scan(data, &mut passed);
                 buf.set_filled(start + passed.0);
@@ -733,15 +885,45 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
             if data.is_empty() {
                 // The caller closed: whatever was held goes to hyper, which
                 // sees an incomplete message.
+                if matching.is_some() {
+                    this.decide_http1();
+                    if this.refused {
+                        continue;
+                    }
+                }
                 let held = this.scanner.take_held();
                 this.ready.extend_from_slice(&held);
                 this.eof_after_ready = true;
                 continue;
             }
+            if let Some(matched) = matching {
+                match Self::continues_preface(matched, data) {
+                    Some(complete) => {
+                        this.ready.extend_from_slice(data);
+                        if complete {
+                            return this.hand_off();
+                        }
+                        this.detect =
+                            Detect::Matching(preface_len(usize::from(matched) + data.len()));
+                        continue;
+                    }
+                    None => {
+                        this.decide_http1();
+                        if this.refused {
+                            continue;
+                        }
+                    }
+                }
+            }
             let outcome = this.scanner.scan(data, &mut this.ready);
             this.refuse(outcome);
         }
     }
+}
+
+/// A count of preface bytes matched so far (always below its 24 bytes).
+fn preface_len(n: usize) -> u8 {
+    u8::try_from(n).unwrap_or(u8::MAX)
 }
 
 impl<T> H1Guard<T> {
@@ -1197,6 +1379,16 @@ mod tests {
         head_limit: usize,
         rng: &mut fastrand::Rng,
     ) -> (Vec<u8>, End, Option<Violation>, Vec<Vec<u8>>) {
+        drive_guard_with(pieces, head_limit, rng, false)
+    }
+
+    /// [`drive_guard`], with h2c detection on if `detect`.
+    fn drive_guard_with(
+        pieces: Vec<Vec<u8>>,
+        head_limit: usize,
+        rng: &mut fastrand::Rng,
+        detect: bool,
+    ) -> (Vec<u8>, End, Option<Violation>, Vec<Vec<u8>>) {
         let verdict = Arc::new(Verdict::default());
         let inner = Pieces {
             pieces: pieces.into(),
@@ -1206,6 +1398,9 @@ mod tests {
             delivered: Vec::new(),
         };
         let mut guard = H1Guard::new(inner, verdict.clone(), head_limit);
+        if detect {
+            guard = guard.detect_h2c();
+        }
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut out = Vec::new();
         let end = loop {
@@ -1451,6 +1646,136 @@ mod tests {
         assert_eq!(rb.filled(), &split[..]);
         // The held head's buffer is kept for the next one.
         assert!(guard.scanner.line.is_empty() && guard.scanner.line.capacity() > 0);
+    }
+
+    /// A guard with h2c detection over `pieces`, no `Pending` from the socket.
+    fn detecting_guard(pieces: Vec<Vec<u8>>) -> (H1Guard<Pieces>, Arc<Verdict>) {
+        let verdict = Arc::new(Verdict::default());
+        let inner = Pieces {
+            pieces: pieces.into(),
+            rng: fastrand::Rng::with_seed(7),
+            pending_odds: 0,
+            pendings: 0,
+            delivered: Vec::new(),
+        };
+        let guard = H1Guard::new(inner, verdict.clone(), HEAD_LIMIT).detect_h2c();
+        (guard, verdict)
+    }
+
+    /// Reads with hyper's 8 KiB buffer until EOF or `Pending`.
+    fn read_all(guard: &mut H1Guard<Pieces>) -> (Vec<u8>, bool) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut out = Vec::new();
+        loop {
+            let mut storage = vec![0u8; READ_SIZE];
+            let mut rb = ReadBuf::new(&mut storage);
+            match Pin::new(&mut *guard).poll_read(&mut cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return (out, true),
+                Poll::Ready(Ok(())) => out.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => panic!("read error {e}"),
+                Poll::Pending => return (out, false),
+            }
+        }
+    }
+
+    #[test]
+    fn detection_decides_http1_at_the_first_byte_and_reads_in_place() {
+        let request = b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n".to_vec();
+        let (mut guard, verdict) = detecting_guard(vec![request.clone()]);
+        assert!(verdict.undecided());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut storage = vec![0u8; READ_SIZE];
+        let mut rb = ReadBuf::new(&mut storage);
+        assert!(Pin::new(&mut guard).poll_read(&mut cx, &mut rb).is_ready());
+        assert_eq!(rb.filled(), &request[..]);
+        // The first read went straight into hyper's buffer.
+        assert_eq!(guard.ready.capacity(), 0);
+        assert!(!verdict.undecided() && !verdict.is_h2c());
+    }
+
+    #[test]
+    fn a_preface_in_tiny_pieces_is_detected_and_handed_over_whole() {
+        let mut input = H2_PREFACE.to_vec();
+        input.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0"); // an empty SETTINGS frame
+        input.extend_from_slice(b"GET / HTTP/1.1\r\nfoo\n\n"); // never checked
+        for step in [1, 2, 3, 5, 23, 24, 25] {
+            let pieces: Vec<Vec<u8>> = input.chunks(step).map(<[u8]>::to_vec).collect();
+            let (mut guard, verdict) = detecting_guard(pieces);
+            let (before, eof) = read_all(&mut guard);
+            // Nothing reached hyper's HTTP/1 side; the guard stopped.
+            assert!(before.is_empty() && !eof, "step {step}");
+            assert!(verdict.is_h2c() && !verdict.undecided(), "step {step}");
+            // Reads stay stopped until the hand-over.
+            assert_eq!(read_all(&mut guard), (Vec::new(), false));
+            guard.resume_after_preface(&[]);
+            let (after, eof) = read_all(&mut guard);
+            assert!(eof, "step {step}");
+            assert_eq!(after, input, "step {step}");
+        }
+    }
+
+    #[test]
+    fn what_hyper_had_read_comes_first_after_the_hand_over() {
+        let (mut guard, _) = detecting_guard(vec![H2_PREFACE.to_vec(), b"rest".to_vec()]);
+        assert_eq!(read_all(&mut guard), (Vec::new(), false));
+        guard.resume_after_preface(b"early");
+        let mut expected = b"early".to_vec();
+        expected.extend_from_slice(H2_PREFACE);
+        expected.extend_from_slice(b"rest");
+        assert_eq!(read_all(&mut guard), (expected, true));
+    }
+
+    #[test]
+    fn a_preface_cut_short_or_gone_astray_is_http1() {
+        // EOF inside the preface; a mismatch at its last byte; a request
+        // line that starts like it. All go to hyper as HTTP/1, checked.
+        let cases: [&[u8]; 3] = [
+            b"PRI * HTTP/2.0\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\r",
+            b"PRI * HTTP/1.1\r\nhost: x\r\n\r\n",
+        ];
+        for input in cases {
+            for step in [1, 4, input.len()] {
+                let pieces: Vec<Vec<u8>> = input.chunks(step).map(<[u8]>::to_vec).collect();
+                let (mut guard, verdict) = detecting_guard(pieces.clone());
+                let detected = read_all(&mut guard);
+                assert!(!verdict.is_h2c() && !verdict.undecided());
+                // Exactly what the guard without detection passes.
+                let (mut plain, _) = detecting_guard(pieces);
+                plain.detect = Detect::Done;
+                assert_eq!(detected, read_all(&mut plain), "{input:?} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn detection_changes_nothing_for_http1_streams() {
+        let mut rng = fastrand::Rng::with_seed(0xd37e_c7ed);
+        for case in 0..3_000 {
+            let input = random_stream(&mut rng);
+            if input.starts_with(H2_PREFACE) {
+                continue;
+            }
+            let mut pieces = Vec::new();
+            let mut rest = &input[..];
+            let most = [1, 3, 24, 700, usize::MAX][rng.usize(0..5)];
+            while !rest.is_empty() {
+                let n = rng.usize(1..=most.min(rest.len()));
+                pieces.push(rest[..n].to_vec());
+                rest = &rest[n..];
+            }
+            let mut a = rng.clone();
+            let mut b = rng.clone();
+            rng.u64(..);
+            let plain = drive_guard_with(pieces.clone(), HEAD_LIMIT, &mut a, false);
+            let detecting = drive_guard_with(pieces, HEAD_LIMIT, &mut b, true);
+            assert_eq!(
+                detecting,
+                plain,
+                "case {case}: {:?}",
+                String::from_utf8_lossy(&input)
+            );
+        }
     }
 
     #[test]

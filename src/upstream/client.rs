@@ -13,9 +13,12 @@
 //!   drives it (hyper's `Connection` future, kept with its `SendRequest`):
 //!   while waiting for the response head, which also writes a streamed
 //!   request body, and while reading the response body. Idle connections
-//!   wait, unpolled, in a LIFO list per origin; one is reused only when,
-//!   polled once at checkout, it is still open and hyper says it is ready
-//!   (its last response was read to the end). A response body dropped
+//!   wait, unpolled, in a LIFO list per origin; one is reused when hyper
+//!   says it is ready (its last response was read to the end). One the
+//!   peer closed while idle shows it on the exchange's first poll, before
+//!   anything is sent: the request is retried on another connection (see
+//!   below), and the origin's other closed idle ones are dropped. The idle
+//!   sweep polls idle connections too. A response body dropped
 //!   before its end, or a request dropped before its answer, closes its
 //!   connection.
 //! - HTTP/2 (when ALPN picks `h2`): one connection per origin, shared by

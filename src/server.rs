@@ -281,50 +281,52 @@ pub async fn start_on(
     })
 }
 
+/// Applies the server connections' HTTP/1.1 settings to `$b`, which is
+/// either hyper's `http1::Builder` (caller connections) or hyper-util's
+/// `auto` HTTP/1 builder (the admin port): one list for both.
+macro_rules! http1_settings {
+    ($b:expr, $cfg:expr) => {
+        $b.timer(TokioTimer::new())
+            .header_read_timeout($cfg.header_read_timeout)
+            .max_headers($cfg.max_header_count)
+            .max_buf_size($cfg.max_header_bytes.max(8192))
+            .keep_alive(true)
+    };
+}
+
+/// The HTTP/2 counterpart of [`http1_settings`].
+macro_rules! http2_settings {
+    ($b:expr, $cfg:expr) => {
+        $b.timer(TokioTimer::new())
+            .max_concurrent_streams($cfg.http2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(256))
+            .max_header_list_size(u32::try_from($cfg.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20))
+    };
+}
+
 /// The admin port's connections: HTTP/1.1 or h2c, detected by hyper-util,
 /// with the same settings as the caller connections'.
 fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_headers(cfg.max_header_count)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(Some(20))
-        .max_local_error_reset_streams(Some(256))
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+    http1_settings!(b.http1(), cfg);
+    http2_settings!(b.http2(), cfg);
     b
 }
 
-/// The caller connections' HTTP/1.1 settings (the same as `builder`'s; a
-/// test compares them).
+/// The caller connections' HTTP/1.1 settings.
 fn http1_builder(cfg: &ServerConfig) -> http1::Builder {
     let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_headers(cfg.max_header_count)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .keep_alive(true);
+    http1_settings!(b, cfg);
     b
 }
 
-/// The caller connections' HTTP/2 (h2c prior knowledge) settings (the same
-/// as `builder`'s; a test compares them).
+/// The caller connections' HTTP/2 (h2c prior knowledge) settings.
 fn http2_builder(cfg: &ServerConfig) -> http2::Builder<TokioExecutor> {
     let mut b = http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(Some(20))
-        .max_local_error_reset_streams(Some(256))
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+    http2_settings!(b, cfg);
     b
 }
 

@@ -1109,8 +1109,7 @@ mod tests {
         );
         for _ in 0..3 {
             let uri: Uri = format!("https://localhost:{port}/v1/x").parse().unwrap();
-            let resp = client.request(Request::get(uri).body(crate::body::empty()).unwrap());
-            let resp = resp.await.unwrap();
+            let resp = send_get(&client, uri).await.unwrap();
             assert_eq!(resp.version(), Version::HTTP_2);
             assert!(resp.extensions().is_empty());
             let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -1121,8 +1120,8 @@ mod tests {
             let client = client.clone();
             let uri: Uri = format!("https://localhost:{port}/v1/y").parse().unwrap();
             async move {
-                let resp = client.request(Request::get(uri).body(crate::body::empty()).unwrap());
-                resp.await.unwrap().into_body().collect().await.unwrap();
+                let resp = send_get(&client, uri).await.unwrap();
+                resp.into_body().collect().await.unwrap();
             }
         });
         futures_util::future::join_all(calls).await;
@@ -1246,10 +1245,16 @@ mod tests {
         }
     }
 
+    /// A GET of `uri` with an empty body, its response not read yet.
+    fn send_get(
+        client: &Client,
+        uri: impl Into<Uri>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, Error>> + '_ {
+        client.request(Request::get(uri.into()).body(crate::body::empty()).unwrap())
+    }
+
     async fn get(client: &Client, uri: Uri) -> Result<Bytes, Error> {
-        let resp = client
-            .request(Request::get(uri).body(crate::body::empty()).unwrap())
-            .await?;
+        let resp = send_get(client, uri).await?;
         Ok(resp.into_body().collect().await.unwrap().to_bytes())
     }
 
@@ -1363,28 +1368,14 @@ mod tests {
     async fn a_response_not_read_to_its_end_does_not_give_its_connection_back() {
         let server = raw_server(Mode::Large).await;
         let client: Client = client(Duration::from_secs(30), 4);
-        let resp = client
-            .request(
-                Request::get(server.url("/big"))
-                    .body(crate::body::empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let resp = send_get(&client, server.url("/big")).await.unwrap();
         let mut body = resp.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.is_data());
         drop(body);
         assert!(eventually(|| server.finished() == 1).await);
         assert!(client.pool.lock().origins[0].idle.is_empty());
-        let resp = client
-            .request(
-                Request::get(server.url("/big"))
-                    .body(crate::body::empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let resp = send_get(&client, server.url("/big")).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 4 << 20);
         assert_eq!(server.accepted(), 2);
@@ -1453,8 +1444,7 @@ mod tests {
     async fn a_response_body_dropped_unread_closes_its_connection() {
         let server = raw_server(Mode::KeepAlive).await;
         let client: Client = client(Duration::from_secs(30), 4);
-        let req = Request::get(server.url("/a")).body(crate::body::empty());
-        let resp = client.request(req.unwrap()).await.unwrap();
+        let resp = send_get(&client, server.url("/a")).await.unwrap();
         drop(resp);
         assert!(eventually(|| server.finished() == 1).await);
         assert!(client.pool.lock().origins[0].idle.is_empty());

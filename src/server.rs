@@ -3,6 +3,7 @@
 //! shutdown.
 
 pub mod h1_guard;
+mod idle;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::io::ReadBuf;
 use tokio::net::TcpListener;
@@ -29,9 +31,8 @@ use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
 use crate::admin::Admin;
-use crate::body::{self, Body};
+use crate::body::Body;
 use crate::config::{Config, ServerConfig, UpstreamTarget};
-use crate::error::GatewayError;
 use crate::health::Health;
 use crate::metrics::RequestMetrics;
 use crate::oauth::{OAuthMetrics, TokenCache};
@@ -241,6 +242,12 @@ pub async fn start_on(
             source,
         })?;
 
+    let released = Counter::default();
+    registry.register(
+        "gateway_idle_connections_released",
+        "Keep-alive connections that gave back their HTTP/1 buffers after a second idle",
+        released.clone(),
+    );
     let admin = Admin {
         health: health.clone(),
         registry: Arc::new(registry),
@@ -260,7 +267,7 @@ pub async fn start_on(
     let serving = tokio::spawn(serve(
         listener,
         admin_listener,
-        service,
+        (service, released),
         admin,
         server_cfg,
         shutdown_rx,
@@ -343,11 +350,13 @@ struct HyperAdapter {
 }
 
 impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
-    type Response = Response<Body>;
+    type Response = Response<idle::ResponseBody>;
     type Error = std::convert::Infallible;
-    type Future = Either<
-        <GatewayService as Service<Request<Body>>>::Future,
-        Oneshot<GatewayService, Request<Body>>,
+    type Future = idle::Respond<
+        Either<
+            <GatewayService as Service<Request<Body>>>::Future,
+            Oneshot<GatewayService, Request<Body>>,
+        >,
     >;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
@@ -365,7 +374,7 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         // gateway sets later.
         strip_hop_by_hop(req.headers_mut());
         unpin_head(&mut req);
-        let req = req.map(caller_body);
+        let req = req.map(|b| Body::new(idle::CallerBody::new(b, &self.framing)));
         // Every layer of the stack is always ready, so the connection's copy
         // is called in place: cloning the boxed stack for each request (an
         // allocation and an Arc count per layer) was measurable. hyper
@@ -373,15 +382,20 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         // too: their futures run elsewhere, `call` does not), and the borrow
         // ends with `call`; if it is ever busy, or a layer reports
         // not-ready, fall back to a clone.
-        let Ok(mut svc) = self.service.try_borrow_mut() else {
-            let svc = self.service.borrow().clone();
-            return Either::Right(svc.oneshot(req));
+        let fut = match self.service.try_borrow_mut() {
+            Err(_) => {
+                let svc = self.service.borrow().clone();
+                Either::Right(svc.oneshot(req))
+            }
+            Ok(mut svc) => {
+                let mut cx = Context::from_waker(Waker::noop());
+                match svc.poll_ready(&mut cx) {
+                    Poll::Ready(Ok(())) => Either::Left(svc.call(req)),
+                    _ => Either::Right(svc.clone().oneshot(req)),
+                }
+            }
         };
-        let mut cx = Context::from_waker(Waker::noop());
-        match svc.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => Either::Left(svc.call(req)),
-            _ => Either::Right(svc.clone().oneshot(req)),
-        }
+        idle::Respond::new(fut, &self.framing)
     }
 }
 
@@ -419,22 +433,12 @@ fn unpin_head<B>(req: &mut Request<B>) {
     }
 }
 
-/// Boxes the caller's body; a read failure (bad chunk framing, the caller
-/// going away) becomes a caller error, never "Zuora failed".
-fn caller_body(body: Incoming) -> Body {
-    use http_body_util::BodyExt;
-    body.map_err(|e| {
-        body::BoxError::from(GatewayError::InvalidValue(format!(
-            "the request body could not be read: {e}"
-        )))
-    })
-    .boxed_unsync()
-}
-
+/// Caller connections are served by `service` on `listener`; `released`
+/// counts those that gave their HTTP/1 state back while idle.
 async fn serve(
     listener: TcpListener,
     admin_listener: TcpListener,
-    service: GatewayService,
+    (service, released): (GatewayService, Counter),
     admin: Admin,
     cfg: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
@@ -459,6 +463,11 @@ async fn serve(
             http2: http2_builder(&cfg),
             // The same bound as hyper's read buffer (see `builder`).
             head_limit: cfg.max_header_bytes.max(8192),
+            // hyper closes a keep-alive connection idle for
+            // header_read_timeout; one given up after a sweep interval
+            // (see `idle`) waits the rest of it.
+            idle_close_after: cfg.header_read_timeout.saturating_sub(idle::SWEEP_EVERY),
+            released,
         }),
         first_request_timeout: cfg.header_read_timeout,
         shutdown_grace: cfg.shutdown_grace,
@@ -522,6 +531,10 @@ struct ConnShared {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     head_limit: usize,
+    /// How long a connection given up while idle waits for its next request.
+    idle_close_after: Duration,
+    /// Counts idle connections that gave up their hyper state.
+    released: Counter,
 }
 
 /// An accepted connection on its way to a worker, with its
@@ -596,7 +609,25 @@ async fn run_worker(
     // Graceful shutdown: every connection holds a receiver; the worker
     // sends, then waits until all of them are gone.
     let (stop, _) = watch::channel(());
-    while let Some(handoff) = from_acceptor.recv().await {
+    // Every sweep interval, HTTP/1 connections look whether they went idle
+    // (see `idle`).
+    let (sweep, _) = watch::channel(());
+    let mut sweeps = tokio::time::interval_at(
+        tokio::time::Instant::now() + idle::SWEEP_EVERY,
+        idle::SWEEP_EVERY,
+    );
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let handoff = tokio::select! {
+            h = from_acceptor.recv() => match h {
+                Some(h) => h,
+                None => break,
+            },
+            _ = sweeps.tick() => {
+                sweep.send_replace(());
+                continue;
+            }
+        };
         let (stream, permit) = match handoff {
             Handoff::Local(s, p) => (s, p),
             Handoff::Remote(s, p) => match tokio::net::TcpStream::from_std(s) {
@@ -608,7 +639,7 @@ async fn run_worker(
                 }
             },
         };
-        serve_connection(stream, permit, &cfg, &stop, active.clone());
+        serve_connection(stream, permit, &cfg, &stop, &sweep, active.clone());
     }
     let _ = stop.send(());
     if tokio::time::timeout(cfg.shutdown_grace, stop.closed())
@@ -670,6 +701,8 @@ enum Driven {
     /// Its first bytes were the HTTP/2 preface: it must become an HTTP/2
     /// connection.
     H2c,
+    /// A sweep interval passed (HTTP/1 only): time to look whether it is idle.
+    Swept,
 }
 
 /// Serves one caller connection on the current runtime.
@@ -683,11 +716,14 @@ fn serve_connection(
     permit: OwnedSemaphorePermit,
     cfg: &ConnConfig,
     stop: &watch::Sender<()>,
+    sweep: &watch::Sender<()>,
     active: Arc<AtomicUsize>,
 ) {
     let mut served = Served {
         verdict: Arc::new(h1_guard::Verdict::default()),
         stop: stop.subscribe(),
+        sweep: sweep.subscribe(),
+        idle_at_last_sweep: None,
         // hyper's header_read_timeout runs only while hyper waits for a
         // head, and hyper starts at the caller's first bytes (see
         // `first_bytes`), so a silent socket would otherwise stay open
@@ -718,8 +754,38 @@ fn serve_connection(
         let io =
             h1_guard::H1Guard::new(stream, served.verdict.clone(), shared.head_limit).detect_h2c();
         let mut conn = shared.http1.serve_connection(TokioIo::new(io), hyper_svc);
-        if drive(Pin::new(&mut conn), &mut served, true).await == Driven::H2c {
-            serve_h2c(conn, served, &shared.http2);
+        loop {
+            match drive(Pin::new(&mut conn), &mut served, true).await {
+                Driven::Ended => return,
+                Driven::H2c => return serve_h2c(conn, served, &shared.http2),
+                Driven::Swept => {
+                    let idle = served.verdict.idle();
+                    let idle_since_last = idle.is_some() && idle == served.idle_at_last_sweep;
+                    served.idle_at_last_sweep = idle;
+                    if !idle_since_last {
+                        continue;
+                    }
+                    // Idle for a whole sweep interval: hyper's buffers and
+                    // state go, the socket and its guard stay, and hyper
+                    // starts again at the caller's next bytes.
+                    served.idle_at_last_sweep = None;
+                    let parts = conn.into_parts();
+                    let mut io = parts.io;
+                    let guard = io.inner_mut();
+                    guard.release_buffers();
+                    if parts.read_buf.is_empty() {
+                        shared.released.inc();
+                        served.timer = Some(Box::pin(tokio::time::sleep(shared.idle_close_after)));
+                        if !first_bytes(guard.get_ref(), &mut served).await {
+                            return;
+                        }
+                    } else {
+                        // Not expected when idle; read again, nothing lost.
+                        guard.unread(&parts.read_buf);
+                    }
+                    conn = shared.http1.serve_connection(io, parts.service);
+                }
+            }
         }
     });
 }
@@ -761,6 +827,10 @@ struct Served {
     verdict: Arc<h1_guard::Verdict>,
     /// Changes when the worker shuts down.
     stop: watch::Receiver<()>,
+    /// Changes every sweep interval (see `idle`).
+    sweep: watch::Receiver<()>,
+    /// The request count at the last sweep, if the connection was idle then.
+    idle_at_last_sweep: Option<u32>,
     /// Until the first request: a connection without one by then is closed.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: Slot,
@@ -783,17 +853,20 @@ fn serve_h2c(conn: H1Conn, served: Served, http2: &http2::Builder<TokioExecutor>
 
 /// Polls `conn` until it ends, closing it if it has not produced a request
 /// by the deadline, and asking it to finish when the worker shuts down.
-/// With `h2c`, stops as soon as the guard has seen the HTTP/2 preface.
-async fn drive<C: Graceful>(mut conn: Pin<&mut C>, served: &mut Served, h2c: bool) -> Driven {
+/// With `http1` (an HTTP/1 connection), stops as soon as the guard has seen
+/// the HTTP/2 preface, and at each sweep until shutdown begins.
+async fn drive<C: Graceful>(mut conn: Pin<&mut C>, served: &mut Served, http1: bool) -> Driven {
     let verdict = &*served.verdict;
     let timer = &mut served.timer;
     let mut stopping = false;
     let mut stopped = std::pin::pin!(served.stop.changed());
+    let mut sweeping = http1;
+    let mut swept = std::pin::pin!(served.sweep.changed());
     std::future::poll_fn(|cx| {
         if conn.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Driven::Ended);
         }
-        if h2c && verdict.is_h2c() {
+        if http1 && verdict.is_h2c() {
             return Poll::Ready(Driven::H2c);
         }
         if let Some(t) = timer.as_mut() {
@@ -813,6 +886,14 @@ async fn drive<C: Graceful>(mut conn: Pin<&mut C>, served: &mut Served, h2c: boo
             conn.as_mut().graceful_shutdown();
             if conn.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Driven::Ended);
+            }
+        }
+        if sweeping && !stopping {
+            match swept.as_mut().poll(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Driven::Swept),
+                // The worker is gone: no more sweeps.
+                Poll::Ready(Err(_)) => sweeping = false,
+                Poll::Pending => {}
             }
         }
         Poll::Pending

@@ -394,6 +394,232 @@ async fn a_caller_that_disconnects_cancels_the_zuora_call_and_leaks_nothing() {
     g.shutdown().await;
 }
 
+// ---- idle keep-alive connections give hyper's buffers back ----------------------------------
+
+/// Reads `n` whole responses (Content-Length or chunked bodies) from `s`;
+/// their statuses and bodies. Panics if they do not arrive within `wait`.
+async fn read_responses(s: &mut TcpStream, n: usize, wait: Duration) -> Vec<(u16, String)> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut raw: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    while out.len() < n {
+        // Parse what is buffered.
+        if let Some((status, body, used)) = parse_response(&raw) {
+            out.push((status, body));
+            raw.drain(..used);
+            continue;
+        }
+        let read = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("responses in time")
+            .unwrap();
+        assert!(read > 0, "closed after {} responses", out.len());
+        raw.extend_from_slice(&buf[..read]);
+    }
+    assert!(
+        raw.is_empty(),
+        "unexpected bytes: {:?}",
+        String::from_utf8_lossy(&raw)
+    );
+    out
+}
+
+/// One whole response at the start of `raw`: status, body, bytes used.
+fn parse_response(raw: &[u8]) -> Option<(u16, String, usize)> {
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&raw[..head_end])
+        .unwrap()
+        .to_ascii_lowercase();
+    let status = head.get(9..12)?.parse().ok()?;
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(':')
+                .map(str::trim)
+                .map(str::to_owned)
+        })
+    };
+    if let Some(len) = header("content-length") {
+        let end = head_end + len.parse::<usize>().unwrap();
+        let body = raw.get(head_end..end)?;
+        return Some((status, String::from_utf8_lossy(body).into_owned(), end));
+    }
+    assert_eq!(
+        header("transfer-encoding").as_deref(),
+        Some("chunked"),
+        "{head}"
+    );
+    let (mut at, mut body) = (head_end, Vec::new());
+    loop {
+        let line_end = raw[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&raw[at..line_end]).unwrap(), 16).unwrap();
+        at = line_end + 2;
+        if size == 0 {
+            // No trailers from the gateway.
+            raw.get(at..at + 2)?;
+            return Some((status, String::from_utf8_lossy(&body).into_owned(), at + 2));
+        }
+        body.extend_from_slice(raw.get(at..at + size)?);
+        raw.get(at + size..at + size + 2)?;
+        at += size + 2;
+    }
+}
+
+const RELEASED: &str = "gateway_idle_connections_released_total";
+
+fn keep_alive_get(query: &str) -> String {
+    format!("GET {STOP_PATH}?{query} HTTP/1.1\r\nhost: gw\r\n\r\n")
+}
+
+fn keep_alive_stop(job: &str) -> String {
+    format!(
+        "PUT {STOP_PATH}/{job} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{STOP_BODY}",
+        STOP_BODY.len()
+    )
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_gives_back_its_buffers_and_serves_the_next_request() {
+    let (sim, g) = setup(&["header_read_timeout: 30s"]).await;
+    let job = "0123456789abcdef0123456789abcdef";
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    // A request with a body, then two pipelined in one write.
+    s.write_all(keep_alive_stop(job).as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r[0].0, 200, "{}", r[0].1);
+    let two = format!(
+        "{}{}",
+        keep_alive_get("pageSize=1"),
+        keep_alive_get("pageSize=2")
+    );
+    s.write_all(two.as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 2, Duration::from_secs(5)).await;
+    assert!(r.iter().all(|(status, _)| *status == 200), "{r:?}");
+    assert_eq!(metric(&g, RELEASED).await, Some(0.0));
+    // Idle at two sweeps in a row (one a second): hyper's state is given up.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert_eq!(metric(&g, RELEASED).await, Some(1.0));
+    // The same connection serves the next requests: one in two pieces, one
+    // with a body.
+    let next = keep_alive_get("pageSize=3");
+    let (a, b) = next.split_at(10);
+    s.write_all(a.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b.as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r[0].0, 200, "{}", r[0].1);
+    s.write_all(keep_alive_stop(job).as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r[0].0, 200, "{}", r[0].1);
+    // And gives its state up again when idle again.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert_eq!(metric(&g, RELEASED).await, Some(2.0));
+    let framing_refused =
+        "GET / HTTP/1.1\r\nhost: gw\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+    s.write_all(framing_refused.as_bytes()).await.unwrap();
+    let (text, closed) = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert!(closed && first_status(&text) == Some(400), "{text}");
+    assert_eq!(sim.control().api_requests(), 5);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_response_is_not_mistaken_for_an_idle_connection() {
+    // One byte every 50 ms: about 3 s of body, over three sweeps.
+    let upstream =
+        fault_server::FaultServer::start(fault_server::Fault::SlowBody(Duration::from_millis(50)))
+            .await;
+    let g = gateway(&config_yaml(
+        &upstream.base_url(),
+        &["header_read_timeout: 30s"],
+    ))
+    .await;
+    wait_ready(&g, Duration::from_secs(5)).await;
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    s.write_all(keep_alive_get("pageSize=1").as_bytes())
+        .await
+        .unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(10)).await;
+    assert_eq!(r[0].0, 200);
+    assert!(
+        r[0].1.starts_with(r#"{"success":true"#) && r[0].1.ends_with('}'),
+        "{}",
+        r[0].1
+    );
+    assert_eq!(metric(&g, RELEASED).await, Some(0.0));
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_whose_body_was_left_unread_keeps_its_state_and_keeps_working() {
+    let (_sim, g) = setup(&["header_read_timeout: 30s"]).await;
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    // No route for POST: refused before the body is read; hyper discards it.
+    let body = "x".repeat(3000);
+    let post = format!(
+        "POST {STOP_PATH}/x HTTP/1.1\r\nhost: gw\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(post.as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert!((400..500).contains(&r[0].0), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert_eq!(metric(&g, RELEASED).await, Some(0.0));
+    s.write_all(keep_alive_get("pageSize=1").as_bytes())
+        .await
+        .unwrap();
+    let r = read_responses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(r[0].0, 200, "{}", r[0].1);
+    g.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_gave_its_state_back_still_closes_at_the_idle_limit_and_at_shutdown() {
+    let (_sim, g) = setup(&["header_read_timeout: 3s"]).await;
+    let mut a = TcpStream::connect(g.addr).await.unwrap();
+    let mut b = TcpStream::connect(g.addr).await.unwrap();
+    for s in [&mut a, &mut b] {
+        s.write_all(keep_alive_get("pageSize=1").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(read_responses(s, 1, Duration::from_secs(5)).await[0].0, 200);
+    }
+    let idle_from = Instant::now();
+    // Released after 1–2 s idle, closed after about header_read_timeout
+    // (up to a sweep interval later).
+    let (_, closed) = read_until_close(&mut a, Duration::from_secs(6)).await;
+    let closed_after = idle_from.elapsed();
+    assert!(closed, "the idle connection was never closed");
+    assert!(
+        closed_after >= Duration::from_millis(2900) && closed_after < Duration::from_millis(4600),
+        "closed after {closed_after:?}"
+    );
+    assert!(metric(&g, RELEASED).await >= Some(1.0));
+    // The other one was idle as long: shutting down closes it at once.
+    let mut c = TcpStream::connect(g.addr).await.unwrap();
+    c.write_all(keep_alive_get("pageSize=1").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_responses(&mut c, 1, Duration::from_secs(5)).await[0].0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert_eq!(metric(&g, RELEASED).await, Some(3.0));
+    let started = Instant::now();
+    g.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let (_, closed) = read_until_close(&mut c, Duration::from_secs(1)).await;
+    assert!(closed);
+    drop(b);
+}
+
 // ---- HTTP/1.1 request smuggling ----------------------------------------------------------------
 
 /// A second request hidden in the body of the first, as a front proxy using

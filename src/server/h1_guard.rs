@@ -35,7 +35,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
@@ -137,19 +137,36 @@ impl Violation {
 
 /// What a guard and the server share about one connection: the head the
 /// guard refused, which protocol its first bytes chose (see
-/// [`H1Guard::detect_h2c`]), and whether a request reached the service.
+/// [`H1Guard::detect_h2c`]), and the counts that tell when hyper's HTTP/1
+/// connection is idle between requests (see [`Verdict::idle`]).
 #[derive(Debug, Default)]
 pub struct Verdict {
     refused: AtomicU8,
     flags: AtomicU8,
+    /// Heads passed to hyper, published by the guard while it stands at a
+    /// message boundary; [`NOT_AT_BOUNDARY`] otherwise.
+    heads: AtomicU32,
+    /// Requests that reached the service.
+    calls: AtomicU32,
+    /// Responses hyper is done with (their body dropped).
+    responses: AtomicU32,
+    /// `responses` as it was when the guard last saw a completed flush.
+    flushed: AtomicU32,
+    /// Request bodies not yet read to their end.
+    open_bodies: AtomicU32,
 }
 
 /// [`Verdict`] flag: the first bytes are not the HTTP/2 preface.
 const HTTP1: u8 = 1;
 /// [`Verdict`] flag: the first bytes are the HTTP/2 preface.
 const H2C: u8 = 2;
-/// [`Verdict`] flag: a request reached the service.
-const REQUEST: u8 = 4;
+/// [`Verdict`] flag: hyper's connection can never be given up between
+/// requests (a request body was dropped unread, so hyper may still hold
+/// part of it; or the guard stopped checking).
+const PINNED: u8 = 4;
+
+/// [`Verdict::heads`] while the guard holds or stages bytes, or has stopped.
+const NOT_AT_BOUNDARY: u32 = u32::MAX;
 
 impl Verdict {
     /// The head violation that made the guard substitute [`REFUSAL_TARGET`].
@@ -165,15 +182,51 @@ impl Verdict {
     fn has(&self, flag: u8) -> bool {
         self.flags.load(Ordering::Relaxed) & flag != 0
     }
-    /// Notes that a request of the connection reached the service.
+    /// Notes that a request of the connection reached the service (called
+    /// from the connection's task only).
     pub fn note_request(&self) {
-        if !self.has(REQUEST) {
-            self.flag(REQUEST);
-        }
+        let calls = self.calls.load(Ordering::Relaxed);
+        self.calls.store(calls.wrapping_add(1), Ordering::Relaxed);
     }
     /// Whether a request of the connection reached the service.
     pub fn request_seen(&self) -> bool {
-        self.has(REQUEST)
+        self.calls.load(Ordering::Relaxed) != 0
+    }
+    /// Notes that hyper is done with a response (its body was dropped:
+    /// written to its end, or abandoned with the connection).
+    pub fn note_response_done(&self) {
+        self.responses.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Notes a request body that is not empty: until
+    /// [`Verdict::note_body_read`], hyper may hold part of it.
+    pub fn note_body_open(&self) {
+        self.open_bodies.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A body noted by [`Verdict::note_body_open`] was read to its end.
+    pub fn note_body_read(&self) {
+        self.open_bodies.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// A body noted by [`Verdict::note_body_open`] was dropped unread:
+    /// hyper discards the rest itself, and nothing tells when it is done,
+    /// so the connection keeps its hyper connection for good.
+    pub fn note_body_dropped(&self) {
+        self.flag(PINNED);
+    }
+    /// The number of requests so far if hyper's HTTP/1 connection is idle:
+    /// every head the guard passed reached the service, every response was
+    /// written and flushed, every request body was read to its end, and the
+    /// guard holds nothing. hyper then holds nothing but its (empty) buffers,
+    /// and the connection can be given up and built again at the caller's
+    /// next bytes with nothing lost.
+    pub fn idle(&self) -> Option<u32> {
+        let calls = self.calls.load(Ordering::Relaxed);
+        let idle = !self.has(PINNED)
+            && self.open_bodies.load(Ordering::Relaxed) == 0
+            && self.heads.load(Ordering::Relaxed) == calls
+            && self.responses.load(Ordering::Relaxed) == calls
+            && self.flushed.load(Ordering::Relaxed) == calls
+            && calls != 0;
+        idle.then_some(calls)
     }
     /// Whether the connection's first bytes were the HTTP/2 preface: the
     /// guard stopped reading for the HTTP/1 connection, which must be given
@@ -247,6 +300,8 @@ pub struct Scanner {
     head_seen_line: bool,
     /// Largest head held back.
     head_limit: usize,
+    /// Complete heads passed on (wrapping).
+    heads: u32,
 }
 
 impl Default for Scanner {
@@ -257,6 +312,7 @@ impl Default for Scanner {
             head_line_start: 0,
             head_seen_line: false,
             head_limit: HEAD_LIMIT,
+            heads: 0,
         }
     }
 }
@@ -279,6 +335,12 @@ impl Scanner {
     /// appended to `out` (a held head is appended once it is complete).
     pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) -> Outcome {
         self.scan(input, out)
+    }
+
+    /// Whether the scanner stands between two messages with nothing held:
+    /// everything it passed on so far is whole requests.
+    fn at_boundary(&self) -> bool {
+        self.state == State::Head && self.line.is_empty()
     }
 
     /// Whether nothing is held back, so that what [`Scanner::scan`] passes
@@ -507,6 +569,7 @@ impl Scanner {
             }
             Ok(next) => {
                 self.state = next;
+                self.heads = self.heads.wrapping_add(1);
                 (end, Outcome::Continue)
             }
         }
@@ -720,6 +783,8 @@ pub struct H1Guard<T> {
     refused: bool,
     detect: Detect,
     verdict: Arc<Verdict>,
+    /// hyper closed the connection's write side.
+    shut: bool,
 }
 
 impl<T> H1Guard<T> {
@@ -734,7 +799,55 @@ impl<T> H1Guard<T> {
             refused: false,
             detect: Detect::Done,
             verdict,
+            shut: false,
         }
+    }
+
+    /// The guarded socket.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// Gives back what `unread` holds: bytes hyper's connection had read
+    /// (through this guard, so already checked) but not parsed when it was
+    /// given up. They are read again first.
+    pub fn unread(&mut self, unread: &[u8]) {
+        if unread.is_empty() {
+            return;
+        }
+        let mut all = BytesMut::with_capacity(unread.len() + self.ready.len());
+        all.extend_from_slice(unread);
+        all.extend_from_slice(&self.ready);
+        self.ready = all;
+        self.publish();
+    }
+
+    /// Frees what the guard keeps for the next head, for a connection that
+    /// has gone idle.
+    pub fn release_buffers(&mut self) {
+        if self.ready.is_empty() {
+            self.ready = BytesMut::new();
+        }
+        if self.scanner.line.is_empty() {
+            self.scanner.line = Vec::new();
+        }
+    }
+
+    /// Tells the server whether the guard stands between two requests with
+    /// nothing held or staged (see [`Verdict::idle`]).
+    fn publish(&self) {
+        let at_boundary = self.detect == Detect::Done
+            && !self.refused
+            && !self.eof_after_ready
+            && !self.shut
+            && self.ready.is_empty()
+            && self.scanner.at_boundary();
+        let heads = if at_boundary {
+            self.scanner.heads
+        } else {
+            NOT_AT_BOUNDARY
+        };
+        self.verdict.heads.store(heads, Ordering::Relaxed);
     }
 
     /// Makes the guard tell HTTP/1 from HTTP/2 prior knowledge on the
@@ -760,12 +873,7 @@ impl<T> H1Guard<T> {
             return;
         }
         self.detect = Detect::Done;
-        if !unread.is_empty() {
-            let mut all = BytesMut::with_capacity(unread.len() + self.ready.len());
-            all.extend_from_slice(unread);
-            all.extend_from_slice(&self.ready);
-            self.ready = all;
-        }
+        self.unread(unread);
     }
 
     /// How `bytes`, read after `matched` bytes that were all a prefix of
@@ -805,6 +913,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for H1Guard<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let read = this.read(cx, buf);
+        this.publish();
+        read
+    }
+}
+
+impl<T: AsyncRead + Unpin> H1Guard<T> {
+    /// Reads for hyper, through the scanner.
+    fn read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         loop {
             let matching = match this.detect {
                 Detect::Done => None,
@@ -959,10 +1077,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H1Guard<T> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+        // hyper flushes the socket only once its own buffer is written out:
+        // every response it was done with before now is on the wire.
+        let done = this.verdict.responses.load(Ordering::Relaxed);
+        this.verdict.flushed.store(done, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        this.shut = true;
+        this.publish();
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,

@@ -1481,6 +1481,24 @@ async fn run(o: Opts) -> R<()> {
             mib(soak.after_anon),
             mib(soak.hwm),
         );
+        let i = &soak.idle;
+        let _ = writeln!(
+            report,
+            "\nRSS with {} keep-alive connections open and idle 3 s after one request each \
+             (opened after the load, before the close above; {} failed to open, {} non-2xx): \
+             **{:.1} MiB** (anonymous {:.1} MiB) (open-idle target ≤ 30 MiB: {}); \
+             second request on each: {} ok, {} non-2xx, {} failed (connection closed or no answer)",
+            i.opened,
+            i.connect_failed,
+            i.first_non_2xx,
+            mib(i.rss),
+            mib(i.anon),
+            // Void unless every connection was open.
+            verdict(i.opened == u64::from(o.soak_conns) && mib(i.rss) <= 30.0),
+            i.second_ok,
+            i.second_non_2xx,
+            i.second_closed,
+        );
     }
     if let Some(otlp) = &env.otlp {
         let _ = writeln!(
@@ -1941,8 +1959,33 @@ struct Soak {
     after_rss: u64,
     after_anon: u64,
     hwm: u64,
+    idle: IdleOpen,
 }
 
+/// The soak's open-idle step: `opened` keep-alive connections that each
+/// answered one request, measured after idling, then asked once more.
+struct IdleOpen {
+    opened: u64,
+    /// Connections that could not be opened or gave no answer to the first request.
+    connect_failed: u64,
+    /// First requests that were answered with a non-2xx status.
+    first_non_2xx: u64,
+    rss: u64,
+    anon: u64,
+    second_ok: u64,
+    second_non_2xx: u64,
+    /// Second requests that failed because the connection was closed, broke
+    /// or did not answer within 10 s.
+    second_closed: u64,
+}
+
+/// The memory soak on the gateway: wrk drives `o.soak_conns` keep-alive
+/// connections for phases of `o.soak_phase_secs` until `o.soak_requests` are
+/// done (at most `o.soak_phases`), sampling VmRSS every 0.5 s for the loaded
+/// max. Then the literal target case (see [`idle_open`]): as many fresh
+/// keep-alive connections each send one request and stay open and idle for
+/// 3 s before RSS is sampled; a second request on each shows they still
+/// work. Finally they close and, 3 s later, the "after close" RSS is sampled.
 fn soak(env: &Env, script: &Path, o: &Opts) -> R<Soak> {
     let addr = env.addr(Target::Gateway).ok_or("gateway not running")?;
     let pids = env.proxy_pids(Target::Gateway);
@@ -1974,6 +2017,21 @@ fn soak(env: &Env, script: &Path, o: &Opts) -> R<Soak> {
     }
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.join();
+    let idle = tokio::runtime::Handle::current().block_on(idle_open(
+        addr,
+        &env.jwt,
+        o.soak_conns,
+        &pids,
+    ))?;
+    eprintln!(
+        "soak open-idle: {} connections, RSS {:.1} MiB (anonymous {:.1} MiB); second request: {} ok, {} non-2xx, {} closed/failed",
+        idle.opened,
+        mib(idle.rss),
+        mib(idle.anon),
+        idle.second_ok,
+        idle.second_non_2xx,
+        idle.second_closed
+    );
     // The gateway's serving threads give their free memory back about 1–2 s
     // after they go idle (src/memory.rs); 3 s covers it.
     std::thread::sleep(Duration::from_secs(3));
@@ -1986,6 +2044,93 @@ fn soak(env: &Env, script: &Path, o: &Opts) -> R<Soak> {
         after_rss: family_kib(&pids, "VmRSS:"),
         after_anon: family_kib(&pids, "RssAnon:"),
         hwm: family_kib(&pids, "VmHWM:"),
+        idle,
+    })
+}
+
+/// Opens `conns` keep-alive connections to `addr` at once, sends one GET of
+/// the mix on each (a stream per connection, distinct from wrk's) and reads
+/// the answers; keeps them all open and idle for 3 s, samples the gateway's
+/// VmRSS and RssAnon (`pids`), then sends a second GET on every connection.
+/// The connections close when this returns (their senders drop).
+async fn idle_open(addr: SocketAddr, jwt: &str, conns: u32, pids: &[u32]) -> R<IdleOpen> {
+    const WITHIN: Duration = Duration::from_secs(10);
+    let mut first = tokio::task::JoinSet::new();
+    for c in 0..conns {
+        // The connection's first two GETs: one now, one after the idle time.
+        let mut gets = mix(0x8000 + c as usize)
+            .into_iter()
+            .filter(|s| s.0 == Method::GET);
+        let (Some(now), Some(later)) = (gets.next(), gets.next()) else {
+            return Err("the mix has fewer than two GETs".into());
+        };
+        let req = request(addr, jwt, &now)?;
+        first.spawn(async move {
+            let mut sender = tokio::time::timeout(WITHIN, connect(addr))
+                .await
+                .map_err(|_| "connect timed out".to_owned())??;
+            let (status, _) = tokio::time::timeout(WITHIN, send(&mut sender, req))
+                .await
+                .map_err(|_| "no answer within 10 s".to_owned())??;
+            Ok::<_, String>((sender, status, later))
+        });
+    }
+    let mut open = Vec::with_capacity(conns as usize);
+    let (mut connect_failed, mut first_non_2xx) = (0, 0);
+    let mut first_error = None;
+    while let Some(joined) = first.join_next().await {
+        match joined.map_err(|e| e.to_string())? {
+            Ok((sender, status, later)) => {
+                if !status.is_success() {
+                    first_non_2xx += 1;
+                }
+                open.push((sender, later));
+            }
+            Err(e) => {
+                connect_failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        eprintln!("soak open-idle: {connect_failed} connection(s) failed; first error: {e}");
+    }
+    let opened = open.len() as u64;
+
+    // All open, all idle: the gateway should have given back the
+    // per-connection buffers after about 1–2 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = family_kib(pids, "VmRSS:");
+    let anon = family_kib(pids, "RssAnon:");
+
+    let mut second = tokio::task::JoinSet::new();
+    for (mut sender, later) in open {
+        let req = request(addr, jwt, &later)?;
+        second.spawn(async move {
+            match tokio::time::timeout(WITHIN, send(&mut sender, req)).await {
+                Ok(Ok((status, _))) => Some(status),
+                Ok(Err(_)) | Err(_) => None,
+            }
+            // `sender` drops here: the connection closes.
+        });
+    }
+    let (mut second_ok, mut second_non_2xx, mut second_closed) = (0, 0, 0);
+    while let Some(joined) = second.join_next().await {
+        match joined.map_err(|e| e.to_string())? {
+            Some(status) if status.is_success() => second_ok += 1,
+            Some(_) => second_non_2xx += 1,
+            None => second_closed += 1,
+        }
+    }
+    Ok(IdleOpen {
+        opened,
+        connect_failed,
+        first_non_2xx,
+        rss,
+        anon,
+        second_ok,
+        second_non_2xx,
+        second_closed,
     })
 }
 

@@ -888,7 +888,9 @@ async fn drive<C: Graceful>(mut conn: Pin<&mut C>, served: &mut Served, http1: b
                 return Poll::Ready(Driven::Ended);
             }
         }
-        if sweeping && !stopping {
+        // Only a connection that looks idle waits for the sweep: one poll
+        // per request, not one per wake-up (it stays registered meanwhile).
+        if sweeping && !stopping && verdict.idle().is_some() {
             match swept.as_mut().poll(cx) {
                 Poll::Ready(Ok(())) => return Poll::Ready(Driven::Swept),
                 // The worker is gone: no more sweeps.

@@ -9,7 +9,11 @@
 //! was ([`Burst`]) and, once the thread was busy and is now idle, releases
 //! the thread's free memory (`zuora_gateway_alloc::release_free_memory`).
 //! Under steady load it never fires; a thread that goes idle fires once.
+//! The same happens when idle keep-alive connections give their buffers
+//! back ([`note_connection_state_freed`]): that happens a second or two
+//! after the thread went quiet, after the release for the burst.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How often a serving thread looks at its own busy time.
@@ -25,22 +29,36 @@ pub(crate) const BUSY: Duration = Duration::from_millis(20);
 #[derive(Debug, Default)]
 pub(crate) struct Burst {
     last_total: Duration,
-    busy_since_release: bool,
+    last_freed: u64,
+    pending: bool,
 }
 
 impl Burst {
-    /// Records the thread's total busy time at a tick; true when the thread
-    /// was busy since the last release and was idle during this tick.
-    pub(crate) fn tick(&mut self, busy_total: Duration) -> bool {
+    /// Records the thread's total busy time and the count of freed
+    /// connection states at a tick; true when the thread was busy, or
+    /// connections freed their state, since the last release, and the
+    /// thread was idle during this tick.
+    pub(crate) fn tick(&mut self, busy_total: Duration, freed_total: u64) -> bool {
         let busy = busy_total.saturating_sub(self.last_total);
         self.last_total = busy_total;
+        let freed = std::mem::replace(&mut self.last_freed, freed_total) != freed_total;
+        self.pending |= freed;
         if busy >= BUSY {
-            self.busy_since_release = true;
+            self.pending = true;
             false
         } else {
-            std::mem::take(&mut self.busy_since_release)
+            std::mem::take(&mut self.pending)
         }
     }
+}
+
+/// Connection states freed so far (all threads).
+static FREED: AtomicU64 = AtomicU64::new(0);
+
+/// Notes that an idle connection gave its buffers back: the watchers
+/// release their thread's free memory at their next quiet tick.
+pub(crate) fn note_connection_state_freed() {
+    FREED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Releases the calling thread's free memory (no-op without mimalloc).
@@ -66,7 +84,7 @@ pub(crate) async fn release_after_bursts() {
         let busy = (0..metrics.num_workers())
             .map(|w| metrics.worker_total_busy_duration(w))
             .sum();
-        if burst.tick(busy) {
+        if burst.tick(busy, FREED.load(Ordering::Relaxed)) {
             release();
             tracing::debug!("serving thread idle after a burst: free memory released");
         }
@@ -82,12 +100,12 @@ mod tests {
     #[test]
     fn releases_once_when_a_busy_thread_goes_idle() {
         let mut b = Burst::default();
-        assert!(!b.tick(Duration::ZERO), "nothing happened yet");
-        assert!(!b.tick(500 * MS), "busy");
-        assert!(!b.tick(1200 * MS), "still busy");
-        assert!(b.tick(1201 * MS), "idle after busy: release");
-        assert!(!b.tick(1202 * MS), "already released");
-        assert!(!b.tick(1210 * MS), "idle stays quiet");
+        assert!(!b.tick(Duration::ZERO, 0), "nothing happened yet");
+        assert!(!b.tick(500 * MS, 0), "busy");
+        assert!(!b.tick(1200 * MS, 0), "still busy");
+        assert!(b.tick(1201 * MS, 0), "idle after busy: release");
+        assert!(!b.tick(1202 * MS, 0), "already released");
+        assert!(!b.tick(1210 * MS, 0), "idle stays quiet");
     }
 
     #[test]
@@ -96,14 +114,26 @@ mod tests {
         let mut total = Duration::ZERO;
         for _ in 0..100 {
             total += BUSY - MS;
-            assert!(!b.tick(total));
+            assert!(!b.tick(total, 0));
         }
+    }
+
+    #[test]
+    fn connection_states_freed_while_idle_are_released_at_the_next_quiet_tick() {
+        let mut b = Burst::default();
+        assert!(!b.tick(500 * MS, 0), "busy");
+        assert!(b.tick(501 * MS, 0), "idle after busy: release");
+        assert!(!b.tick(502 * MS, 0), "quiet");
+        assert!(b.tick(503 * MS, 7), "connections freed their state: release");
+        assert!(!b.tick(504 * MS, 7), "nothing new");
+        assert!(!b.tick(900 * MS, 9), "freed while busy: wait");
+        assert!(b.tick(901 * MS, 9), "then idle: release");
     }
 
     #[test]
     fn a_burst_that_ends_within_a_tick_still_releases() {
         let mut b = Burst::default();
-        assert!(!b.tick(BUSY), "exactly the threshold is busy");
-        assert!(b.tick(BUSY), "then idle");
+        assert!(!b.tick(BUSY, 0), "exactly the threshold is busy");
+        assert!(b.tick(BUSY, 0), "then idle");
     }
 }

@@ -775,6 +775,7 @@ fn serve_connection(
                     guard.release_buffers();
                     if parts.read_buf.is_empty() {
                         shared.released.inc();
+                        crate::memory::note_connection_state_freed();
                         served.timer = Some(Box::pin(tokio::time::sleep(shared.idle_close_after)));
                         if !first_bytes(guard.get_ref(), &mut served).await {
                             return;

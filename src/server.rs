@@ -753,11 +753,13 @@ fn serve_connection(
         // parses them; the guard also tells HTTP/1 from h2c.
         let io =
             h1_guard::H1Guard::new(stream, served.verdict.clone(), shared.head_limit).detect_h2c();
-        let mut conn = shared.http1.serve_connection(TokioIo::new(io), hyper_svc);
+        // Boxed: a connection that gave its state back (see `idle`) keeps
+        // only a small task.
+        let mut conn = Box::new(shared.http1.serve_connection(TokioIo::new(io), hyper_svc));
         loop {
-            match drive(Pin::new(&mut conn), &mut served, true).await {
+            match drive(Pin::new(&mut *conn), &mut served, true).await {
                 Driven::Ended => return,
-                Driven::H2c => return serve_h2c(conn, served, &shared.http2),
+                Driven::H2c => return serve_h2c(*conn, served, &shared.http2),
                 Driven::Swept => {
                     let idle = served.verdict.idle();
                     let idle_since_last = idle.is_some() && idle == served.idle_at_last_sweep;
@@ -769,26 +771,34 @@ fn serve_connection(
                     // state go, the socket and its guard stay, and hyper
                     // starts again at the caller's next bytes.
                     served.idle_at_last_sweep = None;
-                    let parts = conn.into_parts();
-                    let mut io = parts.io;
-                    let guard = io.inner_mut();
-                    guard.release_buffers();
-                    if parts.read_buf.is_empty() {
+                    let (io, service, wait) = give_up(conn);
+                    if wait {
                         shared.released.inc();
                         crate::memory::note_connection_state_freed();
                         served.timer = Some(Box::pin(tokio::time::sleep(shared.idle_close_after)));
-                        if !first_bytes(guard.get_ref(), &mut served).await {
+                        if !first_bytes(io.inner().get_ref(), &mut served).await {
                             return;
                         }
-                    } else {
-                        // Not expected when idle; read again, nothing lost.
-                        guard.unread(&parts.read_buf);
                     }
-                    conn = shared.http1.serve_connection(io, parts.service);
+                    conn = Box::new(shared.http1.serve_connection(io, service));
                 }
             }
         }
     });
+}
+
+/// Takes an idle HTTP/1 connection apart: its socket (with the guard, its
+/// buffers freed) and its service. `true` if the next request is still to
+/// come; `false` if hyper had read bytes it had not parsed (not expected
+/// when idle), which are given back to the guard to be read again.
+fn give_up(conn: Box<H1Conn>) -> (CallerIo, HyperAdapter, bool) {
+    let parts = (*conn).into_parts();
+    let mut io = parts.io;
+    let guard = io.inner_mut();
+    guard.release_buffers();
+    let wait = parts.read_buf.is_empty();
+    guard.unread(&parts.read_buf);
+    (io, parts.service, wait)
 }
 
 /// Waits until the caller's first bytes can be read; `false` if the

@@ -1484,7 +1484,7 @@ async fn run(o: Opts) -> R<()> {
         let i = &soak.idle;
         let _ = writeln!(
             report,
-            "\nRSS with {} keep-alive connections open and idle 3 s after one request each \
+            "\nRSS with {} keep-alive connections open and idle 5 s after one request each \
              (opened after the load, before the close above; {} failed to open, {} non-2xx): \
              **{:.1} MiB** (anonymous {:.1} MiB) (open-idle target ≤ 30 MiB: {}); \
              second request on each: {} ok, {} non-2xx, {} failed (connection closed or no answer)",
@@ -1984,7 +1984,7 @@ struct IdleOpen {
 /// done (at most `o.soak_phases`), sampling VmRSS every 0.5 s for the loaded
 /// max. Then the literal target case (see [`idle_open`]): as many fresh
 /// keep-alive connections each send one request and stay open and idle for
-/// 3 s before RSS is sampled; a second request on each shows they still
+/// 5 s ([`IDLE_OPEN_WAIT`]) before RSS is sampled; a second request on each shows they still
 /// work. Finally they close and, 3 s later, the "after close" RSS is sampled.
 fn soak(env: &Env, script: &Path, o: &Opts) -> R<Soak> {
     let addr = env.addr(Target::Gateway).ok_or("gateway not running")?;
@@ -2048,11 +2048,16 @@ fn soak(env: &Env, script: &Path, o: &Opts) -> R<Soak> {
     })
 }
 
+/// How long the open-idle connections wait before RSS is sampled.
+const IDLE_OPEN_WAIT: Duration = Duration::from_secs(5);
+
 /// Opens `conns` keep-alive connections to `addr` at once, sends one GET of
 /// the mix on each (a stream per connection, distinct from wrk's) and reads
-/// the answers; keeps them all open and idle for 3 s, samples the gateway's
-/// VmRSS and RssAnon (`pids`), then sends a second GET on every connection.
-/// The connections close when this returns (their senders drop).
+/// the answers; keeps them all open and idle for [`IDLE_OPEN_WAIT`], samples
+/// the gateway's VmRSS and RssAnon (`pids`), then sends a second GET on
+/// every connection. The connections close when this returns (their
+/// senders drop).
+
 async fn idle_open(addr: SocketAddr, jwt: &str, conns: u32, pids: &[u32]) -> R<IdleOpen> {
     const WITHIN: Duration = Duration::from_secs(10);
     let mut first = tokio::task::JoinSet::new();
@@ -2097,9 +2102,11 @@ async fn idle_open(addr: SocketAddr, jwt: &str, conns: u32, pids: &[u32]) -> R<I
     }
     let opened = open.len() as u64;
 
-    // All open, all idle: the gateway should have given back the
-    // per-connection buffers after about 1–2 s.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // All open, all idle: the gateway gives an idle connection's HTTP/1
+    // state back after 1–2 s (two sweeps a second apart, src/server/idle.rs)
+    // and its serving threads return the freed memory at their next quiet
+    // tick (src/memory.rs), so by 3–4 s; 5 s covers it.
+    tokio::time::sleep(IDLE_OPEN_WAIT).await;
     let rss = family_kib(pids, "VmRSS:");
     let anon = family_kib(pids, "RssAnon:");
 

@@ -124,7 +124,10 @@ mod tests {
         assert!(!b.tick(500 * MS, 0), "busy");
         assert!(b.tick(501 * MS, 0), "idle after busy: release");
         assert!(!b.tick(502 * MS, 0), "quiet");
-        assert!(b.tick(503 * MS, 7), "connections freed their state: release");
+        assert!(
+            b.tick(503 * MS, 7),
+            "connections freed their state: release"
+        );
         assert!(!b.tick(504 * MS, 7), "nothing new");
         assert!(!b.tick(900 * MS, 9), "freed while busy: wait");
         assert!(b.tick(901 * MS, 9), "then idle: release");

@@ -2057,7 +2057,6 @@ const IDLE_OPEN_WAIT: Duration = Duration::from_secs(5);
 /// the gateway's VmRSS and RssAnon (`pids`), then sends a second GET on
 /// every connection. The connections close when this returns (their
 /// senders drop).
-
 async fn idle_open(addr: SocketAddr, jwt: &str, conns: u32, pids: &[u32]) -> R<IdleOpen> {
     const WITHIN: Duration = Duration::from_secs(10);
     let mut first = tokio::task::JoinSet::new();

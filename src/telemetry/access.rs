@@ -406,16 +406,34 @@ pub(crate) mod json {
     }
 
     /// An integer in decimal.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn u64(out: &mut Vec<u8>, n: u64) {
-        // Statuses, attempts and most latencies: a fixed-size copy each.
-        let d = |n: u64| b'0' + (n % 10) as u8;
+        // Statuses, attempts and most latencies: one small copy each.
         match n {
-            0..=9 => out.push(d(n)),
-            10..=99 => out.extend_from_slice(&[d(n / 10), d(n)]),
-            100..=999 => out.extend_from_slice(&[d(n / 100), d(n / 10), d(n)]),
+            0..=999 => {
+                let (digits, len) = small(n as u32);
+                out.extend_from_slice(digits.get(3 - len..).unwrap_or(b"0"));
+            }
             _ => u64_long(out, n),
         }
+    }
+
+    /// `n` (below 1000) as decimal digits, right-aligned in three bytes,
+    /// and how many of them there are.
+    #[inline(always)]
+    fn small(n: u32) -> ([u8; 3], usize) {
+        let hundreds = n / 100;
+        let tens = (n / 10) % 10;
+        let ones = n % 10;
+        let digits = [b'0' + hundreds as u8, b'0' + tens as u8, b'0' + ones as u8];
+        let len = if hundreds != 0 {
+            3
+        } else if tens != 0 {
+            2
+        } else {
+            1
+        };
+        (digits, len)
     }
 
     /// [`u64`] of any size.
@@ -444,6 +462,32 @@ pub(crate) mod json {
     /// `0.864`): that float's shortest round-trip form is the decimal itself
     /// below 2^43 ms (278 years); past that, the float path is used.
     pub(crate) fn millis(out: &mut Vec<u8>, d: Duration) {
+        // Below one second (nearly every latency): the whole text built on
+        // the stack and copied once.
+        if d.as_secs() == 0 {
+            let micros = d.subsec_micros();
+            let (int, int_len) = small(micros / 1000);
+            let (frac, _) = small(micros % 1000);
+            // `III.FFF`: the integer's digits end at the point, the
+            // fraction keeps its leading zeros and drops its trailing ones
+            // (one digit always stays: `2.0`).
+            let frac_len = if frac[2] != b'0' {
+                3
+            } else if frac[1] != b'0' {
+                2
+            } else {
+                1
+            };
+            let text = [int[0], int[1], int[2], b'.', frac[0], frac[1], frac[2]];
+            out.extend_from_slice(text.get(3 - int_len..4 + frac_len).unwrap_or(b"0.0"));
+            return;
+        }
+        millis_long(out, d);
+    }
+
+    /// [`millis`] of a second or more.
+    #[inline(never)]
+    fn millis_long(out: &mut Vec<u8>, d: Duration) {
         let micros = match u64::try_from(d.as_micros()) {
             Ok(m) if m < (1u64 << 43) * 1000 => m,
             _ => return f64(out, (d.as_micros() as f64) / 1000.0),

@@ -293,7 +293,9 @@ fn timestamp_micros(now: SystemTime) -> [u8; 27] {
     let mut out = [0u8; 27];
     out[..19].copy_from_slice(&date_time_seconds(d.as_secs()));
     out[19] = b'.';
-    put_digits(&mut out[20..26], d.subsec_micros());
+    let micros = d.subsec_micros();
+    out[20..23].copy_from_slice(&json::padded(micros / 1000));
+    out[23..26].copy_from_slice(&json::padded(micros % 1000));
     out[26] = b'Z';
     out
 }
@@ -408,32 +410,59 @@ pub(crate) mod json {
     /// An integer in decimal.
     #[inline(always)]
     pub(crate) fn u64(out: &mut Vec<u8>, n: u64) {
-        // Statuses, attempts and most latencies: one small copy each.
+        // Statuses, attempts and most latencies: one table look-up and a
+        // fixed-size copy (no call), its unused tail cut off.
         match n {
             0..=999 => {
-                let (digits, len) = small(n as u32);
-                out.extend_from_slice(digits.get(3 - len..).unwrap_or(b"0"));
+                let (digits, len) = unpadded(n as u32);
+                let end = out.len() + len;
+                out.extend_from_slice(&digits.to_le_bytes());
+                out.truncate(end);
             }
             _ => u64_long(out, n),
         }
     }
 
-    /// `n` (below 1000) as decimal digits, right-aligned in three bytes,
-    /// and how many of them there are.
+    /// For every `n` below 1000: its three decimal digits, zero-padded, in
+    /// the low bytes (first digit lowest), and its number of leading zeros
+    /// (at most 2: `0` is one digit) in the high byte.
+    static THREE_DIGITS: [u32; 1000] = {
+        let mut table = [0u32; 1000];
+        let mut n = 0;
+        while n < 1000 {
+            let (h, t, o) = (n / 100, (n / 10) % 10, n % 10);
+            let lead = if h != 0 {
+                0
+            } else if t != 0 {
+                1
+            } else {
+                2
+            };
+            table[n] = (b'0' as u32 + h as u32)
+                | ((b'0' as u32 + t as u32) << 8)
+                | ((b'0' as u32 + o as u32) << 16)
+                | (lead << 24);
+            n += 1;
+        }
+        table
+    };
+
+    /// `n` (below 1000; higher digits are dropped) as three zero-padded
+    /// decimal digits.
     #[inline(always)]
-    fn small(n: u32) -> ([u8; 3], usize) {
-        let hundreds = n / 100;
-        let tens = (n / 10) % 10;
-        let ones = n % 10;
-        let digits = [b'0' + hundreds as u8, b'0' + tens as u8, b'0' + ones as u8];
-        let len = if hundreds != 0 {
-            3
-        } else if tens != 0 {
-            2
-        } else {
-            1
-        };
-        (digits, len)
+    pub(crate) fn padded(n: u32) -> [u8; 3] {
+        let e = THREE_DIGITS.get(n as usize).copied().unwrap_or(0x0030_3030);
+        let [a, b, c, _] = e.to_le_bytes();
+        [a, b, c]
+    }
+
+    /// `n` (below 1000) as decimal digits in the low bytes of a word (first
+    /// digit lowest), and how many there are.
+    #[inline(always)]
+    fn unpadded(n: u32) -> (u32, usize) {
+        let e = THREE_DIGITS.get(n as usize).copied().unwrap_or(0x0200_3030);
+        let lead = e >> 24;
+        ((e & 0x00ff_ffff) >> (8 * lead), 3 - lead as usize)
     }
 
     /// [`u64`] of any size.
@@ -466,20 +495,18 @@ pub(crate) mod json {
         // the stack and copied once.
         if d.as_secs() == 0 {
             let micros = d.subsec_micros();
-            let (int, int_len) = small(micros / 1000);
-            let (frac, _) = small(micros % 1000);
-            // `III.FFF`: the integer's digits end at the point, the
-            // fraction keeps its leading zeros and drops its trailing ones
-            // (one digit always stays: `2.0`).
-            let frac_len = if frac[2] != b'0' {
-                3
-            } else if frac[1] != b'0' {
-                2
-            } else {
-                1
-            };
-            let text = [int[0], int[1], int[2], b'.', frac[0], frac[1], frac[2]];
-            out.extend_from_slice(text.get(3 - int_len..4 + frac_len).unwrap_or(b"0.0"));
+            let (int, int_len) = unpadded(micros / 1000);
+            // `.FFF`, then its trailing zeros dropped but one digit kept
+            // (`2.0`): the highest byte that is not a `0` digit (the point
+            // always is not) ends it.
+            let [f0, f1, f2] = padded(micros % 1000);
+            let frac = u32::from_le_bytes([b'.', f0, f1, f2]);
+            let significant = frac ^ 0x3030_3000;
+            let frac_len = (4 - significant.leading_zeros() as usize / 8).max(2);
+            let text = u64::from(int) | (u64::from(frac) << (8 * int_len));
+            let end = out.len() + int_len + frac_len;
+            out.extend_from_slice(&text.to_le_bytes());
+            out.truncate(end);
             return;
         }
         millis_long(out, d);

@@ -168,7 +168,7 @@ impl Recorder {
                     sink.enqueue(line);
                 }
                 if self.ring.enabled() {
-                    self.ring.push(RequestRecord::from_values(&v, facts.status));
+                    self.ring.push(RequestRecord::from_values(&v, &facts));
                 }
             });
         }

@@ -196,10 +196,9 @@ pub(crate) fn encode_values<'b>(buf: &'b mut Vec<u8>, f: &RequestFacts<'_>) -> V
     json::opt_str(buf, f.route);
     next(buf, field::STATUS);
     json::u64(buf, f.status.into());
+    // The time is kept as a number in the record and formatted when
+    // answering (26 bytes less each): its value stays empty here.
     next(buf, field::TIME);
-    buf.push(b'"');
-    buf.extend_from_slice(&Rfc3339Millis(f.time).bytes());
-    buf.push(b'"');
     next(buf, field::TRACE_ID);
     if let Some(t) = f.trace_id {
         json::str(buf, t);
@@ -229,6 +228,8 @@ pub(crate) fn encode_values<'b>(buf: &'b mut Vec<u8>, f: &RequestFacts<'_>) -> V
 #[derive(Debug, Clone)]
 pub struct RequestRecord {
     values: Arc<[u8]>,
+    /// Arrival, milliseconds since the epoch (`time`, formatted when answered).
+    time_ms: u64,
     /// Byte range of the (JSON-escaped) track ID inside `values`.
     track_at: u32,
     track_len: u16,
@@ -239,11 +240,11 @@ impl RequestRecord {
     /// Serializes `facts`.
     pub fn new(facts: &RequestFacts<'_>) -> RequestRecord {
         let mut buf = Vec::new();
-        RequestRecord::from_values(&encode_values(&mut buf, facts), facts.status)
+        RequestRecord::from_values(&encode_values(&mut buf, facts), facts)
     }
 
-    /// The record of already encoded values.
-    pub(crate) fn from_values(v: &Values<'_>, status: u16) -> RequestRecord {
+    /// The record of `facts`, already encoded as `v`.
+    pub(crate) fn from_values(v: &Values<'_>, facts: &RequestFacts<'_>) -> RequestRecord {
         // Inside the quotes of the track ID's JSON string.
         let (start, end) = v.range(field::TRACK_ID);
         let (track_at, track_len) = match (
@@ -254,11 +255,16 @@ impl RequestRecord {
             // Track IDs are at most 64 characters; a longer one is not findable.
             _ => (0, u16::MAX),
         };
+        let since_epoch = facts.time.duration_since(UNIX_EPOCH).unwrap_or_default();
         RequestRecord {
             values: Arc::from(v.text),
+            time_ms: since_epoch
+                .as_secs()
+                .saturating_mul(1000)
+                .saturating_add(u64::from(since_epoch.subsec_millis())),
             track_at,
             track_len,
-            status,
+            status: facts.status,
         }
     }
 
@@ -268,8 +274,12 @@ impl RequestRecord {
         let text = String::from_utf8_lossy(&self.values);
         out.push('{');
         let mut first = true;
-        for (key, value) in KEYS.iter().zip(text.split(char::from(SEPARATOR))) {
-            if value.is_empty() {
+        for (i, (key, value)) in KEYS
+            .iter()
+            .zip(text.split(char::from(SEPARATOR)))
+            .enumerate()
+        {
+            if value.is_empty() && i != field::TIME {
                 continue;
             }
             if !std::mem::replace(&mut first, false) {
@@ -278,7 +288,14 @@ impl RequestRecord {
             out.push('"');
             out.push_str(key);
             out.push_str("\":");
-            out.push_str(value);
+            if i == field::TIME {
+                let time = rfc3339_millis(self.time_ms / 1000, (self.time_ms % 1000) as u32);
+                out.push('"');
+                out.push_str(std::str::from_utf8(&time).unwrap_or_default());
+                out.push('"');
+            } else {
+                out.push_str(value);
+            }
         }
         out.push('}');
     }
@@ -519,13 +536,19 @@ struct Rfc3339Millis(SystemTime);
 impl Rfc3339Millis {
     fn bytes(&self) -> [u8; 24] {
         let d = self.0.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let mut out = [0u8; 24];
-        out[..19].copy_from_slice(&date_time_seconds(d.as_secs()));
-        out[19] = b'.';
-        put_digits(&mut out[20..23], d.subsec_millis());
-        out[23] = b'Z';
-        out
+        rfc3339_millis(d.as_secs(), d.subsec_millis())
     }
+}
+
+/// `secs` seconds and `millis` milliseconds after the epoch as
+/// `2026-11-29T06:47:14.123Z`.
+fn rfc3339_millis(secs: u64, millis: u32) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..19].copy_from_slice(&date_time_seconds(secs));
+    out[19] = b'.';
+    out[20..23].copy_from_slice(&json::padded(millis));
+    out[23] = b'Z';
+    out
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` of `secs` since the epoch (UTC; years 0–9999),

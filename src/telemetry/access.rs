@@ -241,38 +241,36 @@ fn write_line_from_values(
     bytes_in: Option<u64>,
     bytes_out: Option<u64>,
 ) {
-    fn opt(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    fn opt(out: &mut Vec<u8>, key: &[u8], v: &Values<'_>, i: usize) {
+        let value = v.get(i);
         if !value.is_empty() && value != b"null" {
             out.extend_from_slice(key);
-            out.extend_from_slice(value);
+            v.append(i, out);
         }
     }
     out.reserve(v.text_len() + 256);
     out.extend_from_slice(b"{\"timestamp\":\"");
     out.extend_from_slice(&timestamp_micros(now));
     out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"track_id\":");
-    out.extend_from_slice(v.get(field::TRACK_ID));
-    opt(out, b",\"trace_id\":", v.get(field::TRACE_ID));
+    v.append(field::TRACK_ID, out);
+    opt(out, b",\"trace_id\":", v, field::TRACE_ID);
     out.extend_from_slice(b",\"method\":");
-    out.extend_from_slice(v.get(field::METHOD));
-    opt(out, b",\"route\":", v.get(field::ROUTE));
+    v.append(field::METHOD, out);
+    opt(out, b",\"route\":", v, field::ROUTE);
     out.extend_from_slice(b",\"path\":");
-    out.extend_from_slice(v.get(field::PATH));
-    opt(out, b",\"caller\":", v.get(field::CALLER));
+    v.append(field::PATH, out);
+    opt(out, b",\"caller\":", v, field::CALLER);
     out.extend_from_slice(b",\"status\":");
-    out.extend_from_slice(v.get(field::STATUS));
-    opt(out, b",\"upstream_status\":", v.get(field::UPSTREAM_STATUS));
-    opt(
-        out,
-        b",\"zuora_request_id\":",
-        v.get(field::ZUORA_REQUEST_ID),
-    );
+    v.append(field::STATUS, out);
+    opt(out, b",\"upstream_status\":", v, field::UPSTREAM_STATUS);
+    opt(out, b",\"zuora_request_id\":", v, field::ZUORA_REQUEST_ID);
     out.extend_from_slice(b",\"latency_ms\":");
-    out.extend_from_slice(v.get(field::LATENCY_MS));
+    v.append(field::LATENCY_MS, out);
     opt(
         out,
         b",\"upstream_latency_ms\":",
-        v.get(field::UPSTREAM_LATENCY_MS),
+        v,
+        field::UPSTREAM_LATENCY_MS,
     );
     if let Some(n) = bytes_in {
         out.extend_from_slice(b",\"bytes_in\":");
@@ -282,8 +280,8 @@ fn write_line_from_values(
         out.extend_from_slice(b",\"bytes_out\":");
         json::u64(out, n);
     }
-    opt(out, b",\"error_kind\":", v.get(field::ERROR_KIND));
-    opt(out, b",\"error_code\":", v.get(field::ERROR_CODE));
+    opt(out, b",\"error_kind\":", v, field::ERROR_KIND);
+    opt(out, b",\"error_code\":", v, field::ERROR_CODE);
     out.extend_from_slice(b",\"target\":\"access\"}\n");
 }
 

@@ -241,12 +241,9 @@ fn write_line_from_values(
     bytes_in: Option<u64>,
     bytes_out: Option<u64>,
 ) {
+    #[inline(always)]
     fn opt(out: &mut Vec<u8>, key: &[u8], v: &Values<'_>, i: usize) {
-        let value = v.get(i);
-        if !value.is_empty() && value != b"null" {
-            out.extend_from_slice(key);
-            v.append(i, out);
-        }
+        v.append_present(key, i, out);
     }
     out.reserve(v.text_len() + 256);
     out.extend_from_slice(b"{\"timestamp\":\"");

@@ -143,18 +143,30 @@ impl<'b> Values<'b> {
         (start, end.max(start))
     }
 
-    /// Field `i`'s JSON-encoded value (empty: absent).
-    pub(crate) fn get(&self, i: usize) -> &'b [u8] {
-        let (start, end) = self.range(i);
-        self.text.get(start..end).unwrap_or(b"")
-    }
-
     /// Appends field `i`'s value to `out`. A short one (most are) is one
     /// fixed-size copy, its tail cut off again, instead of a call to
     /// `memcpy`.
     #[inline(always)]
     pub(crate) fn append(&self, i: usize, out: &mut Vec<u8>) {
         let (start, end) = self.range(i);
+        self.append_range(start, end, out);
+    }
+
+    /// Appends field `i`'s value to `out` unless it is empty or `null`
+    /// (how `tracing` leaves out a `None` field), after `key`.
+    #[inline(always)]
+    pub(crate) fn append_present(&self, key: &[u8], i: usize, out: &mut Vec<u8>) {
+        let (start, end) = self.range(i);
+        let value = self.text.get(start..end).unwrap_or(b"");
+        if !value.is_empty() && value != b"null" {
+            out.extend_from_slice(key);
+            self.append_range(start, end, out);
+        }
+    }
+
+    /// [`Values::append`] of the value at `start..end`.
+    #[inline(always)]
+    fn append_range(&self, start: usize, end: usize, out: &mut Vec<u8>) {
         if end - start <= PADDING {
             let block = self
                 .padded

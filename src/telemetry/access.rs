@@ -319,48 +319,30 @@ pub(crate) mod json {
 
     /// Whether `bytes` need no escaping: eight bytes at a time (a
     /// word-at-a-time test for bytes below 0x20, `"` and `\`), the last
-    /// word overlapping the previous one; four to seven bytes as two
-    /// overlapping four-byte words; shorter texts byte by byte.
+    /// word overlapping the previous one; shorter texts byte by byte.
     #[inline(always)]
     fn plain(bytes: &[u8]) -> bool {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
-        /// High bit set in some byte lane if any lane is below 0x20, `"`
-        /// or `\` (exact as to whether any is; other bits are noise,
-        /// masked off at the end). `"` (0x22) with bit 1 flipped is 0x20,
-        /// and only it and the control characters are then below 0x21:
-        /// one "below" test finds both (exact for bounds up to 0x80).
-        #[inline(always)]
+        /// High bit set in each byte lane that is below 0x20, `"` or `\`
+        /// (exact as to whether any lane is).
         fn special(w: u64) -> u64 {
-            let x = w ^ (ONES * 0x02);
-            let low = x.wrapping_sub(ONES * 0x21) & !x;
+            let ctrl = w.wrapping_sub(ONES * 0x20) & !w;
+            let q = w ^ (ONES * u64::from(b'"'));
+            let quote = q.wrapping_sub(ONES) & !q;
             let b = w ^ (ONES * u64::from(b'\\'));
             let backslash = b.wrapping_sub(ONES) & !b;
-            low | backslash
+            (ctrl | quote | backslash) & HIGH
         }
         fn word(chunk: &[u8]) -> u64 {
             let mut w = [0u8; 8];
             w.copy_from_slice(chunk);
             u64::from_le_bytes(w)
         }
-        fn half(chunk: &[u8]) -> u64 {
-            let mut w = [0u8; 4];
-            w.copy_from_slice(chunk);
-            u64::from(u32::from_le_bytes(w))
-        }
-        let n = bytes.len();
-        if n < 8 {
-            if n < 4 {
-                return bytes
-                    .iter()
-                    .all(|&b| (b >= 0x20) & (b != b'"') & (b != b'\\'));
-            }
-            // The high half of each word is zero: it must not count as a
-            // control character, so a space (never special) fills it.
-            const SPACES: u64 = 0x2020_2020_0000_0000;
-            let first = half(bytes.get(..4).unwrap_or(b"    ")) | SPACES;
-            let last = half(bytes.get(n - 4..).unwrap_or(b"    ")) | SPACES;
-            return (special(first) | special(last)) & HIGH == 0;
+        if bytes.len() < 8 {
+            return bytes
+                .iter()
+                .all(|&b| (b >= 0x20) & (b != b'"') & (b != b'\\'));
         }
         let mut chunks = bytes.chunks_exact(8);
         let mut any = 0u64;
@@ -368,9 +350,9 @@ pub(crate) mod json {
             any |= special(word(c));
         }
         if !chunks.remainder().is_empty() {
-            any |= special(word(bytes.get(n - 8..).unwrap_or(&[0x20; 8])));
+            any |= special(word(bytes.get(bytes.len() - 8..).unwrap_or(&[0x20; 8])));
         }
-        any & HIGH == 0
+        any == 0
     }
 
     /// [`str`] for a text with something to escape.

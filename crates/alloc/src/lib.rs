@@ -109,7 +109,11 @@ mod tests {
                 assert_eq!(p as usize % align, 0, "alloc {size}/{align}");
                 assert_eq!(z as usize % align, 0, "alloc_zeroed {size}/{align}");
                 // SAFETY: `z` has `size` bytes.
-                assert!(unsafe { std::slice::from_raw_parts(z, size) }.iter().all(|b| *b == 0));
+                assert!(
+                    unsafe { std::slice::from_raw_parts(z, size) }
+                        .iter()
+                        .all(|b| *b == 0)
+                );
                 // SAFETY: `p` has `size` bytes.
                 unsafe { std::ptr::write_bytes(p, 0xA5, size) };
                 blocks.push((p, layout));

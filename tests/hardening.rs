@@ -620,6 +620,74 @@ async fn a_connection_that_gave_its_state_back_still_closes_at_the_idle_limit_an
     drop(b);
 }
 
+#[tokio::test]
+async fn giving_idle_state_back_never_loses_or_reorders_a_request() {
+    // Callers that pause across sweeps at random points of their traffic:
+    // between requests (the connection is released), in the middle of a
+    // head or a body, or with pipelined requests still unanswered (it must
+    // not be). Every request gets its answer, in order.
+    let (sim, g) = setup(&["header_read_timeout: 30s"]).await;
+    let mut callers = Vec::new();
+    for caller in 0..12u64 {
+        let addr = g.addr;
+        // Each caller's own job and page sizes: identical requests in flight
+        // at once would be coalesced into one Zuora call.
+        let job = format!("{caller:02}23456789abcdef0123456789abcdef");
+        callers.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(caller);
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let mut sent = 0;
+            for round in 0..4 {
+                let n = rng.usize(1..4);
+                let mut batch = String::new();
+                for i in 0..n {
+                    if rng.bool() {
+                        batch.push_str(&keep_alive_stop(&job));
+                    } else {
+                        batch.push_str(&keep_alive_get(&format!(
+                            "pageSize={}",
+                            caller * 60 + round * 10 + i as u64 + 1
+                        )));
+                    }
+                }
+                // Sometimes a pause of more than two sweeps inside the batch.
+                let cut = if rng.u8(..3) == 0 {
+                    rng.usize(1..batch.len())
+                } else {
+                    batch.len()
+                };
+                s.write_all(&batch.as_bytes()[..cut]).await.unwrap();
+                if cut < batch.len() {
+                    tokio::time::sleep(Duration::from_millis(2200)).await;
+                    s.write_all(&batch.as_bytes()[cut..]).await.unwrap();
+                }
+                let answers = read_responses(&mut s, n, Duration::from_secs(10)).await;
+                assert!(
+                    answers.iter().all(|(status, _)| *status == 200),
+                    "caller {caller}: {answers:?}"
+                );
+                sent += n;
+                // And sometimes idle between batches, long enough to be released.
+                if rng.u8(..2) == 0 {
+                    tokio::time::sleep(Duration::from_millis(2200)).await;
+                }
+            }
+            sent
+        }));
+    }
+    let mut sent = 0;
+    for c in callers {
+        sent += c.await.unwrap();
+    }
+    assert_eq!(sim.control().api_requests(), sent as u64);
+    let released = metric(&g, RELEASED).await.unwrap_or(0.0);
+    assert!(
+        released >= 6.0,
+        "too few releases to test anything: {released}"
+    );
+    g.shutdown().await;
+}
+
 // ---- HTTP/1.1 request smuggling ----------------------------------------------------------------
 
 /// A second request hidden in the body of the first, as a front proxy using

@@ -29,7 +29,7 @@ use super::{GwResult, LayerFuture, Req, Resp};
 use crate::body::{Body, BoxError, Chunks, boxed};
 use crate::context::{RequestExtensions, RouteMatch};
 use crate::error::GatewayError;
-use crate::oauth::TokenCache;
+use crate::oauth::{BearerToken, TokenCache};
 use crate::upstream::forward::ByName;
 
 /// Request bodies up to this size are kept so a 401 can be replayed.
@@ -126,10 +126,27 @@ where
         let copy = ReplayCopy::of(&parts, kept);
         parts.extensions.insert(copy);
     }
-    let mut response = inner.call(Request::from_parts(parts, body)).await?;
+    let response = inner.call(Request::from_parts(parts, body)).await?;
     if response.status() != StatusCode::UNAUTHORIZED {
         return Ok(response);
     }
+    // Boxed apart: every request's future would otherwise be sized for the
+    // replay's state too, and requests waiting for an upstream slot hold it.
+    Box::pin(replay_after_401(inner, cache, token, response)).await
+}
+
+/// Zuora answered 401: the token goes, and the request is sent once more
+/// with a new one if its copy came back with the response.
+async fn replay_after_401<S, F>(
+    mut inner: S,
+    cache: TokenCache,
+    token: BearerToken,
+    mut response: Resp,
+) -> GwResult
+where
+    S: Service<Req, Response = Resp, Error = GatewayError, Future = F> + Send,
+    F: std::future::Future<Output = GwResult> + Send,
+{
     // The rejected token goes, whether or not the request can be replayed.
     cache.invalidate(&token);
     let handed_back = response

@@ -182,11 +182,23 @@ impl Service<Req> for Forward {
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let prepared = self.prepare(req);
-        Box::pin(async move {
-            let (upstream, req) = prepared?;
-            send(&upstream, req).await
-        })
+        let (upstream, req) = match self.prepare(req) {
+            Ok(prepared) => prepared,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        let deadline = tokio::time::Instant::now() + upstream.upstream.config.request_timeout;
+        // A slot (taken before the breaker is asked, so a probe is never
+        // spent waiting): at most `max_concurrent_requests` in flight.
+        match upstream.upstream.slots.clone().try_acquire_owned() {
+            Ok(slot) => Box::pin(async move { send(&upstream, req, deadline, slot).await }),
+            // Requests waiting for a slot (under load, often most of them)
+            // hold this small future; the exchange's (≈ 2.7 KiB) is
+            // allocated once they have one.
+            Err(_) => Box::pin(async move {
+                let slot = wait_for_slot(&upstream, deadline).await?;
+                Box::pin(send(&upstream, req, deadline, slot)).await
+            }),
+        }
     }
 }
 
@@ -307,25 +319,31 @@ fn concat(first: Body, rest: Body) -> Body {
     http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
-async fn send(target: &Target, req: Request<Body>) -> GwResult {
+/// Waits for a slot to send to `target`: waiting counts as connecting, and
+/// ends at the request's deadline at the latest.
+async fn wait_for_slot(
+    target: &Target,
+    deadline: tokio::time::Instant,
+) -> Result<tokio::sync::OwnedSemaphorePermit, GatewayError> {
+    let upstream = &target.upstream;
+    let wait = deadline.min(tokio::time::Instant::now() + upstream.config.connect_timeout);
+    match tokio::time::timeout_at(wait, upstream.slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => Ok(slot),
+        _ => Err(GatewayError::Overloaded),
+    }
+}
+
+/// Sends `req` to `target` holding `_slot` until it returns: buffered
+/// responses have released their connection by then; a streamed one (over
+/// 64 KiB) may still be reading when the next request takes the slot.
+async fn send(
+    target: &Target,
+    req: Request<Body>,
+    deadline: tokio::time::Instant,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) -> GwResult {
     let upstream = &target.upstream;
     let timeout = upstream.config.request_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    // A slot first (before the breaker, so a probe is never spent waiting):
-    // at most `max_concurrent_requests` in flight; waiting counts as
-    // connecting. Held until this function returns: buffered responses have
-    // released their connection by then; a streamed one (over 64 KiB) may
-    // still be reading when the next request takes the slot.
-    let _slot = match upstream.slots.clone().try_acquire_owned() {
-        Ok(slot) => slot,
-        Err(_) => {
-            let wait = deadline.min(tokio::time::Instant::now() + upstream.config.connect_timeout);
-            match tokio::time::timeout_at(wait, upstream.slots.clone().acquire_owned()).await {
-                Ok(Ok(slot)) => slot,
-                _ => return Err(GatewayError::Overloaded),
-            }
-        }
-    };
     let admission = upstream.breaker.admit();
     if admission == Admission::Open {
         return Err(GatewayError::CircuitOpen);

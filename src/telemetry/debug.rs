@@ -9,10 +9,11 @@
 //! Memory: each record is serialized once, when the request completes, into
 //! the JSON values of the object `/debug/requests` returns for it (the keys
 //! are the same for every record and put back when answering), and kept as
-//! one shared string plus the two facts the filters need (status, where the
-//! track ID sits in the text). About 400 bytes per record for a typical
-//! proxied request, and nothing of the request is kept alive (no header
-//! buffers, no policy snapshot).
+//! one shared string plus the arrival time (a number, formatted when
+//! answering) and the two facts the filters need (status, where the track ID
+//! sits in the text). About 350 bytes per record for a typical proxied
+//! request, and nothing of the request is kept alive (no header buffers, no
+//! policy snapshot).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

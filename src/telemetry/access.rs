@@ -163,9 +163,10 @@ impl Recorder {
             with_buffers(|values, line| {
                 let v = encode_values(values, &facts);
                 if let Some(sink) = sink {
-                    line.clear();
-                    write_line_from_values(line, SystemTime::now(), &v, c.bytes_in, c.bytes_out);
-                    sink.enqueue(line);
+                    let now = SystemTime::now();
+                    sink.enqueue_with(v.text_len() + MAX_LINE_EXTRA, line, |out| {
+                        write_line_from_values(out, now, &v, c.bytes_in, c.bytes_out)
+                    });
                 }
                 if self.ring.enabled() {
                     self.ring.push(RequestRecord::from_values(&v, &facts));
@@ -542,6 +543,9 @@ pub const MAX_PENDING_BYTES: usize = 4 << 20;
 /// the next `write`: under load, one syscall carries many lines; the log
 /// lags by at most this much.
 const LINGER: Duration = Duration::from_millis(5);
+/// An access line is at most this much longer than its encoded values
+/// (keys, timestamp, byte counts: about 360 bytes).
+const MAX_LINE_EXTRA: usize = 512;
 /// Batch buffers larger than this are shrunk after use (a stall grew them).
 const KEEP_BUFFER_BYTES: usize = 256 << 10;
 /// At most one warning about dropped lines per this period.
@@ -637,9 +641,12 @@ impl LineSink {
     /// Formats `f`'s line on this thread and queues it.
     #[cfg(test)]
     fn write_line(&self, f: &RequestFacts<'_>, bytes_in: Option<u64>, bytes_out: Option<u64>) {
+        let mut values = Vec::new();
+        let v = encode_values(&mut values, f);
         let mut line = Vec::new();
-        write_json_line(&mut line, SystemTime::now(), f, bytes_in, bytes_out);
-        self.enqueue(&line);
+        self.enqueue_with(v.text_len() + MAX_LINE_EXTRA, &mut line, |out| {
+            write_line_from_values(out, SystemTime::now(), &v, bytes_in, bytes_out)
+        });
     }
 
     /// Queues whole lines; drops them (counted) when the queue is full.
@@ -658,6 +665,33 @@ impl LineSink {
         };
         // Only an idle writer needs a wake-up (a futex call); a busy one
         // takes the line with its next batch.
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Writes one line (`write` appends it) straight into the queue, without
+    /// a copy through a buffer of its own, when it surely fits (`most`: its
+    /// greatest possible length); else as [`LineSink::enqueue`], through
+    /// `line` (dropped, counted, exactly when that would drop it).
+    fn enqueue_with(&self, most: usize, line: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+        let wake = {
+            let mut p = self.lock();
+            if p.bytes.len() + most > MAX_PENDING_BYTES {
+                drop(p);
+                line.clear();
+                write(line);
+                self.enqueue(line);
+                return;
+            }
+            let before = p.bytes.len();
+            write(&mut p.bytes);
+            let written = p.bytes.len() - before;
+            debug_assert!(written <= most, "{written} > {most}");
+            p.lines += 1;
+            p.queued += written as u64;
+            std::mem::replace(&mut p.writer_waiting, false)
+        };
         if wake {
             self.wake.notify_one();
         }
@@ -936,9 +970,12 @@ mod tests {
         let (sink, batches, dropped) = collecting_sink();
         let notes = [];
         let f = facts(&notes);
-        for _ in 0..1000 {
+        for _ in 0..999 {
             sink.write_line(&f, None, Some(1));
         }
+        // The longest line there is (every field, the longest numbers):
+        // within the bound the queue reserves for it.
+        sink.write_line(&f, Some(u64::MAX), Some(u64::MAX));
         sink.flush(Duration::from_secs(5)).await;
         let all: Vec<u8> = batches.lock().unwrap().concat();
         let lines: Vec<&str> = std::str::from_utf8(&all).unwrap().lines().collect();
@@ -993,6 +1030,45 @@ mod tests {
         let total = written.load(Ordering::Relaxed);
         assert_eq!(total % line.len() as u64, 0, "only whole lines");
         assert!(total <= (MAX_PENDING_BYTES + 64 * line.len()) as u64 * 2);
+    }
+
+    #[tokio::test]
+    async fn lines_formatted_into_a_full_queue_are_dropped_whole_and_counted() {
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = StdMutex::new(gate);
+        let written = Arc::new(StdMutex::new(Vec::new()));
+        let w = written.clone();
+        let dropped = Counter::default();
+        let sink = LineSink::spawn(
+            move |batch: &[u8]| {
+                let _ = gate.lock().unwrap().recv();
+                w.lock().unwrap().extend_from_slice(batch);
+                Ok(())
+            },
+            dropped.clone(),
+        )
+        .unwrap();
+        let notes = [];
+        let f = facts(&notes);
+        let line_len = ours(&f, None, Some(1)).len();
+        let started = Instant::now();
+        let n = 2 * MAX_PENDING_BYTES / line_len + 64;
+        for _ in 0..n {
+            sink.write_line(&f, None, Some(1));
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never blocks");
+        assert!(dropped.get() > 0, "drops are counted");
+        drop(release);
+        sink.flush(Duration::from_secs(5)).await;
+        let all = written.lock().unwrap().clone();
+        let lines: Vec<&str> = std::str::from_utf8(&all).unwrap().lines().collect();
+        for l in &lines {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["track_id"], "t-\\1");
+        }
+        assert_eq!(lines.len() as u64 + dropped.get(), n as u64);
+        // The batch the writer was stuck on, and the full queue behind it.
+        assert!(all.len() <= 2 * (MAX_PENDING_BYTES + line_len * 64));
     }
 
     #[tokio::test]

@@ -162,7 +162,8 @@ const HTTP1: u8 = 1;
 const H2C: u8 = 2;
 /// [`Verdict`] flag: hyper's connection can never be given up between
 /// requests (a request body was dropped unread, so hyper may still hold
-/// part of it; or the guard stopped checking).
+/// part of it). A guard that stopped checking says so through
+/// [`NOT_AT_BOUNDARY`] instead.
 const PINNED: u8 = 4;
 
 /// [`Verdict::heads`] while the guard holds or stages bytes, or has stopped.

@@ -14,6 +14,12 @@ use crate::common::buf::BufList;
 /// The initial buffer size allocated before trying to read from IO.
 pub(crate) const INIT_BUFFER_SIZE: usize = 8192;
 
+// zuora-gateway patch (see PATCHED.md): the read buffer starts at 2 KiB, not
+// 8 KiB. It still doubles whenever a read fills it, up to `max_buf_size`.
+// A busy proxy connection holds its read buffer while its request waits for
+// the upstream, so this is 6 KiB less per connection.
+pub(crate) const INIT_READ_BUF_SIZE: usize = 2048;
+
 /// The minimum value that can be set to max buffer size.
 pub(crate) const MINIMUM_MAX_BUFFER_SIZE: usize = INIT_BUFFER_SIZE;
 
@@ -384,7 +390,7 @@ impl ReadStrategy {
     fn with_max(max: usize) -> ReadStrategy {
         ReadStrategy::Adaptive {
             decrease_now: false,
-            next: INIT_BUFFER_SIZE,
+            next: INIT_READ_BUF_SIZE,
             max,
         }
     }
@@ -420,7 +426,7 @@ impl ReadStrategy {
                     let decr_to = prev_power_of_two(*next);
                     if bytes_read < decr_to {
                         if *decrease_now {
-                            *next = cmp::max(decr_to, INIT_BUFFER_SIZE);
+                            *next = cmp::max(decr_to, INIT_READ_BUF_SIZE);
                             *decrease_now = false;
                         } else {
                             // Decreasing is a two "record" process.
@@ -535,7 +541,10 @@ pub(super) struct WriteBuf<B> {
 impl<B: Buf> WriteBuf<B> {
     fn new(strategy: WriteStrategy) -> WriteBuf<B> {
         WriteBuf {
-            headers: Cursor::new(Vec::with_capacity(INIT_BUFFER_SIZE)),
+            // zuora-gateway patch (see PATCHED.md): no 8 KiB up front; the
+            // encoder reserves what each head needs, and the buffer keeps
+            // that capacity for the connection's later messages.
+            headers: Cursor::new(Vec::new()),
             max_buf_size: DEFAULT_MAX_BUFFER_SIZE,
             queue: BufList::new(),
             strategy,
@@ -725,9 +734,23 @@ mod tests {
         );
     }
 
+    /// The adaptive strategy after the reads that grow it from its (patched)
+    /// 2 KiB start to upstream hyper's 8 KiB start.
+    fn grown_to_8k() -> ReadStrategy {
+        let mut strategy = ReadStrategy::default();
+        strategy.record(2048);
+        strategy.record(4096);
+        assert_eq!(strategy.next(), 8192);
+        strategy
+    }
+
     #[test]
     fn read_strategy_adaptive_increments() {
         let mut strategy = ReadStrategy::default();
+        assert_eq!(strategy.next(), INIT_READ_BUF_SIZE);
+        strategy.record(2048);
+        assert_eq!(strategy.next(), 4096);
+        strategy.record(4096);
         assert_eq!(strategy.next(), 8192);
 
         // Grows if record == next
@@ -753,7 +776,7 @@ mod tests {
 
     #[test]
     fn read_strategy_adaptive_decrements() {
-        let mut strategy = ReadStrategy::default();
+        let mut strategy = grown_to_8k();
         strategy.record(8192);
         assert_eq!(strategy.next(), 16384);
 
@@ -778,13 +801,19 @@ mod tests {
 
         strategy.record(1);
         assert_eq!(strategy.next(), 8192, "first doesn't decrement");
-        strategy.record(1);
-        assert_eq!(strategy.next(), 8192, "doesn't decrement under minimum");
+        for _ in 0..6 {
+            strategy.record(1);
+        }
+        assert_eq!(
+            strategy.next(),
+            INIT_READ_BUF_SIZE,
+            "doesn't decrement under minimum"
+        );
     }
 
     #[test]
     fn read_strategy_adaptive_stays_the_same() {
-        let mut strategy = ReadStrategy::default();
+        let mut strategy = grown_to_8k();
         strategy.record(8192);
         assert_eq!(strategy.next(), 16384);
 
@@ -891,6 +920,8 @@ mod tests {
         let b = |s: &str| Cursor::new(s.as_bytes().to_vec());
 
         let mut write_buf = WriteBuf::<Cursor<Vec<u8>>>::new(WriteStrategy::Flatten);
+        // The patched buffer starts empty; give it upstream's 8 KiB.
+        write_buf.headers.bytes.reserve(INIT_BUFFER_SIZE);
 
         write_buf.buffer(b("hello "));
         write_buf.buffer(b("world, "));

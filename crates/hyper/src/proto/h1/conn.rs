@@ -873,6 +873,10 @@ where
     }
 
     /// If the read side can be cheaply drained, do so. Otherwise, close.
+    /// zuora-gateway patch: at most this much of an unread request body is
+    /// read and discarded to keep the connection; a larger rest closes it.
+    const DRAIN_LIMIT: usize = 64 * 1024;
+
     pub(super) fn poll_drain_or_close_read(&mut self, cx: &mut Context<'_>) {
         if let Reading::Continue(decoder) = &mut self.state.reading {
             // skip sending the 100-continue
@@ -880,7 +884,21 @@ where
             self.state.reading = Reading::Body(decoder.clone());
         }
 
-        let _ = self.poll_read_body(cx);
+        // zuora-gateway patch (see PATCHED.md): keep discarding while more of
+        // the body has already arrived, up to DRAIN_LIMIT bytes, instead of
+        // one read's worth (upstream: whatever fit the 8 KiB read buffer).
+        let mut drained = 0usize;
+        while let Reading::Body(_) = self.state.reading {
+            match self.poll_read_body(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    drained += frame.data_ref().map_or(0, |data| data.len());
+                    if drained >= Self::DRAIN_LIMIT {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
 
         // If still in Reading::Body, just give up
         match self.state.reading {

@@ -228,6 +228,37 @@ async fn oversized_headers_are_refused_with_431_and_never_forwarded() {
     g.shutdown().await;
 }
 
+/// Heads larger than hyper's first read (2 KiB in the patched hyper,
+/// crates/hyper/PATCHED.md) are read across several growing reads: accepted
+/// up to `max_header_bytes` (16 KiB by default), two at a time pipelined,
+/// and refused with 431 beyond it.
+#[tokio::test]
+async fn heads_larger_than_the_first_read_are_served_up_to_max_header_bytes() {
+    let (sim, g) = setup(&[]).await;
+    let head = |pad: usize| {
+        format!(
+            "GET {STOP_PATH}?pageSize=1 HTTP/1.1\r\nhost: gw\r\nx-pad: {}\r\n\r\n",
+            "p".repeat(pad)
+        )
+    };
+    for pad in [1_900, 2_100, 5_000, 12_000, 15_500] {
+        let before = sim.control().api_requests();
+        let mut s = TcpStream::connect(g.addr).await.unwrap();
+        // Two in one write: the second head starts inside the first's last read.
+        s.write_all(format!("{}{}", head(pad), head(pad / 2)).as_bytes())
+            .await
+            .unwrap();
+        let r = read_responses(&mut s, 2, Duration::from_secs(5)).await;
+        assert_eq!((r[0].0, r[1].0), (200, 200), "{pad}: {r:?}");
+        assert_eq!(sim.control().api_requests(), before + 2, "{pad}");
+    }
+    let before = forwarded(&sim);
+    let resp = raw(g.addr, head(17_000).as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(first_status(&resp), Some(431), "{resp}");
+    assert_eq!(forwarded(&sim), before);
+    g.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_overlong_uri_is_refused_with_414_and_never_forwarded() {
     let (sim, g) = setup(&["max_uri_bytes: 512"]).await;

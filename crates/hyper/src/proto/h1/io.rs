@@ -248,9 +248,23 @@ where
             self.read_buf.reserve(next);
         }
 
+        // zuora-gateway patch (see PATCHED.md): never read past the maximum
+        // buffer size. Upstream reads into all the spare capacity, which its
+        // 8 KiB steps kept equal to `next`; grown from 2 KiB, the capacity can
+        // overshoot, and a head longer than `max_buf_size` would then be read
+        // whole and parsed instead of refused as too large.
+        let room = self
+            .read_buf_strategy
+            .max()
+            .saturating_sub(self.read_buf.len());
         // SAFETY: ReadBuf and poll_read promise not to set any uninitialized
         // bytes onto `dst`.
         let dst = unsafe { self.read_buf.chunk_mut().as_uninit_slice_mut() };
+        let dst = if room > 0 && dst.len() > room {
+            &mut dst[..room]
+        } else {
+            dst
+        };
         let mut buf = ReadBuf::uninit(dst);
         match Pin::new(&mut self.io).poll_read(cx, buf.unfilled()) {
             Poll::Ready(Ok(())) => {

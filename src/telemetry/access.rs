@@ -651,22 +651,11 @@ impl LineSink {
 
     /// Queues whole lines; drops them (counted) when the queue is full.
     fn enqueue(&self, lines: &[u8]) {
-        let wake = {
-            let mut p = self.lock();
-            if p.bytes.len() + lines.len() > MAX_PENDING_BYTES {
-                drop(p);
-                self.dropped.inc();
-                return;
-            }
-            p.bytes.extend_from_slice(lines);
-            p.lines += 1;
-            p.queued += lines.len() as u64;
-            std::mem::replace(&mut p.writer_waiting, false)
-        };
-        // Only an idle writer needs a wake-up (a futex call); a busy one
-        // takes the line with its next batch.
-        if wake {
-            self.wake.notify_one();
+        if self
+            .try_queue(lines.len(), |out| out.extend_from_slice(lines))
+            .is_err()
+        {
+            self.dropped.inc();
         }
     }
 
@@ -675,14 +664,21 @@ impl LineSink {
     /// greatest possible length); else as [`LineSink::enqueue`], through
     /// `line` (dropped, counted, exactly when that would drop it).
     fn enqueue_with(&self, most: usize, line: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+        if let Err(write) = self.try_queue(most, write) {
+            line.clear();
+            write(line);
+            self.enqueue(line);
+        }
+    }
+
+    /// Under the queue's lock: `write` appends one line of at most `most`
+    /// bytes to the queue, unless that could pass [`MAX_PENDING_BYTES`]
+    /// (then `write` comes back unused).
+    fn try_queue<W: FnOnce(&mut Vec<u8>)>(&self, most: usize, write: W) -> Result<(), W> {
         let wake = {
             let mut p = self.lock();
             if p.bytes.len() + most > MAX_PENDING_BYTES {
-                drop(p);
-                line.clear();
-                write(line);
-                self.enqueue(line);
-                return;
+                return Err(write);
             }
             let before = p.bytes.len();
             write(&mut p.bytes);
@@ -692,9 +688,12 @@ impl LineSink {
             p.queued += written as u64;
             std::mem::replace(&mut p.writer_waiting, false)
         };
+        // Only an idle writer needs a wake-up (a futex call); a busy one
+        // takes the line with its next batch.
         if wake {
             self.wake.notify_one();
         }
+        Ok(())
     }
 
     /// The writer thread: takes everything queued, writes it in one call,

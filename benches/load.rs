@@ -1484,11 +1484,12 @@ async fn run(o: Opts) -> R<()> {
         let i = &soak.idle;
         let _ = writeln!(
             report,
-            "\nRSS with {} keep-alive connections open and idle 5 s after one request each \
+            "\nRSS with {} keep-alive connections open and idle {} s after one request each \
              (opened after the load, before the close above; {} failed to open, {} non-2xx): \
              **{:.1} MiB** (anonymous {:.1} MiB) (open-idle target ≤ 30 MiB: {}); \
              second request on each: {} ok, {} non-2xx, {} failed (connection closed or no answer)",
             i.opened,
+            IDLE_OPEN_WAIT.as_secs(),
             i.connect_failed,
             i.first_non_2xx,
             mib(i.rss),

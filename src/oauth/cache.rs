@@ -233,7 +233,9 @@ impl TokenCache {
         self.inner.metrics.recovery(&self.inner.upstream, outcome);
     }
 
-    fn usable(&self) -> Option<BearerToken> {
+    /// The token held now if it is usable, without waiting (the fast path
+    /// of [`TokenCache::token`]).
+    pub(crate) fn usable(&self) -> Option<BearerToken> {
         let held = self.inner.current.load();
         match &*held {
             Some(t) if t.usable_at(Instant::now()) => Some(BearerToken(Arc::clone(t))),

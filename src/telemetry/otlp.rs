@@ -494,9 +494,31 @@ fn record_span(pb: &mut Pb, r: &SpanRecord) {
     span(pb, &head, attributes, &r.events, r.events_dropped, r.error);
 }
 
-/// One `ExportTraceServiceRequest` holding every span of `items`.
-pub(crate) fn encode(resource: &[(String, String)], items: &[Item]) -> Vec<u8> {
-    let mut pb = Pb(Vec::with_capacity(64 * 1024));
+/// The spans of a batch, encoded as its items arrive (as `ScopeSpans.spans`
+/// fields). A batch then holds a few hundred bytes per span rather than its
+/// records: a request's, with its children, is several allocations and some
+/// KiB, and at 512 spans a batch of records cost more than a MiB.
+#[derive(Debug, Default)]
+pub(crate) struct EncodedSpans(Pb);
+
+impl EncodedSpans {
+    /// Encodes the spans of `item`.
+    pub(crate) fn add(&mut self, item: &Item) {
+        match item {
+            Item::Request(r) => server_span(&mut self.0, r),
+            Item::Spans(spans) => {
+                for s in spans {
+                    record_span(&mut self.0, s);
+                }
+            }
+            Item::Flush(_) | Item::Stop => {}
+        }
+    }
+}
+
+/// One `ExportTraceServiceRequest` holding `spans`.
+pub(crate) fn encode(resource: &[(String, String)], spans: &EncodedSpans) -> Vec<u8> {
+    let mut pb = Pb(Vec::with_capacity(spans.0.0.len() + 512));
     // ExportTraceServiceRequest.resource_spans
     pb.message(1, |rs| {
         // ResourceSpans.resource
@@ -511,17 +533,7 @@ pub(crate) fn encode(resource: &[(String, String)], items: &[Item]) -> Vec<u8> {
                 scope.string(1, SCOPE);
                 scope.string(2, env!("CARGO_PKG_VERSION"));
             });
-            for item in items {
-                match item {
-                    Item::Request(r) => server_span(ss, r),
-                    Item::Spans(spans) => {
-                        for s in spans {
-                            record_span(ss, s);
-                        }
-                    }
-                    Item::Flush(_) | Item::Stop => {}
-                }
-            }
+            ss.0.extend_from_slice(&spans.0.0);
         });
     });
     pb.0
@@ -569,8 +581,8 @@ pub(crate) async fn run_worker<K: Sink>(
         }
         if batch.spans > 0 {
             let n = batch.spans as u64;
-            let body = encode(&resource, &batch.items);
-            batch.items.clear();
+            let body = encode(&resource, &batch.encoded);
+            batch.encoded = EncodedSpans::default();
             match sink.send(body).await {
                 Ok(()) => {
                     metrics.exported.inc_by(n);
@@ -593,7 +605,7 @@ pub(crate) async fn run_worker<K: Sink>(
 
 #[derive(Default)]
 struct Batch {
-    items: Vec<Item>,
+    encoded: EncodedSpans,
     spans: usize,
     acks: Vec<tokio::sync::oneshot::Sender<()>>,
 }
@@ -606,7 +618,7 @@ impl Batch {
             Item::Stop => return true,
             item => {
                 self.spans += item.span_count();
-                self.items.push(item);
+                self.encoded.add(&item);
             }
         }
         false
@@ -759,6 +771,15 @@ mod tests {
         }
     }
 
+    /// One request body for `items`, as the worker builds it.
+    fn encode_items(resource: &[(String, String)], items: &[Item]) -> Vec<u8> {
+        let mut spans = EncodedSpans::default();
+        for item in items {
+            spans.add(item);
+        }
+        encode(resource, &spans)
+    }
+
     fn decode(body: &[u8]) -> (Vec<(String, String)>, Vec<Span>) {
         let req = ExportTraceServiceRequest::decode(body).unwrap();
         assert_eq!(req.resource_spans.len(), 1);
@@ -804,7 +825,7 @@ mod tests {
         // A long attribute: nested lengths above 127 bytes.
         record.path = format!("/v1/{}", "p".repeat(300)).into();
         let resource = resource_attributes("gw", |_| None);
-        let body = encode(&resource, &[Item::Request(Box::new(record))]);
+        let body = encode_items(&resource, &[Item::Request(Box::new(record))]);
         let (res, spans) = decode(&body);
         assert!(res.contains(&("service.name".into(), "gw".into())));
         assert_eq!(spans.len(), 2);
@@ -875,7 +896,7 @@ mod tests {
             events_dropped: 3,
             ..SpanRecord::for_test(1, 2)
         };
-        let body = encode(&[], &[Item::Spans(vec![span])]);
+        let body = encode_items(&[], &[Item::Spans(vec![span])]);
         let (_, spans) = decode(&body);
         let s = &spans[0];
         assert!(s.parent_span_id.is_empty());

@@ -292,7 +292,9 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         plan: Option<ResponsePlan>,
-        priming: Option<(http::response::Parts, Body)>,
+        // Boxed: only responses decoded for the caller get here, and inline
+        // it would size every request's future.
+        priming: Option<Box<(http::response::Parts, Body)>>,
     }
 }
 
@@ -310,10 +312,10 @@ impl<F: Future<Output = GwResult>> Future for CompressionFuture<F> {
             };
             match plan.respond(resp)? {
                 Next::Ready(resp) => return Poll::Ready(Ok(resp)),
-                Next::Prime(parts, body) => *this.priming = Some((parts, body)),
+                Next::Prime(parts, body) => *this.priming = Some(Box::new((parts, body))),
             }
         }
-        let Some((_, body)) = this.priming.as_mut() else {
+        let Some((_, body)) = this.priming.as_deref_mut() else {
             return Poll::Ready(Err(GatewayError::Internal(
                 "compression future polled after completion".into(),
             )));
@@ -326,7 +328,7 @@ impl<F: Future<Output = GwResult>> Future for CompressionFuture<F> {
             }
             None => None,
         };
-        let Some((parts, rest)) = this.priming.take() else {
+        let Some((parts, rest)) = this.priming.take().map(|p| *p) else {
             return Poll::Ready(Err(GatewayError::Internal(
                 "compression future polled after completion".into(),
             )));

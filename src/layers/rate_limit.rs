@@ -251,7 +251,7 @@ where
                     quota,
                 })
             }),
-            next: Some((inner, req)),
+            next: Some(Box::new((inner, req))),
         }
     }
 }
@@ -266,7 +266,9 @@ pin_project_lite::pin_project! {
         /// Refused in `call`.
         Refused { error: Option<GatewayError> },
         /// Waiting for the shared store's decision; then `next` is called.
-        Deciding { decision: Decision, next: Option<(S, Req)> },
+        /// Boxed: held inline, the request and service would size every
+        /// request's future (this one sits inside it), Redis or not.
+        Deciding { decision: Decision, next: Option<Box<(S, Req)>> },
         /// Admitted (or no limits): the inner call.
         Inner { #[pin] fut: F, admitted: Option<Admitted> },
     }
@@ -291,7 +293,7 @@ where
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(a)) => a,
             };
-            let Some((mut inner, req)) = next.take() else {
+            let Some((mut inner, req)) = next.take().map(|next| *next) else {
                 return Poll::Ready(Err(GatewayError::Internal(
                     "rate limit future polled after completion".into(),
                 )));

@@ -102,7 +102,10 @@ where
 {
     type Response = Resp;
     type Error = GatewayError;
-    type Future = RejectOr<Either<GuardedFuture<S::Future>, CheckThenCall<S, S::Future>>>;
+    // The gzip path is boxed: its state (the head, the received bytes, the
+    // inner service) would otherwise size every request's future, and
+    // requests waiting for an upstream slot hold theirs.
+    type Future = RejectOr<Either<GuardedFuture<S::Future>, Pin<Box<CheckThenCall<S, S::Future>>>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
@@ -144,7 +147,7 @@ where
                     .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
-                Either::Right(Either::Right(CheckThenCall {
+                Either::Right(Either::Right(Box::pin(CheckThenCall {
                     state: GzipState::Receiving {
                         parts,
                         body: guarded,
@@ -157,7 +160,7 @@ where
                     },
                     inner: Some(inner),
                     calling: None,
-                }))
+                })))
             }
             ContentCoding::Identity | ContentCoding::Other(_) => {
                 let req = Request::from_parts(parts, body::boxed(guarded));

@@ -511,7 +511,12 @@ impl Cursor<Vec<u8>> {
 
     fn reset(&mut self) {
         self.pos = 0;
-        self.bytes.clear();
+        // zuora-gateway patch (see PATCHED.md): a buffer written out is given
+        // back, not kept. It is the write buffer of message heads (and small
+        // bodies, flattened): kept, every connection held its last head's
+        // bytes until its next message, which for a proxy connection waiting
+        // on the upstream is the whole wait.
+        self.bytes = Vec::new();
     }
 }
 
@@ -556,8 +561,8 @@ impl<B: Buf> WriteBuf<B> {
     fn new(strategy: WriteStrategy) -> WriteBuf<B> {
         WriteBuf {
             // zuora-gateway patch (see PATCHED.md): no 8 KiB up front; the
-            // encoder reserves what each head needs, and the buffer keeps
-            // that capacity for the connection's later messages.
+            // encoder reserves what each head needs, and the buffer is given
+            // back once written (`Cursor::reset`).
             headers: Cursor::new(Vec::new()),
             max_buf_size: DEFAULT_MAX_BUFFER_SIZE,
             queue: BufList::new(),

@@ -156,6 +156,49 @@ async fn a_revoked_token_is_refreshed_and_the_request_retried_once() {
 }
 
 #[tokio::test]
+async fn a_revoked_token_is_refreshed_and_a_get_without_body_retried_once() {
+    // A GET has no body: the token layer calls in without waiting, and the
+    // forward layer copies the head for the replay. The replay must be the
+    // same request with the new token.
+    logs();
+    let sim = simulator().await;
+    let g = gateway(&yaml(&sim, "")).await;
+    wait_ready(&g, Duration::from_secs(5)).await;
+    assert_eq!(list(&g).await.status, StatusCode::OK);
+    let c = sim.control();
+    let before = c.token_requests();
+    let seen_before = c.requests().len();
+
+    c.revoke_all_tokens();
+    let r = list(&g).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(c.token_requests(), before + 1);
+    assert_eq!(c.unauthorized_requests(), 1);
+    let lists: Vec<_> = c
+        .requests()
+        .into_iter()
+        .skip(seen_before)
+        .filter(|r| r.method == Method::GET)
+        .collect();
+    assert_eq!(lists.len(), 2, "{lists:?}");
+    assert_eq!(lists[0].path_and_query, lists[1].path_and_query);
+    assert_ne!(lists[0].bearer_token, lists[1].bearer_token);
+    for name in ["zuora-track-id", "zuora-version", "accept-encoding", "host"] {
+        assert_eq!(
+            lists[0].headers.get(name),
+            lists[1].headers.get(name),
+            "{name}"
+        );
+    }
+    let m = metrics(&g).await;
+    assert!(
+        m.contains(r#"zuora_token_401_recoveries_total{upstream="zuora",outcome="replayed"} 1"#),
+        "{m}"
+    );
+    g.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_burst_of_requests_on_a_revoked_token_causes_one_token_request() {
     logs();
     let sim = simulator().await;

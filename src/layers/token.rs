@@ -146,8 +146,8 @@ fn authorized(
         .headers
         .insert(header::AUTHORIZATION, token.header_value());
     if let Some(kept) = kept {
-        let copy = ReplayCopy::of(&parts, kept);
-        parts.extensions.insert(copy);
+        // The head is copied by Forward, once the request has a slot.
+        parts.extensions.insert(ReplayCopy::pending(kept));
     }
     Request::from_parts(parts, body)
 }
@@ -186,9 +186,10 @@ where
         .remove::<RequestExtensions>()
         .and_then(|RequestExtensions(mut extensions)| {
             let copy = extensions.remove::<ReplayCopy>()?;
-            Some((extensions, copy))
+            let head = copy.head.clone()?;
+            Some((extensions, copy, head))
         });
-    let Some((mut extensions, mut copy)) = handed_back else {
+    let Some((mut extensions, mut copy, mut head)) = handed_back else {
         // The body is gone (or the inner service kept the request).
         cache.record_401("not_replayable");
         return Ok(response);
@@ -209,9 +210,11 @@ where
         "replaying a request Zuora answered 401 with a new token"
     );
     // The copy goes along again (with the new token) for Forward's retries of the replay.
-    copy.headers
+    head.headers
         .insert(header::AUTHORIZATION, fresh.header_value());
-    let (mut parts, body) = copy.to_request().into_parts();
+    let mut parts = head.parts();
+    copy.head = Some(head);
+    let body = copy.body.clone().into_body();
     extensions.insert(copy);
     parts.extensions = extensions;
     std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
@@ -228,29 +231,27 @@ where
 /// a resend actually happens: the forward service's retries resend it
 /// ([`ReplayCopy::head`], [`ReplayCopy::plain_body`]), and it comes back to
 /// the token layer with a 401, among the request's extensions
-/// ([`RequestExtensions`]), for the replay.
+/// ([`RequestExtensions`]), for the replay. The token layer keeps the body;
+/// the head is copied by the forward service ([`ReplayCopy::copy_head`])
+/// once the request has an upstream slot, so that the many requests waiting
+/// for one under load hold their head once, not twice.
 #[derive(Debug, Clone)]
 pub struct ReplayCopy {
+    head: Option<Head>,
+    body: Kept,
+}
+
+/// A request head, without extensions.
+#[derive(Debug, Clone)]
+struct Head {
     method: Method,
     uri: Uri,
     version: Version,
     headers: HeaderMap,
-    body: Kept,
 }
 
-impl ReplayCopy {
-    fn of(parts: &http::request::Parts, body: Kept) -> Self {
-        ReplayCopy {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts.headers.clone(),
-            body,
-        }
-    }
-
-    /// A new copy of the request head (without extensions).
-    pub fn head(&self) -> http::request::Parts {
+impl Head {
+    fn parts(&self) -> http::request::Parts {
         let (mut parts, ()) = Request::new(()).into_parts();
         parts.method = self.method.clone();
         parts.uri = self.uri.clone();
@@ -258,20 +259,36 @@ impl ReplayCopy {
         parts.headers = self.headers.clone();
         parts
     }
+}
+
+impl ReplayCopy {
+    /// A copy of `body`, its head to come ([`ReplayCopy::copy_head`]).
+    fn pending(body: Kept) -> Self {
+        ReplayCopy { head: None, body }
+    }
+
+    /// Copies `parts`' head (the request as it is about to be sent, before
+    /// it is rewritten for the upstream), unless the copy has one already:
+    /// a replayed request carries the head it was made from.
+    pub fn copy_head(&mut self, parts: &http::request::Parts) {
+        if self.head.is_none() {
+            self.head = Some(Head {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                version: parts.version,
+                headers: parts.headers.clone(),
+            });
+        }
+    }
+
+    /// A new copy of the request head (without extensions), once copied.
+    pub fn head(&self) -> Option<http::request::Parts> {
+        self.head.as_ref().map(Head::parts)
+    }
 
     /// The body, when it is exactly these bytes (no trailers).
     pub fn plain_body(&self) -> Option<&Bytes> {
         self.body.trailers.is_none().then_some(&self.body.data)
-    }
-
-    /// A new request from the copy (without extensions).
-    fn to_request(&self) -> Req {
-        let mut req = Request::new(self.body.clone().into_body());
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
     }
 }
 
@@ -437,6 +454,15 @@ mod tests {
     /// What the fake upstream saw: the Authorization header and body of each call.
     type Calls = Arc<Mutex<Vec<(String, Bytes)>>>;
 
+    /// What Forward does before sending: the replay copy takes the head.
+    fn copy_head_like_forward(parts: &mut http::request::Parts) {
+        let mut extensions = std::mem::take(&mut parts.extensions);
+        if let Some(copy) = extensions.get_mut::<ReplayCopy>() {
+            copy.copy_head(parts);
+        }
+        parts.extensions = extensions;
+    }
+
     /// An upstream that answers 401 to any token in `revoked`, else 200;
     /// like Forward, it hands the request's extensions back with a 401.
     fn upstream(
@@ -454,7 +480,8 @@ mod tests {
                     .to_str()
                     .unwrap()
                     .to_owned();
-                let (parts, body) = req.into_parts();
+                let (mut parts, body) = req.into_parts();
+                copy_head_like_forward(&mut parts);
                 let body = body
                     .collect()
                     .await
@@ -703,10 +730,11 @@ mod tests {
         service_fn(move |req: Req| {
             let seen = seen.clone();
             let fut: LayerFuture = Box::pin(async move {
-                let (parts, body) = req.into_parts();
+                let (mut parts, body) = req.into_parts();
+                copy_head_like_forward(&mut parts);
                 if let Some(copy) = parts.extensions.get::<ReplayCopy>() {
                     // What Forward would resend on a retry: this very request, current token included.
-                    let head = copy.head();
+                    let head = copy.head().unwrap();
                     assert_eq!(head.headers, parts.headers);
                     assert_eq!(
                         (head.method, head.uri),

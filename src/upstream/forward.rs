@@ -203,6 +203,8 @@ impl Service<Req> for Forward {
 }
 
 impl Forward {
+    /// The request's upstream. The head is rewritten for it in [`send`],
+    /// once the request has a slot.
     fn prepare(&self, req: Req) -> Result<(Arc<Target>, Request<Body>), GatewayError> {
         let upstream = {
             let m = req.extensions().get::<RouteMatch>().ok_or_else(|| {
@@ -213,9 +215,7 @@ impl Forward {
                 GatewayError::Internal(format!("upstream `{name}` is not running"))
             })?
         };
-        let (mut parts, body) = req.into_parts();
-        prepare_head(&upstream, &mut parts)?;
-        Ok((upstream, Request::from_parts(parts, body)))
+        Ok((upstream, req))
     }
 }
 
@@ -344,15 +344,22 @@ async fn send(
 ) -> GwResult {
     let upstream = &target.upstream;
     let timeout = upstream.config.request_timeout;
+    let (mut head, body) = req.into_parts();
+    // Kept aside: read by each attempt's trace, handed back with a 401.
+    let mut extensions = std::mem::take(&mut head.extensions);
+    // The token layer's copy of the request, if it wants one: its head is
+    // copied now, as the token layer sent it, and not while the request
+    // waited for a slot (most of them, under load, each holding the copy).
+    // Retries resend it; a 401 hands it back.
+    if let Some(copy) = extensions.get_mut::<ReplayCopy>() {
+        copy.copy_head(&head);
+    }
+    prepare_head(target, &mut head)?;
     let admission = upstream.breaker.admit();
     if admission == Admission::Open {
         return Err(GatewayError::CircuitOpen);
     }
     let probe = admission == Admission::Probe;
-    let (mut head, body) = req.into_parts();
-    // Kept aside: read by each attempt's trace, handed back with a 401.
-    let extensions = std::mem::take(&mut head.extensions);
-    // The token layer's copy of the request, if it made one: retries resend it.
     let copy = extensions.get::<ReplayCopy>();
     let retry = upstream.config.retry;
     let mut body = match copy.and_then(ReplayCopy::plain_body) {
@@ -378,15 +385,14 @@ async fn send(
                 h
             }
             (Some(h), _) => h,
-            (None, Some(copy)) => {
-                let mut h = copy.head();
+            (None, copy) => {
+                let Some(mut h) = copy.and_then(ReplayCopy::head) else {
+                    return Err(GatewayError::Internal(
+                        "forward: no request head left for another attempt".into(),
+                    ));
+                };
                 prepare_head(target, &mut h)?;
                 h
-            }
-            (None, None) => {
-                return Err(GatewayError::Internal(
-                    "forward: no request head left for another attempt".into(),
-                ));
             }
         };
         let this_body = match &mut body {

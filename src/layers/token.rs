@@ -185,8 +185,8 @@ where
         .extensions_mut()
         .remove::<RequestExtensions>()
         .and_then(|RequestExtensions(mut extensions)| {
-            let copy = extensions.remove::<ReplayCopy>()?;
-            let head = copy.head.clone()?;
+            let mut copy = extensions.remove::<ReplayCopy>()?;
+            let head = copy.head.take()?;
             Some((extensions, copy, head))
         });
     let Some((mut extensions, mut copy, mut head)) = handed_back else {

@@ -182,8 +182,8 @@ impl Service<Req> for Forward {
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let (upstream, req) = match self.prepare(req) {
-            Ok(prepared) => prepared,
+        let upstream = match self.target_of(&req) {
+            Ok(target) => target,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
         let deadline = tokio::time::Instant::now() + upstream.upstream.config.request_timeout;
@@ -205,17 +205,15 @@ impl Service<Req> for Forward {
 impl Forward {
     /// The request's upstream. The head is rewritten for it in [`send`],
     /// once the request has a slot.
-    fn prepare(&self, req: Req) -> Result<(Arc<Target>, Request<Body>), GatewayError> {
-        let upstream = {
-            let m = req.extensions().get::<RouteMatch>().ok_or_else(|| {
-                GatewayError::Internal("request reached forward without a route".into())
-            })?;
-            let name = &m.config().upstream;
-            self.upstreams.get(name).cloned().ok_or_else(|| {
-                GatewayError::Internal(format!("upstream `{name}` is not running"))
-            })?
-        };
-        Ok((upstream, req))
+    fn target_of(&self, req: &Req) -> Result<Arc<Target>, GatewayError> {
+        let m = req.extensions().get::<RouteMatch>().ok_or_else(|| {
+            GatewayError::Internal("request reached forward without a route".into())
+        })?;
+        let name = &m.config().upstream;
+        self.upstreams
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GatewayError::Internal(format!("upstream `{name}` is not running")))
     }
 }
 

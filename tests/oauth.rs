@@ -117,17 +117,33 @@ async fn tokens_are_refreshed_ahead_of_expiry_under_steady_traffic() {
     g.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_revoked_token_is_refreshed_and_the_request_retried_once() {
+/// A ready gateway in front of a new simulator that has just revoked the
+/// token the gateway holds (after one list was served with it), and how many
+/// token requests the simulator had seen by then.
+async fn gateway_with_its_token_revoked() -> (SimHandle, Gateway, u64) {
     logs();
     let sim = simulator().await;
     let g = gateway(&yaml(&sim, "")).await;
     wait_ready(&g, Duration::from_secs(5)).await;
     assert_eq!(list(&g).await.status, StatusCode::OK);
-    let c = sim.control();
-    let before = c.token_requests();
+    let before = sim.control().token_requests();
+    sim.control().revoke_all_tokens();
+    (sim, g, before)
+}
 
-    c.revoke_all_tokens();
+/// The gateway's metrics count exactly one request replayed after a 401.
+async fn assert_one_401_replayed(g: &Gateway) {
+    let m = metrics(g).await;
+    assert!(
+        m.contains(r#"zuora_token_401_recoveries_total{upstream="zuora",outcome="replayed"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refreshed_and_the_request_retried_once() {
+    let (sim, g, before) = gateway_with_its_token_revoked().await;
+    let c = sim.control();
     let r = send(stop(&g, JOB, &[])).await.unwrap();
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["success"], true);
@@ -147,11 +163,7 @@ async fn a_revoked_token_is_refreshed_and_the_request_retried_once() {
     assert_eq!(stops.len(), 2);
     assert_eq!(stops[0].body, stops[1].body);
     assert_ne!(stops[0].bearer_token, stops[1].bearer_token);
-    let m = metrics(&g).await;
-    assert!(
-        m.contains(r#"zuora_token_401_recoveries_total{upstream="zuora",outcome="replayed"} 1"#),
-        "{m}"
-    );
+    assert_one_401_replayed(&g).await;
     g.shutdown().await;
 }
 
@@ -160,16 +172,9 @@ async fn a_revoked_token_is_refreshed_and_a_get_without_body_retried_once() {
     // A GET has no body: the token layer calls in without waiting, and the
     // forward layer copies the head for the replay. The replay must be the
     // same request with the new token.
-    logs();
-    let sim = simulator().await;
-    let g = gateway(&yaml(&sim, "")).await;
-    wait_ready(&g, Duration::from_secs(5)).await;
-    assert_eq!(list(&g).await.status, StatusCode::OK);
+    let (sim, g, before) = gateway_with_its_token_revoked().await;
     let c = sim.control();
-    let before = c.token_requests();
     let seen_before = c.requests().len();
-
-    c.revoke_all_tokens();
     let r = list(&g).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(c.token_requests(), before + 1);
@@ -190,11 +195,7 @@ async fn a_revoked_token_is_refreshed_and_a_get_without_body_retried_once() {
             "{name}"
         );
     }
-    let m = metrics(&g).await;
-    assert!(
-        m.contains(r#"zuora_token_401_recoveries_total{upstream="zuora",outcome="replayed"} 1"#),
-        "{m}"
-    );
+    assert_one_401_replayed(&g).await;
     g.shutdown().await;
 }
 

@@ -517,6 +517,27 @@ mod tests {
         (ep, h, TokenLayer::new(Arc::new(caches)))
     }
 
+    /// The layer with a first token fetched, in front of an upstream that
+    /// refuses that token (401) and accepts the next.
+    async fn first_token_revoked() -> (
+        FakeTokenEndpoint,
+        Harness,
+        Calls,
+        Token<
+            impl Service<Req, Response = Resp, Error = GatewayError, Future = LayerFuture>
+            + Clone
+            + Send
+            + 'static,
+        >,
+    ) {
+        let (ep, h, layer) = setup().await;
+        h.cache.token().await.unwrap();
+        let calls = Calls::default();
+        let revoked = Arc::new(Mutex::new(vec![ep.issued()[0].clone()]));
+        let svc = layer.layer(upstream(calls.clone(), revoked));
+        (ep, h, calls, svc)
+    }
+
     fn request(h: &Harness, body: Body) -> Req {
         let policy = Arc::new(Policy::compile(h.config.clone()));
         let mut req = Request::put("/v1/x")
@@ -546,13 +567,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_401_invalidates_the_token_and_the_request_is_replayed_once_with_its_body() {
-        let (ep, h, layer) = setup().await;
-        let first = h.cache.token().await.unwrap();
-        let calls = Calls::default();
-        let revoked = Arc::new(Mutex::new(vec![ep.issued()[0].clone()]));
-        let svc = ServiceBuilder::new()
-            .layer(layer)
-            .service(upstream(calls.clone(), revoked));
+        let (ep, h, calls, svc) = first_token_revoked().await;
+        let first = h.cache.current().unwrap();
         let resp = svc
             .oneshot(request(&h, full(r#"{"status":"Stopping"}"#)))
             .await
@@ -573,13 +589,7 @@ mod tests {
     async fn a_request_without_a_body_is_replayed_after_a_401_too() {
         // With a token held and no body, the layer calls in without
         // awaiting anything first: the replay must work on that path too.
-        let (ep, h, layer) = setup().await;
-        h.cache.token().await.unwrap();
-        let calls = Calls::default();
-        let revoked = Arc::new(Mutex::new(vec![ep.issued()[0].clone()]));
-        let svc = ServiceBuilder::new()
-            .layer(layer)
-            .service(upstream(calls.clone(), revoked));
+        let (ep, h, calls, svc) = first_token_revoked().await;
         let resp = svc.clone().oneshot(request(&h, empty())).await.unwrap();
         assert_eq!(resp.status(), 200);
         {
@@ -617,13 +627,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_of_401s_for_one_token_costs_one_token_request() {
-        let (ep, h, layer) = setup().await;
-        h.cache.token().await.unwrap();
-        let calls = Calls::default();
-        let revoked = Arc::new(Mutex::new(vec![ep.issued()[0].clone()]));
-        let svc = ServiceBuilder::new()
-            .layer(layer)
-            .service(upstream(calls.clone(), revoked));
+        let (ep, h, _calls, svc) = first_token_revoked().await;
         let tasks: Vec<_> = (0..50)
             .map(|_| tokio::spawn(svc.clone().oneshot(request(&h, full("{}")))))
             .collect();
@@ -651,13 +655,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_64_kib_is_streamed_once_and_its_401_passed_through() {
-        let (ep, h, layer) = setup().await;
-        h.cache.token().await.unwrap();
-        let calls = Calls::default();
-        let revoked = Arc::new(Mutex::new(vec![ep.issued()[0].clone()]));
-        let svc = ServiceBuilder::new()
-            .layer(layer)
-            .service(upstream(calls.clone(), revoked));
+        let (ep, h, calls, svc) = first_token_revoked().await;
         // Unknown length (a stream of 1 KiB chunks), 100 KiB in all.
         let chunks: Vec<Result<Frame<Bytes>, BoxError>> = (0..100)
             .map(|_| Ok(Frame::data(Bytes::from(vec![b'x'; 1024]))))

@@ -1472,6 +1472,19 @@ mod tests {
         delivered: Vec<Vec<u8>>,
     }
 
+    impl Pieces {
+        /// `pieces`, each read as soon as asked for (never `Pending`).
+        fn never_pending(pieces: Vec<Vec<u8>>) -> Pieces {
+            Pieces {
+                pieces: pieces.into(),
+                rng: fastrand::Rng::with_seed(0),
+                pending_odds: 0,
+                pendings: 0,
+                delivered: Vec::new(),
+            }
+        }
+    }
+
     impl AsyncRead for Pieces {
         fn poll_read(
             self: Pin<&mut Self>,
@@ -1759,13 +1772,11 @@ mod tests {
     fn a_request_read_whole_is_passed_in_place_and_a_split_head_reuses_its_buffer() {
         let request = b"PUT /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello".to_vec();
         let split = b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n".to_vec();
-        let inner = Pieces {
-            pieces: vec![request.clone(), split[..10].to_vec(), split[10..].to_vec()].into(),
-            rng: fastrand::Rng::with_seed(1),
-            pending_odds: 0,
-            pendings: 0,
-            delivered: Vec::new(),
-        };
+        let inner = Pieces::never_pending(vec![
+            request.clone(),
+            split[..10].to_vec(),
+            split[10..].to_vec(),
+        ]);
         let mut guard = H1Guard::new(inner, Arc::new(Verdict::default()), HEAD_LIMIT);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut storage = vec![0u8; 2 * READ_SIZE];
@@ -1792,13 +1803,7 @@ mod tests {
         head.extend_from_slice(&[b'e'; 560]);
         head.extend_from_slice(b"\r\n\r\n");
         let input = head.repeat(5);
-        let inner = Pieces {
-            pieces: vec![input.clone()].into(),
-            rng: fastrand::Rng::with_seed(3),
-            pending_odds: 0,
-            pendings: 0,
-            delivered: Vec::new(),
-        };
+        let inner = Pieces::never_pending(vec![input.clone()]);
         let mut guard = H1Guard::new(inner, Arc::new(Verdict::default()), HEAD_LIMIT);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut storage = vec![0u8; 2048];
@@ -1817,13 +1822,7 @@ mod tests {
     /// A guard with h2c detection over `pieces`, no `Pending` from the socket.
     fn detecting_guard(pieces: Vec<Vec<u8>>) -> (H1Guard<Pieces>, Arc<Verdict>) {
         let verdict = Arc::new(Verdict::default());
-        let inner = Pieces {
-            pieces: pieces.into(),
-            rng: fastrand::Rng::with_seed(7),
-            pending_odds: 0,
-            pendings: 0,
-            delivered: Vec::new(),
-        };
+        let inner = Pieces::never_pending(pieces);
         let guard = H1Guard::new(inner, verdict.clone(), HEAD_LIMIT).detect_h2c();
         (guard, verdict)
     }
